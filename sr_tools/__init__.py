@@ -1,0 +1,1 @@
+"""zfs-ng admin tools: the `zfs-ng` command line."""

@@ -1,0 +1,3 @@
+from sr_tools.cli import main
+
+main()

@@ -1,0 +1,29 @@
+#!/bin/sh
+# Runs in the test VM after guest-init: brings up udev, ZFS and the NVMe/NBD
+# modules, runs the argv the host left in /mnt/run/argv.json from the
+# checkout, and leaves output, exit code and kernel log in /mnt/run.
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+export PATH HOME=/root LANG=C.UTF-8 PYTHONPATH=/mnt/share ZFSNG_IN_VM=1 \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+mount -t configfs none /sys/kernel/config
+hostname zfsng-vm
+ip link set lo up
+systemd-udevd --daemon >/dev/null 2>&1
+udevadm trigger --action=add
+udevadm settle --timeout=60
+for m in zfs nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || echo "guest-run: modprobe $m failed"; done
+modprobe nbd nbds_max=32
+mkdir -p /etc/nvme
+[ -s /etc/nvme/hostnqn ] || nvme gen-hostnqn > /etc/nvme/hostnqn
+[ -s /etc/nvme/hostid ] || cat /proc/sys/kernel/random/uuid > /etc/nvme/hostid
+echo "zfsng-guest: ready ($(uname -r), $(cat /sys/module/zfs/version 2>/dev/null))"
+cd /mnt/share
+python3 -c 'import json, os; a = json.load(open("/mnt/run/argv.json")); os.execvp(a[0], a)' \
+    > /mnt/run/output 2>&1 < /dev/null
+rc=$?
+dmesg > /mnt/run/dmesg.log 2>&1
+echo "$rc" > /mnt/run/rc.tmp && mv /mnt/run/rc.tmp /mnt/run/rc
+echo "zfsng-guest: done rc=$rc"
+sync
+echo o > /proc/sysrq-trigger
+sleep 60

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Boot the zfs-ng test VM and run one command inside it.
+
+    vm.py image                 build (or reuse) the cached image, print its folder
+    vm.py run [opts] -- ARGV    run ARGV in the guest, cwd = the checkout
+    vm.py pytest [ARGS]         run `python3 -m pytest ARGS` in the guest
+
+The checkout is shared into the guest over virtio-9p (so code changes need no
+rebuild), the root disk is a throw-away qcow2 overlay on the cached image (so
+several VMs can run at once), and a few blank virtio disks are attached for
+tests that need real block devices (/dev/disk/by-id/virtio-zfsng-dN).
+The exit code is the guest command's; 124 means timeout, 125 a harness error.
+QEMU is killed on every exit path.  Dev tool: runs on the host's Python.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.dirname(os.path.dirname(HERE))
+CACHE = os.environ.get("ZFSNG_CACHE", os.path.expanduser("~/.cache/zfs-ng"))
+READY_LINE = "zfsng-init: started"
+KVM_PROBE_SECONDS = 25
+
+
+class HarnessError(Exception):
+    pass
+
+
+def log(msg):
+    print("vm: " + msg, file=sys.stderr, flush=True)
+
+
+def image_dir():
+    """Build the image if its recipe changed; return its folder."""
+    out = subprocess.run([os.path.join(HERE, "build-image.sh")],
+                         stdout=subprocess.PIPE, check=False)
+    if out.returncode != 0:
+        raise HarnessError("image build failed (exit %d)" % out.returncode)
+    return out.stdout.decode().strip().splitlines()[-1]
+
+
+class Guest:
+    """One QEMU process on a run folder; kill() is safe to call twice."""
+
+    def __init__(self, image, rundir, accel, mem, smp, disks, disk_size):
+        self.rundir = rundir
+        self.console = os.path.join(rundir, "console.log")
+        overlay = os.path.join(rundir, "root.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                        "-b", os.path.join(image, "root.img"), overlay], check=True)
+        if accel == "kvm":
+            machine = ["-accel", "kvm", "-cpu", "host"]
+        else:
+            machine = ["-accel", "tcg,thread=multi", "-cpu", "max"]
+        argv = ["qemu-system-x86_64", "-nodefaults", "-no-reboot", "-display", "none",
+                "-monitor", "none", "-serial", "file:" + self.console,
+                "-m", str(mem), "-smp", str(smp)] + machine + [
+            "-kernel", os.path.join(image, "vmlinuz"),
+            "-initrd", os.path.join(image, "initrd.img"),
+            "-append", "root=/dev/vda rw console=ttyS0 panic=-1 init=/sbin/zfsng-init "
+                       "loglevel=4 net.ifnames=0",
+            "-drive", "file=%s,if=virtio,format=qcow2,cache=unsafe" % overlay,
+            "-virtfs", "local,path=%s,mount_tag=share,security_model=none,id=share" % CHECKOUT,
+            "-virtfs", "local,path=%s,mount_tag=run,security_model=none,id=run" % rundir,
+            "-nic", "none"]
+        for i in range(disks):
+            path = os.path.join(rundir, "disk%d.raw" % i)
+            with open(path, "wb") as f:
+                f.truncate(disk_size)
+            argv += ["-drive", "file=%s,if=none,id=d%d,format=raw,cache=unsafe" % (path, i),
+                     "-device", "virtio-blk-pci,drive=d%d,serial=zfsng-d%d" % (i, i)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                     stdout=open(os.path.join(rundir, "qemu.log"), "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def console_text(self):
+        try:
+            with open(self.console, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+def choose_accel(image):
+    """KVM if it really boots the guest here, else TCG; the answer is cached
+    per image, since a paravirtualised /dev/kvm can hang a stock kernel."""
+    forced = os.environ.get("ZFSNG_VM_ACCEL")
+    if forced:
+        return forced
+    cached = os.path.join(image, "accel")
+    if os.path.exists(cached):
+        return open(cached).read().strip()
+    accel = "tcg"
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        rundir = tempfile.mkdtemp(prefix="zfsng-kvm-probe-")
+        with open(os.path.join(rundir, "argv.json"), "w") as f:
+            json.dump(["true"], f)
+        guest = Guest(image, rundir, "kvm", 1024, 1, 0, 0)
+        try:
+            deadline = time.time() + KVM_PROBE_SECONDS
+            while time.time() < deadline and guest.alive():
+                if READY_LINE in guest.console_text():
+                    accel = "kvm"
+                    break
+                time.sleep(0.5)
+        finally:
+            guest.kill()
+            shutil.rmtree(rundir, ignore_errors=True)
+    log("accelerator: %s (cached in %s)" % (accel, cached))
+    with open(cached, "w") as f:
+        f.write(accel + "\n")
+    return accel
+
+
+def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep=False):
+    """Run argv in a fresh guest; stream its output; return its exit code."""
+    image = image_dir()
+    accel = choose_accel(image)
+    smp = smp or min(os.cpu_count() or 1, 4)
+    rundir = tempfile.mkdtemp(prefix="zfsng-vm-run-")
+    with open(os.path.join(rundir, "argv.json"), "w") as f:
+        json.dump(argv, f)
+    t0 = time.time()
+    log("booting (%s, %d vCPU, %d MiB): %s" % (accel, smp, mem, " ".join(argv)))
+    guest = Guest(image, rundir, accel, mem, smp, disks, disk_size)
+    rc = 125
+    out_path = os.path.join(rundir, "output")
+    rc_path = os.path.join(rundir, "rc")
+    pos = 0
+    try:
+        while True:
+            if os.path.exists(out_path):
+                with open(out_path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                if chunk:
+                    pos += len(chunk)
+                    sys.stdout.write(chunk.decode("utf-8", "replace"))
+                    sys.stdout.flush()
+            if os.path.exists(rc_path):
+                rc = int(open(rc_path).read().strip() or 125)
+                break
+            if not guest.alive():
+                log("QEMU exited before the command finished")
+                break
+            if time.time() - t0 > timeout:
+                log("timeout after %d s" % timeout)
+                rc = 124
+                break
+            time.sleep(0.5)
+        # Flush what was written between the last read and the rc file.
+        if os.path.exists(out_path):
+            with open(out_path, "rb") as f:
+                f.seek(pos)
+                sys.stdout.write(f.read().decode("utf-8", "replace"))
+                sys.stdout.flush()
+    finally:
+        deadline = time.time() + 20
+        while guest.alive() and time.time() < deadline and os.path.exists(rc_path):
+            time.sleep(0.2)
+        guest.kill()
+    log("guest finished rc=%d in %.0f s" % (rc, time.time() - t0))
+    if rc != 0 or keep:
+        if rc != 0:
+            tail = guest.console_text().splitlines()[-40:]
+            log("kernel console (last lines):\n    " + "\n    ".join(tail))
+        log("logs kept in " + rundir)
+        for name in os.listdir(rundir):
+            if name.endswith((".raw", ".qcow2")):
+                os.unlink(os.path.join(rundir, name))
+    else:
+        shutil.rmtree(rundir, ignore_errors=True)
+    return rc
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("image")
+    for name in ("run", "pytest"):
+        s = sub.add_parser(name)
+        s.add_argument("--timeout", type=int, default=int(os.environ.get("ZFSNG_VM_TIMEOUT", 2400)))
+        s.add_argument("--mem", type=int, default=4096)
+        s.add_argument("--smp", type=int, default=None)
+        s.add_argument("--disks", type=int, default=4)
+        s.add_argument("--keep", action="store_true", help="keep the run folder")
+        s.add_argument("argv", nargs=argparse.REMAINDER)
+    a = p.parse_args()
+    # SIGTERM from a CI timeout unwinds through run()'s finally and kills QEMU.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if a.cmd == "image":
+            print(image_dir())
+            return 0
+        argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+        if a.cmd == "pytest":
+            argv = ["python3", "-m", "pytest"] + argv
+        if not argv:
+            p.error("nothing to run")
+        return run(argv, timeout=a.timeout, mem=a.mem, smp=a.smp, disks=a.disks, keep=a.keep)
+    except HarnessError as e:
+        log(str(e))
+        return 125
+
+
+if __name__ == "__main__":
+    sys.exit(main())
