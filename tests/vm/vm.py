@@ -39,7 +39,12 @@ def log(msg):
 
 
 def image_dir():
-    """Build the image if its recipe changed; return its folder."""
+    """Build the image if its recipe changed; return its folder.  A lock keeps
+    concurrent runs from building it twice."""
+    import fcntl
+    os.makedirs(CACHE, exist_ok=True)
+    lock = open(os.path.join(CACHE, "image.lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
     out = subprocess.run([os.path.join(HERE, "build-image.sh")],
                          stdout=subprocess.PIPE, check=False)
     if out.returncode != 0:
