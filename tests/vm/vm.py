@@ -70,9 +70,11 @@ class Guest:
                 "-m", str(mem), "-smp", str(smp)] + machine + [
             "-kernel", os.path.join(image, "vmlinuz"),
             "-initrd", os.path.join(image, "initrd.img"),
-            "-append", "root=/dev/vda rw console=ttyS0 panic=-1 init=/sbin/zfsng-init "
+            "-append", "root=LABEL=zfsng-root rw console=ttyS0 panic=-1 init=/sbin/zfsng-init "
                        "loglevel=4 net.ifnames=0",
-            "-drive", "file=%s,if=virtio,format=qcow2,cache=unsafe" % overlay,
+            # The root disk first and by label: device order is not a name.
+            "-drive", "file=%s,if=none,id=root,format=qcow2,cache=unsafe" % overlay,
+            "-device", "virtio-blk-pci,drive=root,serial=zfsng-root",
             "-virtfs", "local,path=%s,mount_tag=share,security_model=none,id=share" % CHECKOUT,
             "-virtfs", "local,path=%s,mount_tag=run,security_model=none,id=run" % rundir,
             "-nic", "none"]
