@@ -8,7 +8,7 @@ export PATH HOME=/root LANG=C.UTF-8 PYTHONPATH=/mnt/share ZFSNG_IN_VM=1 \
 mount -t configfs none /sys/kernel/config
 hostname zfsng-vm
 ip link set lo up
-systemd-udevd --daemon >/dev/null 2>&1
+/usr/lib/systemd/systemd-udevd --daemon || echo "guest-run: udevd failed to start"
 udevadm trigger --action=add
 udevadm settle --timeout=60
 for m in zfs nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || echo "guest-run: modprobe $m failed"; done

@@ -211,14 +211,15 @@ def main():
         s.add_argument("--disks", type=int, default=4)
         s.add_argument("--keep", action="store_true", help="keep the run folder")
         s.add_argument("argv", nargs=argparse.REMAINDER)
-    a = p.parse_args()
+    # Options vm.py does not know (pytest's -q, -k ...) pass through, in order.
+    a, unknown = p.parse_known_args()
     # SIGTERM from a CI timeout unwinds through run()'s finally and kills QEMU.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if a.cmd == "image":
             print(image_dir())
             return 0
-        argv = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+        argv = unknown + (a.argv[1:] if a.argv[:1] == ["--"] else a.argv)
         if a.cmd == "pytest":
             argv = ["python3", "-m", "pytest"] + argv
         if not argv:
