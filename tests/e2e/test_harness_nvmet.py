@@ -12,7 +12,8 @@ from conftest import run, wait_for_path
 from kernel_nvmet import KernelTarget, connect, disconnect, find_namespace
 
 FIO_COMMON = ["--name=smoke", "--ioengine=libaio", "--direct=1", "--bs=4k", "--size=32m",
-              "--iodepth=8", "--rw=randwrite", "--verify=crc32c", "--randseed=1234"]
+              "--iodepth=8", "--rw=randwrite", "--verify=crc32c", "--randseed=1234",
+              "--verify_state_save=0"]
 
 
 @pytest.fixture
