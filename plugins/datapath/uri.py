@@ -1,0 +1,116 @@
+"""The volume URIs the datapath plugins are called with (sans-IO).
+
+The volume plugin publishes, for every volume, URIs of three schemes:
+
+    zfsng-raw://<sr>/<key>              local zvol for tapdisk (or blkback)
+    zfsng-nbd://<sr>/<key>              local zvol served over NBD
+    nvme+tcp://<host>:<port>/<subnqn>   remote zvol on a storage node,
+                                        subnqn = nqn.2014-08.org.zfs-ng:<sr-uuid>:<key>
+
+Everything here comes from outside (xapi, the CLI), so it is validated before
+any of it reaches zfs, nvme, a file name or the network.
+"""
+
+import re
+
+RAW = "zfsng-raw"
+NBD = "zfsng-nbd"
+NVME_TCP = "nvme+tcp"
+SCHEMES = (RAW, NBD, NVME_TCP)
+
+NQN_PREFIX = "nqn.2014-08.org.zfs-ng:"
+
+# SR strings and volume keys: what the volume plugin emits (ZFS-safe names,
+# uuids, `vol@snap` for snapshots).  No '/', no blanks, no leading '-'.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
+# NVMe base spec: NQN at most 223 bytes, UTF-8; we accept printable ASCII only.
+_NQN = re.compile(r"^nqn\.[0-9]{4}-[0-9]{2}\.[A-Za-z0-9.-]+:[\x21-\x7e]{1,200}$")
+
+
+class BadUri(ValueError):
+    """The URI is not one zfs-ng publishes."""
+
+
+class VolumeUri(object):
+    """A parsed URI.  For local schemes host/port/subnqn are None; for nvme+tcp
+    sr is the SR uuid and key the volume key, both taken from the subnqn."""
+
+    __slots__ = ("uri", "scheme", "sr", "key", "host", "port", "subnqn")
+
+    def __init__(self, uri, scheme, sr, key, host=None, port=None, subnqn=None):
+        self.uri = uri
+        self.scheme = scheme
+        self.sr = sr
+        self.key = key
+        self.host = host
+        self.port = port
+        self.subnqn = subnqn
+
+    @property
+    def volume_id(self):
+        """Identity of the volume whatever the scheme: attachments of one volume
+        through different datapaths share one state (and one RO/RW rule)."""
+        return "%s/%s" % (self.sr, self.key)
+
+    def __repr__(self):
+        return "VolumeUri(%r)" % self.uri
+
+
+def check_name(what, value):
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise BadUri("invalid %s %r" % (what, value))
+    return value
+
+
+def check_nqn(nqn):
+    if not isinstance(nqn, str) or len(nqn.encode("utf-8")) > 223 or not _NQN.match(nqn):
+        raise BadUri("invalid NQN %r" % (nqn,))
+    return nqn
+
+
+def check_host(host):
+    if _HOSTNAME.match(host):
+        return host
+    if _IPV6.match(host) and ":" in host:
+        return host
+    raise BadUri("invalid host %r" % (host,))
+
+
+def subnqn_for(sr_uuid, key):
+    return check_nqn(NQN_PREFIX + "%s:%s" % (check_name("SR", sr_uuid), check_name("key", key)))
+
+
+def split_subnqn(subnqn):
+    """(sr-uuid, key) of a zfs-ng subsystem NQN."""
+    check_nqn(subnqn)
+    if not subnqn.startswith(NQN_PREFIX):
+        raise BadUri("not a zfs-ng subsystem NQN: %r" % subnqn)
+    rest = subnqn[len(NQN_PREFIX):]
+    sr, sep, key = rest.partition(":")
+    if not sep:
+        raise BadUri("subsystem NQN without a volume key: %r" % subnqn)
+    return check_name("SR", sr), check_name("key", key)
+
+
+def parse(uri):
+    if not isinstance(uri, str):
+        raise BadUri("URI must be a string")
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise BadUri("unsupported URI %r (schemes: %s)" % (uri, ", ".join(SCHEMES)))
+    authority, sep, path = rest.partition("/")
+    if not sep or not path:
+        raise BadUri("URI without a volume: %r" % uri)
+    if scheme in (RAW, NBD):
+        return VolumeUri(uri, scheme, check_name("SR", authority), check_name("key", path))
+    # nvme+tcp://host:port/subnqn, host may be [ipv6]
+    if authority.startswith("["):
+        host, sep, port = authority[1:].partition("]:")
+    else:
+        host, sep, port = authority.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadUri("nvme+tcp URI needs host:port: %r" % uri)
+    sr, key = split_subnqn(path)
+    return VolumeUri(uri, scheme, sr, key, host=check_host(host), port=int(port), subnqn=path)
