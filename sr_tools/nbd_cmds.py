@@ -1,0 +1,65 @@
+"""`zfs-ng nbd ...`: run zfs-ng's NBD server."""
+
+import logging
+import ssl
+
+import click
+
+from sr_tools.output import fail
+
+
+@click.group()
+def group():
+    """NBD exports of volumes and snapshots."""
+
+
+@group.command()
+@click.option("--unix", "unix_path", metavar="PATH", help="Listen on this unix socket.")
+@click.option("--tcp", metavar="ADDR:PORT", help="Listen on this TCP address.")
+@click.option("--export", "exports", multiple=True, required=True, metavar="NAME=PATH[:ro]",
+              help="Serve PATH (zvol, snapshot device, file) as NAME; :ro for read-only.")
+@click.option("--bitmap", "bitmaps", multiple=True, nargs=3, metavar="EXPORT BITMAP FILE",
+              help="Serve qemu:dirty-bitmap:BITMAP on EXPORT from a raw (or .b64) CBT bitmap.")
+@click.option("--allocation", "allocations", multiple=True, nargs=2, metavar="EXPORT FILE",
+              help="base:allocation of EXPORT from a JSON extent map.")
+@click.option("--description", "descriptions", multiple=True, nargs=2, metavar="EXPORT TEXT")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
+@click.option("--tls-required", is_flag=True, help="Refuse clients that do not STARTTLS.")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every option/request.")
+def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert, tls_key,
+          tls_required, max_connections, verbose):
+    """Serve exports until SIGTERM.
+
+    Example: zfs-ng nbd serve --unix /run/zfs-ng/nbd.sock
+    --export vol1=/dev/zvol/tank/vol1 --export snap1=/dev/zvol/tank/vol1@s1:ro
+    --bitmap snap1 since-s0 /run/zfs-ng/s0-s1.cbt
+    """
+    # Imported here so `zfs-ng --help` stays fast.
+    from nbd_server.config import build_exports
+    from nbd_server.exports import ExportTable
+    from nbd_server.server import Server, parse_tcp
+
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+                        format="nbd_server[%(process)d] %(levelname)s %(message)s")
+    if not unix_path and not tcp:
+        fail("give --unix PATH and/or --tcp ADDR:PORT")
+    if bool(tls_cert) != bool(tls_key):
+        fail("--tls-cert and --tls-key go together")
+    if tls_required and not tls_cert:
+        fail("--tls-required needs --tls-cert and --tls-key")
+    try:
+        table = ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
+        address = parse_tcp(tcp) if tcp else None
+        ctx = None
+        if tls_cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls_cert, tls_key)
+        server = Server(table, unix_path=unix_path, tcp=address, tls_context=ctx,
+                        tls_required=tls_required, max_connections=max_connections)
+        server.listen()
+    except (ValueError, OSError, ssl.SSLError) as e:
+        fail(str(e))
+    server.install_signal_handlers()
+    server.serve_forever()
