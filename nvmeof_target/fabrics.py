@@ -1,0 +1,73 @@
+"""Fabrics commands (opcode 0x7F; drivers/nvme/target/fabrics-cmd.c): Connect
+binds a queue to a controller, Property Get/Set reach its registers."""
+
+import struct
+
+from . import controller as C
+from . import status as st
+from .command import Result
+from .nqn import cstr, valid_nqn
+
+PROP_SET, CONNECT, PROP_GET = 0x00, 0x01, 0x04
+_CONNECT_SQE = struct.Struct("<HHHBxI")           # at 40: recfmt qid sqsize cattr kato
+_CONNECT_DATA = struct.Struct("<16sH238x256s256s256x")
+CATTR_DISABLE_SQFLOW = 1 << 2
+
+
+def ipo_data(offset):
+    """Connect Invalid Parameter: DW0 names the bad byte inside the Connect data."""
+    return (1 << 16) | offset
+
+
+def execute(queue, cmd, data):
+    fctype = cmd.fctype
+    if queue.ctrl is None and fctype != CONNECT:
+        raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
+    if fctype == CONNECT:
+        return _connect(queue, cmd, data)
+    if fctype == PROP_GET:
+        size8 = cmd.raw[40] & 7 == 1
+        offset = struct.unpack_from("<I", cmd.raw, 44)[0]
+        value = queue.ctrl.prop_get(offset, size8)
+        return Result(dw0=value & 0xFFFFFFFF, dw1=value >> 32)
+    if fctype == PROP_SET:
+        if queue.qid != 0:
+            raise st.NvmeError(st.INVALID_FIELD | st.DNR)
+        size8 = cmd.raw[40] & 7 == 1
+        offset, value = struct.unpack_from("<IQ", cmd.raw, 44)
+        queue.ctrl.prop_set(offset, value, size8)
+        return Result()
+    raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
+
+
+def _connect(queue, cmd, data):
+    if queue.ctrl is not None:
+        raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+    if data is None or len(data) != 1024:
+        raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
+    recfmt, qid, sqsize, cattr, kato = _CONNECT_SQE.unpack_from(cmd.raw, 40)
+    if recfmt != 0:
+        raise st.NvmeError(st.CONNECT_FORMAT | st.DNR)
+    hostid, cntlid, subnqn, hostnqn = _CONNECT_DATA.unpack(bytes(data))
+    subnqn, hostnqn = cstr(subnqn), cstr(hostnqn)
+    if not valid_nqn(subnqn):
+        raise st.NvmeError(st.CONNECT_INVALID_PARAM | st.DNR, ipo_data(256))
+    if not valid_nqn(hostnqn):
+        raise st.NvmeError(st.CONNECT_INVALID_PARAM | st.DNR, ipo_data(512))
+    if sqsize == 0 or sqsize > C.MQES:
+        raise st.NvmeError(st.CONNECT_INVALID_PARAM | st.DNR, 44)
+    target = queue.target
+    if qid == 0:
+        if cntlid != 0xFFFF:
+            raise st.NvmeError(st.CONNECT_INVALID_PARAM | st.DNR, ipo_data(16))
+        ctrl = target.create_controller(subnqn, hostnqn, hostid, kato)
+        ctrl.admin = queue
+    else:
+        ctrl = target.find_controller(subnqn, hostnqn, cntlid)
+        if ctrl is None or qid > ctrl.max_qid:
+            raise st.NvmeError(st.CONNECT_INVALID_PARAM | st.DNR, ipo_data(16))
+        if qid in ctrl.io_queues:
+            raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+        ctrl.io_queues[qid] = queue
+    queue.bind(ctrl, qid, sqsize + 1, bool(cattr & CATTR_DISABLE_SQFLOW))
+    return Result(dw0=ctrl.cntlid)

@@ -1,0 +1,99 @@
+"""NVM command set I/O (NVMe NVM command set spec; drivers/nvme/target/io-cmd-bdev.c),
+executed on a blockio.backend.Backend: a zvol or a regular file alike."""
+
+import struct
+
+from . import status as st
+from .command import Result
+
+FLUSH, WRITE, READ, WRITE_ZEROES, DSM = 0x00, 0x01, 0x02, 0x08, 0x09
+FUA = 1 << 30           # cdw12
+DEAC = 1 << 25          # cdw12, Write Zeroes: deallocate
+DSM_AD = 1 << 2         # cdw11
+_RANGE = struct.Struct("<IIQ")      # cattr, nlb (1-based), slba
+
+
+def _lba_range(sub, slba, nlb):
+    if slba + nlb > sub.nsze():
+        raise st.NvmeError(st.LBA_RANGE | st.DNR)
+    return slba << sub.lbads, nlb << sub.lbads
+
+
+def _writable(sub):
+    if sub.readonly:
+        raise st.NvmeError(st.NS_WRITE_PROTECTED | st.DNR)
+
+
+def execute(queue, cmd, data):
+    ctrl = queue.ctrl
+    if not ctrl.ready:
+        raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+    sub = ctrl.subsys
+    op = cmd.opcode
+    if op not in _OPS:
+        raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
+    if cmd.nsid != 1 and not (op == FLUSH and cmd.nsid == 0xFFFFFFFF):
+        raise st.NvmeError(st.INVALID_NS | st.DNR)
+    try:
+        return _OPS[op](sub, cmd, data)
+    except OSError as e:
+        raise st.NvmeError(st.error_from_oserror(e, write=op != READ), msg=str(e))
+
+
+def _rw_args(sub, cmd):
+    slba = cmd.cdw10 | (cmd.cdw11 << 32)
+    nlb = (cmd.cdw12 & 0xFFFF) + 1
+    if cmd.sgl_len != nlb << sub.lbads:
+        raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
+    return _lba_range(sub, slba, nlb)
+
+
+def _read(sub, cmd, data):
+    offset, length = _rw_args(sub, cmd)
+    buf = bytearray(length)
+    sub.backend.readinto(offset, buf)
+    sub.stats["reads"] += 1
+    sub.stats["read_bytes"] += length
+    return Result(data=buf)
+
+
+def _write(sub, cmd, data):
+    _writable(sub)
+    offset, length = _rw_args(sub, cmd)
+    sub.backend.write(offset, data, fua=bool(cmd.cdw12 & FUA))
+    sub.stats["writes"] += 1
+    sub.stats["write_bytes"] += length
+    return Result()
+
+
+def _flush(sub, cmd, data):
+    if not sub.readonly:
+        sub.backend.flush()
+    return Result()
+
+
+def _write_zeroes(sub, cmd, data):
+    _writable(sub)
+    slba = cmd.cdw10 | (cmd.cdw11 << 32)
+    offset, length = _lba_range(sub, slba, (cmd.cdw12 & 0xFFFF) + 1)
+    sub.backend.write_zeroes(offset, length, unmap=bool(cmd.cdw12 & DEAC))
+    return Result()
+
+
+def _dsm(sub, cmd, data):
+    _writable(sub)
+    nr = (cmd.cdw10 & 0xFF) + 1
+    # Linux always sends a 4096-byte payload whatever NR is (nvme_setup_discard).
+    if data is None or len(data) < nr * _RANGE.size:
+        raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
+    if not cmd.cdw11 & DSM_AD:
+        return Result()
+    ranges = [_RANGE.unpack_from(data, i * _RANGE.size) for i in range(nr)]
+    spans = [_lba_range(sub, slba, nlb) for _, nlb, slba in ranges]   # check all first
+    for offset, length in spans:
+        if length:
+            sub.backend.discard(offset, length)
+    return Result()
+
+
+_OPS = {READ: _read, WRITE: _write, FLUSH: _flush, WRITE_ZEROES: _write_zeroes, DSM: _dsm}

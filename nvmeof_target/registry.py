@@ -1,0 +1,174 @@
+"""The target's registry of volumes (one subsystem each), persisted in sqlite3.
+
+A volume nobody is connected to costs one table row and nothing else: no
+object, no fd.  Connect looks its row up by NQN (primary key), discovery by
+host NQN (index), so startup does not depend on how many volumes there are."""
+
+import os
+import sqlite3
+import uuid as uuidlib
+
+from .nqn import DISCOVERY_NQN, check_nqn
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS subsystem (
+    nqn TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    uuid TEXT NOT NULL UNIQUE,
+    readonly INTEGER NOT NULL DEFAULT 0,
+    allow_any INTEGER NOT NULL DEFAULT 0,
+    block_size INTEGER NOT NULL DEFAULT 512
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS host (
+    nqn TEXT NOT NULL REFERENCES subsystem(nqn) ON DELETE CASCADE,
+    hostnqn TEXT NOT NULL,
+    PRIMARY KEY (nqn, hostnqn)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS host_by_hostnqn ON host(hostnqn);
+"""
+
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+
+
+class Volume(object):
+    __slots__ = ("nqn", "path", "uuid", "readonly", "allow_any", "block_size")
+
+    def __init__(self, nqn, path, uuid, readonly, allow_any, block_size):
+        self.nqn, self.path, self.uuid = nqn, path, uuid
+        self.readonly, self.allow_any, self.block_size = bool(readonly), bool(allow_any), block_size
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def check_volume(nqn, path, uuid, block_size):
+    check_nqn(nqn, "subsystem NQN")
+    if nqn == DISCOVERY_NQN:
+        raise ValueError("the discovery NQN cannot name a volume")
+    if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
+        raise ValueError("volume path must be an absolute path: %r" % (path,))
+    try:
+        uuid = str(uuidlib.UUID(str(uuid)))
+    except ValueError:
+        raise ValueError("invalid volume UUID %r" % (uuid,))
+    if block_size not in BLOCK_SIZES:
+        raise ValueError("block size must be one of %s" % (BLOCK_SIZES,))
+    return uuid
+
+
+class Registry(object):
+    def __init__(self, path=":memory:"):
+        if path != ":memory:":
+            d = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(d):
+                os.makedirs(d, 0o700)
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None)   # autocommit; BEGIN explicit
+        self.db.execute("PRAGMA foreign_keys = ON")
+        if path != ":memory:":
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self):
+        self.db.close()
+
+    # ---- changes -------------------------------------------------------------------
+    def add(self, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
+            block_size=512):
+        uuid = check_volume(nqn, path, uuid, block_size)
+        hosts = [check_nqn(h, "host NQN") for h in allowed_hosts]
+        with _Txn(self.db):
+            if self.get(nqn) is not None:
+                raise ValueError("subsystem %s already exists" % nqn)
+            if self.db.execute("SELECT 1 FROM subsystem WHERE uuid = ?", (uuid,)).fetchone():
+                raise ValueError("UUID %s is already used by another subsystem" % uuid)
+            self.db.execute("INSERT INTO subsystem VALUES (?, ?, ?, ?, ?, ?)",
+                            (nqn, path, uuid, int(bool(readonly)), int(bool(allow_any_host)),
+                             block_size))
+            self.db.executemany("INSERT OR IGNORE INTO host VALUES (?, ?)",
+                                [(nqn, h) for h in hosts])
+        return self.get(nqn)
+
+    def add_many(self, rows):
+        """Bulk insert of (nqn, path, uuid, readonly, allow_any, block_size) rows,
+        validated like add(); one transaction."""
+        checked = []
+        for nqn, path, uuid, ro, anyhost, bs in rows:
+            checked.append((nqn, path, check_volume(nqn, path, uuid, bs), int(ro), int(anyhost), bs))
+        with _Txn(self.db):
+            self.db.executemany("INSERT INTO subsystem VALUES (?, ?, ?, ?, ?, ?)", checked)
+
+    def remove(self, nqn):
+        with _Txn(self.db):
+            if self.get(nqn) is None:
+                raise KeyError("no subsystem %s" % nqn)
+            self.db.execute("DELETE FROM host WHERE nqn = ?", (nqn,))
+            self.db.execute("DELETE FROM subsystem WHERE nqn = ?", (nqn,))
+
+    def allow(self, nqn, hostnqn):
+        check_nqn(hostnqn, "host NQN")
+        self._must(nqn)
+        self.db.execute("INSERT OR IGNORE INTO host VALUES (?, ?)", (nqn, hostnqn))
+
+    def deny(self, nqn, hostnqn):
+        self._must(nqn)
+        self.db.execute("DELETE FROM host WHERE nqn = ? AND hostnqn = ?", (nqn, hostnqn))
+
+    def set_allow_any(self, nqn, value):
+        self._must(nqn)
+        self.db.execute("UPDATE subsystem SET allow_any = ? WHERE nqn = ?", (int(bool(value)), nqn))
+
+    # ---- lookups --------------------------------------------------------------------
+    def _must(self, nqn):
+        vol = self.get(nqn)
+        if vol is None:
+            raise KeyError("no subsystem %s" % nqn)
+        return vol
+
+    def get(self, nqn):
+        row = self.db.execute("SELECT nqn, path, uuid, readonly, allow_any, block_size "
+                              "FROM subsystem WHERE nqn = ?", (nqn,)).fetchone()
+        return Volume(*row) if row else None
+
+    def hosts(self, nqn):
+        return [r[0] for r in self.db.execute(
+            "SELECT hostnqn FROM host WHERE nqn = ? ORDER BY hostnqn", (nqn,))]
+
+    def host_allowed(self, vol, hostnqn):
+        if vol.allow_any:
+            return True
+        return self.db.execute("SELECT 1 FROM host WHERE nqn = ? AND hostnqn = ?",
+                               (vol.nqn, hostnqn)).fetchone() is not None
+
+    def visible(self, hostnqn):
+        """Subsystem NQNs this host may connect to (for its discovery log)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT nqn FROM host WHERE hostnqn = ? UNION "
+            "SELECT nqn FROM subsystem WHERE allow_any = 1 ORDER BY 1", (hostnqn,))]
+
+    def count(self):
+        return self.db.execute("SELECT count(*) FROM subsystem").fetchone()[0]
+
+    def list(self):
+        hosts = {}
+        for nqn, h in self.db.execute("SELECT nqn, hostnqn FROM host ORDER BY nqn, hostnqn"):
+            hosts.setdefault(nqn, []).append(h)
+        out = []
+        for row in self.db.execute("SELECT nqn, path, uuid, readonly, allow_any, block_size "
+                                   "FROM subsystem ORDER BY nqn"):
+            d = Volume(*row).as_dict()
+            d["allowed_hosts"] = hosts.get(d["nqn"], [])
+            out.append(d)
+        return out
+
+
+class _Txn(object):
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *_):
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
