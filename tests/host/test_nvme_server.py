@@ -1,0 +1,180 @@
+"""The target as a real process on loopback: `zfs-ng target serve`, volumes added
+through the control socket, a Python initiator over TCP doing ICReq -> Connect ->
+Identify -> Write/Read on a sparse file, the registry surviving a restart, and a
+clean exit on SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from nvmeof_target.control import Client, ControlError
+from test_nvme_initiator import HOSTNQN, Host, NvmeStatus, SocketTransport
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NQN = "nqn.2014-08.org.zfs-ng:sr1:vol-a"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class TargetProcess(object):
+    def __init__(self, tmp):
+        self.state = str(tmp / "target.db")
+        self.sock = str(tmp / "target.sock")
+        self.port = free_port()
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
+             "127.0.0.1:%d" % self.port, "--state", self.state, "--socket", self.sock, "-v"],
+            cwd=ROOT, env=env, stderr=subprocess.PIPE, universal_newlines=True)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("target exited: %s" % self.proc.stderr.read())
+            try:
+                Client(self.sock).stats()
+                return self
+            except ControlError:
+                time.sleep(0.05)
+        raise AssertionError("target did not start")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(10)
+        err = self.proc.stderr.read()
+        return rc, err
+
+
+@pytest.fixture
+def target(tmp_path):
+    t = TargetProcess(tmp_path).start()
+    yield t
+    if t.proc.poll() is None:
+        t.proc.kill()
+        t.proc.wait()
+
+
+def sparse(tmp_path, name="vol.img", size=32 << 20):
+    p = str(tmp_path / name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+def controller(port, subnqn, hostnqn=HOSTNQN):
+    h = Host(SocketTransport(("127.0.0.1", port)))
+    h.icreq()
+    cntlid = h.connect(subnqn, hostnqn)
+    h.enable()
+    return h, cntlid
+
+
+def test_identify_write_read_over_tcp(target, tmp_path):
+    path = sparse(tmp_path)
+    vol_uuid = str(uuid.uuid4())
+    c = Client(target.sock)
+    c.add(NQN, path, vol_uuid, allowed_hosts=[HOSTNQN])
+    h, cntlid = controller(target.port, NQN)
+    assert h.identify(1)[768:768 + len(NQN)] == NQN.encode()
+    h.set_features(0x07, (1 << 16) | 1)
+    io = Host(SocketTransport(("127.0.0.1", target.port)))
+    io.icreq()
+    io.connect(NQN, qid=1, cntlid=cntlid, sqsize=127, kato=0)
+    data = os.urandom(256 << 10)
+    io.write(2048, data)
+    assert io.read(2048, len(data) // 512) == data
+    with open(path, "rb") as f:
+        f.seek(2048 * 512)
+        assert f.read(len(data)) == data
+    info = c.get(NQN)
+    assert [x["cntlid"] for x in info["controllers"]] == [cntlid]
+    assert info["controllers"][0]["io_queues"] == 1
+    assert c.stats()["live_subsystems"] == 1
+    io.t.close()
+    h.t.close()
+    deadline = time.time() + 5
+    while c.stats()["live_subsystems"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert c.stats()["live_subsystems"] == 0          # backend closed with the last host
+
+
+def test_garbage_gets_a_term_req_and_the_target_lives_on(target, tmp_path):
+    s = socket.create_connection(("127.0.0.1", target.port), timeout=5)
+    s.sendall(b"\x04" + b"\xff" * 200)           # a capsule before ICReq, nonsense lengths
+    reply = s.recv(4096)
+    assert reply[0] == 0x03                      # C2HTermReq
+    assert s.recv(4096) == b""                   # then the target closes
+    s.close()
+    assert Client(target.sock).stats()["controllers"] == 0
+
+
+def test_unknown_host_is_refused(target, tmp_path):
+    Client(target.sock).add(NQN, sparse(tmp_path), str(uuid.uuid4()), allowed_hosts=[HOSTNQN])
+    with pytest.raises(NvmeStatus) as e:
+        controller(target.port, NQN, "nqn.2014-08.org.example:stranger")
+    assert e.value.status == 0x4184
+
+
+def test_control_errors_are_messages(target, tmp_path):
+    c = Client(target.sock)
+    for bad in (dict(nqn="not-an-nqn", path="/x", uuid=str(uuid.uuid4())),
+                dict(nqn=NQN, path="relative", uuid=str(uuid.uuid4())),
+                dict(nqn=NQN, path="/x", uuid="nope")):
+        with pytest.raises(ControlError):
+            c.add(**bad)
+    with pytest.raises(ControlError, match="no subsystem"):
+        c.remove(NQN)
+    with pytest.raises(ControlError, match="unknown op"):
+        c.call("explode")
+
+
+def test_registry_survives_restart_and_sigterm_is_clean(tmp_path):
+    t = TargetProcess(tmp_path).start()
+    path = sparse(tmp_path)
+    vol_uuid = str(uuid.uuid4())
+    Client(t.sock).add(NQN, path, vol_uuid, allow_any_host=True)
+    h, _ = controller(t.port, NQN)
+    rc, err = t.stop()
+    assert rc == 0, err
+    assert not os.path.exists(t.sock)
+    t2 = TargetProcess(tmp_path)
+    t2.port = t.port
+    t2.start()
+    try:
+        vols = Client(t2.sock).list()
+        assert [(v["nqn"], v["uuid"], v["allow_any"]) for v in vols] == [(NQN, vol_uuid, True)]
+        h, _ = controller(t2.port, NQN)
+        assert h.identify(0, nsid=1)[104:120] == uuid.UUID(vol_uuid).bytes
+    finally:
+        assert t2.stop()[0] == 0
+
+
+def test_cli_add_ls_rm(target, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, ZFSNG_TARGET_SOCKET=target.sock)
+    cli = [sys.executable, "-m", "sr_tools", "target"]
+    vol_uuid = str(uuid.uuid4())
+    run = lambda *a: subprocess.run(cli + list(a), env=env, cwd=ROOT, stdout=subprocess.PIPE,  # noqa
+                                    stderr=subprocess.PIPE, universal_newlines=True)
+    r = run("add", NQN, sparse(tmp_path), "--uuid", vol_uuid, "--allow", HOSTNQN)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(run("ls", "--json").stdout)
+    assert listed[0]["nqn"] == NQN and listed[0]["allowed_hosts"] == [HOSTNQN]
+    r = run("add", NQN, "/x", "--uuid", str(uuid.uuid4()))
+    assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr
+    assert run("rm", NQN).returncode == 0
+    assert json.loads(run("ls", "--json").stdout) == []
