@@ -15,6 +15,7 @@
 import json
 import os
 
+from blockio.backend import Backend
 from nbd_server.exports import Export, check_name
 from nbd_server.extents import DirtyBitmap, ExtentMap
 
@@ -60,9 +61,16 @@ def load_allocation(path):
         raise ValueError("%s: bad allocation map: %s" % (path, e))
 
 
+def _loaded(what, loader, path):
+    try:
+        return loader(path)
+    except OSError as e:
+        raise ValueError("%s %s: %s" % (what, path, e.strerror or e))
+
+
 def build_exports(specs, bitmaps=(), allocations=(), descriptions=()):
-    """Export objects from parsed command-line values; raises ValueError or
-    OSError (unreadable bitmap or map file) with a clear message."""
+    """Export objects from parsed command-line values; raises ValueError with
+    a clear message."""
     exports = {}
     order = []
     for spec in specs:
@@ -71,6 +79,10 @@ def build_exports(specs, bitmaps=(), allocations=(), descriptions=()):
             raise ValueError("export %r given twice" % name)
         if not os.path.exists(path):
             raise ValueError("export %r: %s does not exist" % (name, path))
+        try:        # fail now, not at the first client; no fd is kept
+            Backend(path, readonly=ro).close()
+        except OSError as e:
+            raise ValueError("export %r: %s" % (name, e.strerror or e))
         exports[name] = {"path": path, "readonly": ro, "bitmaps": {}, "allocation": None,
                          "description": ""}
         order.append(name)
@@ -82,9 +94,11 @@ def build_exports(specs, bitmaps=(), allocations=(), descriptions=()):
 
     for export, bname, path in bitmaps:
         check_name(bname)
-        known(export)["bitmaps"][bname] = load_bitmap(path)
+        entry = known(export)
+        entry["bitmaps"][bname] = _loaded("bitmap", load_bitmap, path)
     for export, path in allocations:
-        known(export)["allocation"] = load_allocation(path)
+        entry = known(export)
+        entry["allocation"] = _loaded("allocation map", load_allocation, path)
     for export, text in descriptions:
         known(export)["description"] = text
     out = []

@@ -29,7 +29,7 @@ import time
 
 
 def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_required=False,
-         verbose=1):
+         max_connections=None, verbose=1):
     """The command line of a server for these exports (a list, no shell)."""
     cmd = [sys.executable, "-m", "nbd_server", "serve"]
     if unix_path:
@@ -51,6 +51,8 @@ def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_req
         cmd += ["--tls-cert", tls_cert, "--tls-key", tls_key]
     if tls_required:
         cmd += ["--tls-required"]
+    if max_connections:
+        cmd += ["--max-connections", str(int(max_connections))]
     if verbose:
         cmd += ["-" + "v" * verbose]
     return cmd
