@@ -1,0 +1,94 @@
+"""zfsng-nbd: a local zvol (or a snapshot's read-only clone) served over NBD on
+a unix socket by the project's own server (nbd_server), one background
+process per attached volume, shared by all its attachments and stopped with
+the last detach.
+
+attach returns XenDisk(qdisk) whose params is the NBD URI qemu opens, and the
+Nbd implementation itself (`nbd:unix:<sock>:exportname=<key>`), which is what
+xapi-nbd and dom0 users (nbd-client) connect to.
+"""
+
+import os
+
+from nbd_server import run as nbd_run
+from plugins import smapi
+from plugins.datapath import local, state, uri
+
+
+def socket_path(key):
+    return os.path.join(state.run_dir(), "nbd", "%s.sock" % key)
+
+
+def nbd_uri(sock, name):
+    return "nbd:unix:%s:exportname=%s" % (sock, name)
+
+
+def _alive(pid):
+    """Is pid still our NBD server (and not a recycled pid)?"""
+    try:
+        with open("/proc/%d/cmdline" % int(pid), "rb") as f:
+            return b"nbd_server" in f.read()
+    except (OSError, IOError, ValueError):
+        return False
+
+
+class NbdDatapath(local.LocalDatapath):
+    scheme = uri.NBD
+
+    def _server(self, u, st):
+        """The running server of this volume, started if needed."""
+        src, dev = self.device(u, st)
+        srv = st.shared.get("nbd")
+        if srv is not None:
+            if _alive(srv["pid"]) and os.path.exists(srv["sock"]) and srv["device"] == dev:
+                return srv
+            self._stop(st)
+        sock = socket_path(u.key)
+        d = os.path.dirname(sock)
+        if not os.path.isdir(d):
+            os.makedirs(d, 0o700)
+        if os.path.exists(sock):
+            os.unlink(sock)  # left by a server that died with its host process
+        try:
+            pid = nbd_run.start([{"name": u.key, "path": dev, "readonly": not src.writable,
+                                  "description": "zfs-ng %s" % u.volume_id}],
+                                unix_path=sock, log_path=sock[:-len(".sock")] + ".log")
+        except (RuntimeError, OSError, ValueError) as e:
+            raise smapi.BackendError("NBD_server_failed", "cannot serve %s over NBD: %s"
+                                     % (u.volume_id, e))
+        srv = {"pid": pid, "sock": sock, "device": dev, "export": u.key,
+               "readonly": not src.writable}
+        st.shared["nbd"] = srv
+        return srv
+
+    def _stop(self, st):
+        srv = st.shared.pop("nbd", None)
+        if srv is not None and _alive(srv["pid"]):
+            nbd_run.stop(srv["pid"])
+
+    def _attach(self, u, st, domain, rec):
+        srv = self._server(u, st)
+        rec["sock"] = srv["sock"]
+        link = nbd_uri(srv["sock"], srv["export"])
+        return [["XenDisk", {"backend_type": "qdisk", "params": link, "extra": {}}],
+                ["Nbd", {"uri": link}]]
+
+    def _still_attached(self, u, st, domain, rec):
+        srv = st.shared.get("nbd")
+        return srv is not None and _alive(srv["pid"]) and os.path.exists(srv["sock"])
+
+    def _reactivate(self, u, st, domain, rec, mode):
+        if not self._still_attached(u, st, domain, rec):
+            raise smapi.BackendError("NBD_server_failed", "the NBD server of %s is gone; "
+                                     "detach and attach again" % u.volume_id)
+
+    def _release(self, u, st):
+        try:
+            self._stop(st)
+        finally:
+            local.LocalDatapath._release(self, u, st)
+
+
+def methods():
+    from plugins.datapath import core
+    return core.methods(NbdDatapath(), "local zvols served over NBD (unix socket)")
