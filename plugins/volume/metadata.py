@@ -1,0 +1,214 @@
+"""Volume metadata: what the pool carries, and the local index that makes
+listing fast.
+
+In the pool (authoritative; survives `zpool export`/`import` on another host),
+as ZFS user properties whose values are JSON text (so quotes, tabs, newlines
+and unicode never break `zfs get -H` parsing):
+
+    on POOL/zfs-ng (SR root)    org.zfs-ng:sr-uuid, :sr-name, :sr-description,
+                                :generation (int, bumped BEFORE every mutation),
+                                :created-pool (true: SR.destroy destroys the pool),
+                                :datapath, :nvme-node
+    on volumes and snapshots    org.zfs-ng:name, :description, :keys ({str: str}),
+                                :sharable (bool)
+
+The volume key is the ZFS name component (dataset name for volumes, snapshot
+name for snapshots), so keys and snapshot relations (origin, `ds@key`) need no
+property at all.
+
+Locally: one sqlite file per SR under /var/lib/zfs-ng/ (ZFSNG_STATE_DIR), a
+cache of the above plus sizes.  It records the pool generation it reflects; a
+different generation on the pool (a mutation in progress, a crash mid-way, or
+another host) makes it stale and it is rebuilt from the pool under the SR lock.
+"""
+
+import json
+import os
+import sqlite3
+
+from plugins.volume import names
+from plugins.volume import zfs
+
+STATE_DIR = os.environ.get("ZFSNG_STATE_DIR", "/var/lib/zfs-ng")
+
+VOLUME_PROPS = ["name", "description", "keys", "sharable"]
+ROOT_PROPS = ["sr-uuid", "sr-name", "sr-description", "generation", "created-pool",
+              "datapath", "nvme-node"]
+# what reconcile reads for every volume and snapshot, in one `zfs get -r`
+ZFS_PROPS = ["volsize", "referenced", "origin", "createtxg", "volblocksize"] + \
+    [zfs.uprop(p) for p in VOLUME_PROPS]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    key TEXT PRIMARY KEY,
+    zname TEXT NOT NULL UNIQUE,      -- POOL/zfs-ng/KEY or POOL/zfs-ng/DS@KEY
+    kind TEXT NOT NULL,              -- volume | snapshot
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    keys TEXT NOT NULL,              -- JSON object
+    sharable INTEGER NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    physical_utilisation INTEGER NOT NULL,
+    volblocksize INTEGER NOT NULL,
+    origin TEXT NOT NULL,            -- clone origin snapshot, '' if none
+    createtxg INTEGER NOT NULL
+);
+"""
+
+COLUMNS = ["key", "zname", "kind", "name", "description", "keys", "sharable", "virtual_size",
+           "physical_utilisation", "volblocksize", "origin", "createtxg"]
+
+
+def entry_from_props(pool, zname, props):
+    """An index entry from one dataset's `zfs get` values, or None if zname is
+    not a visible volume (hidden, revert leftovers, read-only devices...)."""
+    kind, key = names.classify(zname, pool)
+    if kind not in ("volume", "snapshot"):
+        return None
+
+    def user(p, default):
+        v = props.get(zfs.uprop(p))
+        return default if v is None else zfs.decode(v)
+
+    keys = user("keys", {})
+    if not isinstance(keys, dict):
+        keys = {}
+    origin = props.get("origin", "-")
+    return {
+        "key": key,
+        "zname": zname,
+        "kind": kind,
+        "name": str(user("name", "")),
+        "description": str(user("description", "")),
+        "keys": dict((str(k), str(v)) for k, v in keys.items()),
+        "sharable": bool(user("sharable", False)),
+        "virtual_size": int(props.get("volsize", 0)),
+        "physical_utilisation": int(props.get("referenced", 0)),
+        "volblocksize": int(props.get("volblocksize", 16384) or 16384),
+        "origin": "" if origin in ("-", "") else origin,
+        "createtxg": int(props.get("createtxg", 0)),
+    }
+
+
+def read_entries(pool, targets=None):
+    """Entries read from ZFS: the whole SR (targets=None) or the given names."""
+    root = names.sr_root(pool)
+    if targets is None:
+        got = zfs.get([root], ZFS_PROPS, recursive=True, types="volume,snapshot")
+    else:
+        got = zfs.get(targets, ZFS_PROPS)
+    out = []
+    for zname, props in got.items():
+        e = entry_from_props(pool, zname, props)
+        if e is not None:
+            out.append(e)
+    return out
+
+
+class Index(object):
+    """The local sqlite cache of one SR's volumes."""
+
+    def __init__(self, path):
+        d = os.path.dirname(path)
+        if d and not os.path.isdir(d):
+            os.makedirs(d, 0o700)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    @classmethod
+    def for_sr(cls, sr_uuid, state_dir=None):
+        return cls(os.path.join(state_dir or STATE_DIR, "%s.sqlite" % names.check_uuid(sr_uuid)))
+
+    def close(self):
+        self.db.close()
+
+    # generation --------------------------------------------------------------
+    def generation(self):
+        r = self.db.execute("SELECT v FROM meta WHERE k='generation'").fetchone()
+        return None if r is None else int(r[0])
+
+    def _set_generation(self, gen):
+        self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('generation', ?)", (str(gen),))
+
+    # reads -------------------------------------------------------------------
+    @staticmethod
+    def _row(r):
+        e = dict(zip(COLUMNS, r))
+        e["keys"] = json.loads(e["keys"])
+        e["sharable"] = bool(e["sharable"])
+        return e
+
+    def get(self, key):
+        r = self.db.execute("SELECT %s FROM volumes WHERE key=?" % ",".join(COLUMNS),
+                            (key,)).fetchone()
+        return None if r is None else self._row(r)
+
+    def all(self):
+        return [self._row(r) for r in self.db.execute(
+            "SELECT %s FROM volumes ORDER BY createtxg, key" % ",".join(COLUMNS))]
+
+    def count(self):
+        return self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]
+
+    def by_dataset(self, dataset):
+        """Snapshots whose parent dataset is `dataset`, and the volume itself."""
+        like = dataset.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
+        return [self._row(r) for r in self.db.execute(
+            "SELECT %s FROM volumes WHERE zname=? OR zname LIKE ? ESCAPE '\\'"
+            % ",".join(COLUMNS), (dataset, like))]
+
+    def clones_of(self, dataset):
+        like = dataset.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
+        return [self._row(r) for r in self.db.execute(
+            "SELECT %s FROM volumes WHERE origin LIKE ? ESCAPE '\\'" % ",".join(COLUMNS),
+            (like,))]
+
+    # writes: each one transaction that also records the generation -------------
+    def _upsert(self, e):
+        vals = [e[c] for c in COLUMNS]
+        vals[COLUMNS.index("keys")] = json.dumps(e["keys"], sort_keys=True)
+        vals[COLUMNS.index("sharable")] = 1 if e["sharable"] else 0
+        self.db.execute("DELETE FROM volumes WHERE zname=? AND key<>?", (e["zname"], e["key"]))
+        self.db.execute("INSERT OR REPLACE INTO volumes (%s) VALUES (%s)"
+                        % (",".join(COLUMNS), ",".join("?" * len(COLUMNS))), vals)
+
+    def commit(self, generation, upsert=(), delete=(), rename=()):
+        """Apply changes and record `generation` atomically.  rename is a list of
+        (old dataset, new dataset) moving the snapshots under it."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for key in delete:
+                self.db.execute("DELETE FROM volumes WHERE key=?", (key,))
+            for old, new in rename:
+                n = len(old)
+                like = old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
+                self.db.execute("UPDATE volumes SET zname = ? || substr(zname, ?) "
+                                "WHERE zname LIKE ? ESCAPE '\\'", (new, n + 1, like))
+                self.db.execute("UPDATE volumes SET origin = ? || substr(origin, ?) "
+                                "WHERE origin LIKE ? ESCAPE '\\'", (new, n + 1, like))
+            for e in upsert:
+                self._upsert(e)
+            self._set_generation(generation)
+            self.db.execute("COMMIT")
+        except Exception:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def replace_all(self, entries, generation):
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM volumes")
+            for e in entries:
+                self._upsert(e)
+            self._set_generation(generation)
+            self.db.execute("COMMIT")
+        except Exception:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def invalidate(self):
+        self.db.execute("DELETE FROM meta WHERE k='generation'")

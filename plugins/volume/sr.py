@@ -1,0 +1,505 @@
+"""SRs: one zpool each (created by SR.create or adopted with zpool=), with the
+SR root dataset POOL/zfs-ng holding every volume (see names.py for the layout
+and metadata.py for the properties).  The SR string xapi passes around is the
+pool name.
+
+`SR` is the handle every volume operation goes through: it checks the SR is
+there, keeps the local index in step with the pool generation, and wraps each
+mutation in the SR lock with the generation bumped first (`mutate`).
+"""
+
+import contextlib
+import errno
+import os
+import stat as stat_mod
+
+from plugins import smapi
+from plugins.smapi import BackendError, InvalidParameters
+from plugins.volume import lock
+from plugins.volume import metadata
+from plugins.volume import names
+from plugins.volume import zfs
+
+# configuration keys SR.create/attach understand (Plugin.query lists them)
+CONFIGURATION = {
+    "device": "comma-separated block devices (or files) for a new pool",
+    "file-uri": "the same as file:///dev/sdb URIs, comma-separated",
+    "vdev": "layout: stripe (default), mirror, raidz1, raidz2, raidz3, "
+            "mirror:2 (stripes of 2-way mirrors), or 'mirror 0 1 mirror 2 3'",
+    "zpool": "adopt this existing imported pool instead of creating one",
+    "compression": "lz4 (default), zstd, zstd-N or off",
+    "ashift": "sector size exponent for a new pool (9..16, default 12)",
+    "autotrim": "on (default) or off",
+    "datapath": "raw (default), nbd or nvme: which volume URI comes first",
+    "nvme-node": "host:port of the NVMe/TCP target serving this SR's volumes",
+}
+_CREATE_ONLY = ("device", "file-uri", "vdev", "ashift", "autotrim")
+
+
+# -- the handle -----------------------------------------------------------------
+
+class Txn(object):
+    """What one mutation changed, applied to the index after the ZFS work."""
+
+    def __init__(self):
+        self.refresh = []   # ZFS names to (re)read into the index
+        self.delete = []    # keys gone
+        self.rename = []    # (old dataset, new dataset)
+
+
+class SR(object):
+    def __init__(self, pool, props):
+        self.pool = pool
+        self.root = names.sr_root(pool)
+        self.props = props
+        self._index = None
+
+    @classmethod
+    def open(cls, sr):
+        """The handle for an attached SR, or the IDL error saying why not."""
+        if not isinstance(sr, str) or not names.is_pool(sr):
+            raise smapi.SrDoesNotExist(str(sr))
+        props = read_root_props(sr)
+        if props is None:
+            if sr in zfs.pools():
+                raise smapi.SrDoesNotExist(sr)
+            raise smapi.SrNotAttached(sr)
+        return cls(sr, props)
+
+    @property
+    def uuid(self):
+        return self.props.get("sr-uuid", "")
+
+    @property
+    def generation(self):
+        return int(self.props.get("generation", 0))
+
+    def index(self):
+        if self._index is None:
+            self._index = metadata.Index.for_sr(self.uuid)
+        return self._index
+
+    def reload(self):
+        self.props = read_root_props(self.pool)
+        if self.props is None:
+            raise smapi.SrNotAttached(self.pool)
+
+    # freshness -----------------------------------------------------------------
+    def fresh_index(self):
+        """The index, rebuilt from the pool first if its generation differs."""
+        idx = self.index()
+        if idx.generation() == self.generation:
+            return idx
+        with lock.sr_lock(self.pool):
+            self.reload()
+            if idx.generation() != self.generation:
+                self.reconcile()
+        return idx
+
+    def reconcile(self):
+        """Rebuild the index from ZFS (caller holds the lock).  Finishes or undoes
+        an interrupted revert first, so a crash never loses or invents a volume."""
+        rows = zfs.list_names(self.root, ("name",))
+        present = set(r[0] for r in rows)
+        for zname in sorted(present):
+            kind, key = names.classify(zname, self.pool)
+            if kind != "reverting":
+                continue
+            target = names.volume_dataset(self.pool, key)
+            if target in present:
+                zfs.zfs("destroy", zname)
+            else:
+                zfs.zfs("rename", zname, target)
+        self.index().replace_all(metadata.read_entries(self.pool), self.generation)
+
+    # mutations -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def mutate(self):
+        """Lock the SR, bump the pool generation (so a crash before the index is
+        updated is seen as stale), yield a Txn, then apply it to the index."""
+        with lock.sr_lock(self.pool):
+            self.reload()
+            idx = self.index()
+            if idx.generation() != self.generation:
+                self.reconcile()
+            gen = self.generation + 1
+            zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), gen), self.root)
+            self.props["generation"] = str(gen)
+            txn = Txn()
+            yield txn
+            upsert = metadata.read_entries(self.pool, txn.refresh) if txn.refresh else []
+            idx.commit(gen, upsert=upsert, delete=txn.delete, rename=txn.rename)
+
+    def lookup(self, key, what="key"):
+        names.check_key(key, what)
+        e = self.fresh_index().get(key)
+        if e is None:
+            raise smapi.VolumeDoesNotExist(key)
+        return e
+
+
+def read_root_props(pool):
+    try:
+        got = zfs.get([names.sr_root(pool)], [zfs.uprop(p) for p in metadata.ROOT_PROPS])
+    except zfs.NotFound:
+        return None
+    props = {}
+    for k, v in got.get(names.sr_root(pool), {}).items():
+        props[k[len(zfs.PREFIX):]] = zfs.decode(v)
+    if "sr-uuid" not in props:
+        return None  # a dataset of that name that we did not make
+    return props
+
+
+# -- SR.create ------------------------------------------------------------------
+
+def _devices(configuration):
+    devs = []
+    for d in configuration.get("device", "").split(","):
+        if d.strip():
+            devs.append(d.strip())
+    for u in configuration.get("file-uri", "").split(","):
+        u = u.strip()
+        if not u:
+            continue
+        if not u.startswith("file://"):
+            raise InvalidParameters("file-uri %r must be file:///path" % u)
+        devs.append(u[len("file://"):])
+    return [names.check_device(d) for d in devs]
+
+
+def _in_use_by_pools():
+    used = set()
+    for p in zfs.pools():
+        for d in zfs.pool_devices(p):
+            used.add(os.path.realpath(d))
+    return used
+
+
+def check_devices(devs):
+    """Every device exists, is a block device or a large enough file, and is not
+    in use (mounted, held, or part of an imported pool)."""
+    used = _in_use_by_pools()
+    for d in devs:
+        if not os.path.exists(d):
+            raise BackendError("Device_not_found", "%s does not exist" % d)
+        real = os.path.realpath(d)
+        if real in used:
+            raise BackendError("Device_in_use", "%s is part of an imported pool" % d)
+        st = os.stat(real)
+        if stat_mod.S_ISBLK(st.st_mode):
+            try:
+                fd = os.open(real, os.O_RDONLY | os.O_EXCL)
+                os.close(fd)
+            except OSError as e:
+                if e.errno == errno.EBUSY:
+                    raise BackendError("Device_in_use", "%s is in use (mounted or held)" % d)
+                raise BackendError("Device_error", "%s: %s" % (d, e.strerror))
+        elif stat_mod.S_ISREG(st.st_mode):
+            if st.st_size < 64 << 20:
+                raise BackendError("Device_too_small", "%s is smaller than 64 MiB" % d)
+        else:
+            raise BackendError("Device_not_found", "%s is not a block device or a file" % d)
+
+
+def _root_create_args(sr_uuid, name, description, created_pool, configuration):
+    props = {
+        "canmount": "off", "mountpoint": "none", "volmode": "none", "snapdev": "hidden",
+        "compression": names.check_compression(configuration.get("compression", "lz4")),
+    }
+    user = {"sr-uuid": sr_uuid, "sr-name": name, "sr-description": description,
+            "generation": 0, "created-pool": created_pool,
+            "datapath": names.check_datapath(configuration.get("datapath", "raw"))}
+    if configuration.get("nvme-node"):
+        user["nvme-node"] = names.check_nvme_node(configuration["nvme-node"])
+    for k, v in user.items():
+        props[zfs.uprop(k)] = zfs.encode(v)
+    return zfs.prop_args(props)
+
+
+def create(uuid, configuration, name, description):
+    sr_uuid = names.check_uuid(uuid)
+    names.check_text(name, "name")
+    names.check_text(description, "description")
+    unknown = sorted(set(configuration) - set(CONFIGURATION) - {"pool", "sr-uuid"})
+    if unknown:
+        raise InvalidParameters("unknown configuration keys: %s" % ", ".join(unknown))
+    names.check_compression(configuration.get("compression", "lz4"))
+    names.check_datapath(configuration.get("datapath", "raw"))
+    if configuration.get("nvme-node"):
+        names.check_nvme_node(configuration["nvme-node"])
+    out = dict(configuration)
+    out["sr-uuid"] = sr_uuid
+
+    if configuration.get("zpool"):
+        pool = names.check_pool(configuration["zpool"])
+        bad = [k for k in _CREATE_ONLY if configuration.get(k)]
+        if bad:
+            raise InvalidParameters("zpool= adopts an existing pool; %s only apply to a "
+                                    "new pool" % ", ".join(bad))
+        with lock.sr_lock(pool):
+            if pool not in zfs.pools():
+                raise BackendError("Pool_not_found", "pool %s is not imported" % pool)
+            health = zfs.pool_health(pool)
+            if health not in ("ONLINE", "DEGRADED"):
+                raise BackendError("Pool_unhealthy", "pool %s is %s" % (pool, health))
+            existing = read_root_props(pool)
+            if existing is not None:
+                if existing.get("sr-uuid") == sr_uuid:
+                    out["pool"] = pool
+                    return out  # a retried create
+                raise BackendError("Pool_in_use", "pool %s already holds zfs-ng SR %s"
+                                   % (pool, existing.get("sr-uuid")))
+            if zfs.exists(names.sr_root(pool)):
+                raise BackendError("Pool_in_use", "%s exists and is not a zfs-ng SR"
+                                   % names.sr_root(pool))
+            zfs.zfs("create", *(_root_create_args(sr_uuid, name, description, False,
+                                                  configuration) + [names.sr_root(pool)]))
+        out["pool"] = pool
+        return out
+
+    devs = _devices(configuration)
+    if not devs:
+        raise InvalidParameters("SR.create needs device=, file-uri= or zpool=")
+    vdevs = names.parse_vdev_spec(configuration.get("vdev", ""), devs)
+    ashift = names.check_ashift(configuration.get("ashift", "12"))
+    autotrim = names.check_bool_text(configuration.get("autotrim", "on"), "autotrim")
+    pool = "zfsng-%s" % sr_uuid
+    with lock.sr_lock(pool):
+        existing = read_root_props(pool) if pool in zfs.pools() else None
+        if existing is not None and existing.get("sr-uuid") == sr_uuid:
+            out["pool"] = pool
+            return out
+        check_devices(devs)
+        zfs.zpool("create", "-o", "ashift=%s" % ashift, "-o", "autotrim=%s" % autotrim,
+                  "-O", "canmount=off", "-O", "mountpoint=none", pool, *vdevs)
+        try:
+            zfs.zfs("create", *(_root_create_args(sr_uuid, name, description, True,
+                                                  configuration) + [names.sr_root(pool)]))
+        except Exception:
+            zfs.run([zfs.ZPOOL, "destroy", "-f", pool], check=False)
+            raise
+    out["pool"] = pool
+    return out
+
+
+# -- attach / detach / destroy --------------------------------------------------
+
+def _pool_of(configuration):
+    pool = configuration.get("pool") or configuration.get("zpool")
+    if not pool:
+        raise InvalidParameters("configuration has no pool (use what SR.create returned)")
+    return names.check_pool(pool)
+
+
+def attach(configuration):
+    pool = _pool_of(configuration)
+    want_uuid = configuration.get("sr-uuid")
+    with lock.sr_lock(pool):
+        if pool not in zfs.pools():
+            argv = [zfs.ZPOOL, "import", "-N"]
+            for d in _devices(configuration):
+                argv += ["-d", d]
+            try:
+                zfs.run(argv + [pool])
+            except zfs.ZfsError as e:
+                raise smapi.SrDoesNotExist("%s: %s" % (pool, e.message))
+        handle = SR.open(pool)
+        if want_uuid and handle.uuid != want_uuid:
+            raise BackendError("SR_mismatch", "pool %s holds SR %s, not %s"
+                               % (pool, handle.uuid, want_uuid))
+        for k in ("datapath", "nvme-node"):
+            v = configuration.get(k)
+            if v is None or handle.props.get(k) == v:
+                continue
+            v = names.check_datapath(v) if k == "datapath" else names.check_nvme_node(v)
+            zfs.zfs("set", "%s=%s" % (zfs.uprop(k), zfs.encode(v)), handle.root)
+        handle.reload()
+        collect_garbage(handle)
+        if handle.index().generation() != handle.generation:
+            handle.reconcile()
+    return pool
+
+
+def collect_garbage(handle):
+    """Destroy hidden datasets nothing depends on any more: destroyed volumes
+    whose snapshots are all gone, clone origins whose clones are gone, leftovers
+    of interrupted operations.  Caller holds the lock."""
+    for _ in range(64):
+        rows = zfs.list_names(handle.root, ("name", "origin"))
+        origins = set(r[1] for r in rows if len(r) > 1)
+        has_snaps = set(r[0].split("@", 1)[0] for r in rows if "@" in r[0])
+        victims = []
+        for r in rows:
+            kind, _ = names.classify(r[0], handle.pool)
+            if kind != "hidden":
+                continue
+            if "@" in r[0]:
+                if r[0] not in origins:
+                    victims.append(("snap", r[0]))
+            elif r[0] not in has_snaps:
+                victims.append(("vol", r[0]))
+        if not victims:
+            return
+        for what, zname in victims:
+            try:
+                if what == "snap":
+                    zfs.zfs("destroy", "-d", zname)
+                else:
+                    zfs.zfs("destroy", zname)
+            except zfs.NotFound:
+                pass
+            except zfs.Busy:
+                smapi.log.info("garbage %s busy, kept for later", zname)
+                return
+
+
+def detach(sr):
+    pool = names.check_pool(sr) if names.is_pool(sr) else None
+    if pool is None or pool not in zfs.pools():
+        return None  # already detached
+    props = read_root_props(pool)
+    if props is not None and props.get("created-pool"):
+        with lock.sr_lock(pool):
+            zfs.zpool("export", pool)
+    return None
+
+
+def destroy(sr):
+    handle = SR.open(sr)
+    with lock.sr_lock(handle.pool):
+        if handle.props.get("created-pool"):
+            zfs.zpool("destroy", handle.pool)
+        else:
+            zfs.zfs("destroy", "-r", handle.root)
+        path = handle.index().path
+        handle.index().close()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
+    return None
+
+
+# -- stat / ls / probe / names ---------------------------------------------------
+
+def health(pool):
+    """The SMAPIv3 health variant from the real pool state."""
+    try:
+        state = zfs.pool_health(pool)
+        status = zfs.pool_status(pool)
+    except zfs.ZfsError as e:
+        return ["Unreachable", e.message]
+    reason = ""
+    for line in status.splitlines():
+        s = line.strip()
+        if s.startswith("status:"):
+            reason = s.split(":", 1)[1].strip()
+    resilvering = "resilver in progress" in status
+    if state == "ONLINE" and not resilvering:
+        return ["Healthy", ""]
+    if state in ("ONLINE", "DEGRADED"):
+        return ["Recovering", "pool %s is %s%s%s" % (
+            pool, state, ", resilvering" if resilvering else "",
+            ": " + reason if reason else "")]
+    return ["Unavailable", "pool %s is %s%s" % (pool, state, ": " + reason if reason else "")]
+
+
+def space(pool):
+    got = zfs.get([pool], ["used", "available"]).get(pool, {})
+    used, avail = int(got.get("used", 0)), int(got.get("available", 0))
+    return avail, used + avail
+
+
+def stat(sr):
+    handle = SR.open(sr)
+    free, total = space(handle.pool)
+    return {
+        "sr": handle.pool,
+        "name": str(handle.props.get("sr-name", "")),
+        "uuid": handle.uuid,
+        "description": str(handle.props.get("sr-description", "")),
+        "free_space": free,
+        "total_space": total,
+        "datasources": [],
+        "clustered": False,
+        "health": health(handle.pool),
+    }
+
+
+def set_name(sr, new_name):
+    return _set_root(sr, "sr-name", names.check_text(new_name, "name"))
+
+
+def set_description(sr, new_description):
+    return _set_root(sr, "sr-description", names.check_text(new_description, "description"))
+
+
+def _set_root(sr, prop, value):
+    handle = SR.open(sr)
+    with lock.sr_lock(handle.pool):
+        zfs.zfs("set", "%s=%s" % (zfs.uprop(prop), zfs.encode(value)), handle.root)
+    return None
+
+
+def attached():
+    """SR strings of the zfs-ng SRs imported on this host (Plugin.ls)."""
+    out = []
+    for pool in zfs.pools():
+        if names.is_pool(pool) and read_root_props(pool) is not None:
+            out.append(pool)
+    return out
+
+
+def probe(configuration):
+    """zfs-ng SRs on the given devices (or named by zpool=, or all imported
+    ones): imported SRs with their stat, importable ones after a read-only
+    import to read their SR uuid."""
+    devs = _devices(configuration)
+    want_pool = configuration.get("zpool") or configuration.get("pool")
+    if want_pool:
+        names.check_pool(want_pool)
+    real = set(os.path.realpath(d) for d in devs)
+    results = []
+    imported = zfs.pools()
+    for pool in imported:
+        if not names.is_pool(pool) or (want_pool and pool != want_pool):
+            continue
+        props = read_root_props(pool)
+        if props is None:
+            continue
+        if real and not real & set(os.path.realpath(d) for d in zfs.pool_devices(pool)):
+            continue
+        conf = {"pool": pool, "sr-uuid": props["sr-uuid"]}
+        results.append({"configuration": conf, "complete": True, "sr": stat(pool),
+                         "extra_info": {"imported": "true"}})
+    if devs:
+        for found in zfs.importable(devs):
+            pool = found["pool"]
+            if pool in imported or not names.is_pool(pool) or (want_pool and pool != want_pool):
+                continue
+            props = _peek(found, devs)
+            if props is None:
+                continue
+            conf = {"pool": pool, "sr-uuid": props["sr-uuid"],
+                    "device": ",".join(devs)}
+            results.append({"configuration": conf, "complete": True,
+                            "extra_info": {"imported": "false", "state": found.get("state", ""),
+                                           "name": str(props.get("sr-name", "")),
+                                           "pool-guid": found.get("id", "")}})
+    return results
+
+
+def _peek(found, devs):
+    """Root properties of an exported pool: import read-only, read, export."""
+    argv = [zfs.ZPOOL, "import", "-N", "-o", "readonly=on"]
+    for d in devs:
+        argv += ["-d", d]
+    try:
+        zfs.run(argv + [found.get("id") or found["pool"]])
+    except zfs.ZfsError as e:
+        smapi.log.info("probe: cannot import %s read-only: %s", found["pool"], e.message)
+        return None
+    try:
+        return read_root_props(found["pool"])
+    finally:
+        zfs.run([zfs.ZPOOL, "export", found["pool"]], check=False)

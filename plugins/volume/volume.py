@@ -1,0 +1,465 @@
+"""Volumes: the zvol code.  Every SMAPIv3 Volume method, and the public API the
+datapath plugins call (`locate`, `activate_device`, `deactivate_device`).
+
+What backs what in ZFS (layout in names.py):
+  create          zfs create -s -V (sparse, size rounded up to volblocksize)
+  snapshot        zfs snapshot DS@NEWKEY; of a snapshot: clone it to a hidden
+                  dataset and snapshot that (same data, not the parent's now)
+  clone           zfs clone SNAP NEWKEY; of a live volume: hidden snapshot
+                  DS@h-..., clone, then defer-destroy the hidden snapshot
+  destroy         zfs destroy; a volume with snapshots is renamed hidden, a
+                  snapshot with clones is renamed hidden and defer-destroyed;
+                  hidden leftovers are collected (here and on SR.attach)
+  revert          clone SNAP to r-KEY, retire KEY (destroy, or hide if it has
+                  snapshots), rename r-KEY to KEY (crash: finished on reconcile)
+  resize          zfs set volsize (grow only)
+  set/unset/...   user properties org.zfs-ng:keys/name/description
+Each mutation runs under the SR lock with the pool generation bumped first
+(sr.SR.mutate), so the local index is never trusted after a crash.
+"""
+
+import os
+import subprocess
+import time
+
+from plugins import smapi
+from plugins.smapi import BackendError, InvalidParameters
+from plugins.volume import lock
+from plugins.volume import names
+from plugins.volume import zfs
+from plugins.volume.sr import SR
+
+DEFAULT_VOLBLOCKSIZE = 16384
+MAX_VOLUME_SIZE = 1 << 60
+NQN_PREFIX = "nqn.2014-08.org.zfs-ng"
+MAX_KEYS_JSON = 8000  # ZFS user property values are at most 8192 bytes
+
+
+def round_up(size, block):
+    return max(block, (size + block - 1) // block * block)
+
+
+def _check_size(size, what="size"):
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidParameters("%s must be a non-negative integer, got %r" % (what, size))
+    if size > MAX_VOLUME_SIZE:
+        raise InvalidParameters("%s %d is too large" % (what, size))
+    return size
+
+
+def _user_props(name, description, sharable, keys=None):
+    props = {
+        zfs.uprop("name"): zfs.encode(name),
+        zfs.uprop("description"): zfs.encode(description),
+        zfs.uprop("sharable"): zfs.encode(bool(sharable)),
+    }
+    if keys:
+        props[zfs.uprop("keys")] = _encode_keys(keys)
+    return props
+
+
+def _encode_keys(keys):
+    text = zfs.encode(keys)
+    if len(text) > MAX_KEYS_JSON:
+        raise InvalidParameters("volume keys exceed %d bytes in total" % MAX_KEYS_JSON)
+    return text
+
+
+# -- the volume record ------------------------------------------------------------
+
+def uris(handle, key):
+    """The URI list of a volume (contract with the datapath plugins)."""
+    raw = "zfsng-raw://%s/%s" % (handle.pool, key)
+    nbd = "zfsng-nbd://%s/%s" % (handle.pool, key)
+    out = {"raw": [raw], "nbd": [nbd], "nvme": []}
+    node = handle.props.get("nvme-node")
+    if node:
+        out["nvme"] = ["nvme+tcp://%s/%s" % (node, subnqn(handle.uuid, key))]
+    first = handle.props.get("datapath", "raw")
+    if first not in out:
+        first = "raw"
+    order = [first] + [k for k in ("raw", "nbd", "nvme") if k != first]
+    return [u for k in order for u in out[k]]
+
+
+def subnqn(sr_uuid, key):
+    return "%s:%s:%s" % (NQN_PREFIX, sr_uuid, key)
+
+
+def record(handle, e):
+    return {
+        "key": e["key"],
+        "uuid": e["key"],
+        "name": e["name"],
+        "description": e["description"],
+        "read_write": e["kind"] == "volume",
+        "sharable": e["sharable"],
+        "virtual_size": e["virtual_size"],
+        "physical_utilisation": e["physical_utilisation"],
+        "uri": uris(handle, e["key"]),
+        "keys": e["keys"],
+        "cbt_enabled": False,  # changed-block tracking comes from plugins/volume/cbt.py
+    }
+
+
+def _dataset_of(e):
+    return e["zname"].split("@", 1)[0]
+
+
+# -- methods -------------------------------------------------------------------------
+
+def ls(sr):
+    handle = SR.open(sr)
+    return [record(handle, e) for e in handle.fresh_index().all()]
+
+
+def stat(sr, key):
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    # sizes fresh from ZFS (the index holds them as of the last mutation)
+    try:
+        got = zfs.get([e["zname"]], ["volsize", "referenced"]).get(e["zname"], {})
+        e["virtual_size"] = int(got.get("volsize", e["virtual_size"]))
+        e["physical_utilisation"] = int(got.get("referenced", e["physical_utilisation"]))
+    except zfs.NotFound:
+        handle.index().invalidate()
+        raise smapi.VolumeDoesNotExist(key)
+    return record(handle, e)
+
+
+def create(sr, name, description, size, sharable):
+    handle = SR.open(sr)
+    names.check_text(name, "name")
+    names.check_text(description, "description")
+    size = round_up(_check_size(size), DEFAULT_VOLBLOCKSIZE)
+    key = names.new_key()
+    ds = names.volume_dataset(handle.pool, key)
+    props = _user_props(name, description, sharable)
+    props["volblocksize"] = str(DEFAULT_VOLBLOCKSIZE)
+    with handle.mutate() as txn:
+        zfs.zfs("create", "-s", "-V", str(size), *(zfs.prop_args(props) + [ds]))
+        txn.refresh.append(ds)
+    return record(handle, handle.index().get(key))
+
+
+def snapshot(sr, key):
+    handle = SR.open(sr)
+    src = handle.lookup(key)
+    new = names.new_key()
+    props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
+    with handle.mutate() as txn:
+        if src["kind"] == "volume":
+            snap = "%s@%s" % (src["zname"], new)
+        else:
+            # ZFS cannot snapshot a snapshot: a hidden clone of it carries the new one
+            base = "%s/%s" % (handle.root, names.hidden_name())
+            zfs.zfs("clone", "-o", "readonly=on", src["zname"], base)
+            snap = "%s@%s" % (base, new)
+        zfs.zfs("snapshot", *(props + [snap]))
+        txn.refresh.append(snap)
+    return record(handle, handle.index().get(new))
+
+
+def clone(sr, key):
+    handle = SR.open(sr)
+    src = handle.lookup(key)
+    new = names.new_key()
+    ds = names.volume_dataset(handle.pool, new)
+    props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
+    with handle.mutate() as txn:
+        if src["kind"] == "snapshot":
+            zfs.zfs("clone", *(props + [src["zname"], ds]))
+        else:
+            origin = "%s@%s" % (src["zname"], names.hidden_name())
+            zfs.zfs("snapshot", origin)
+            zfs.zfs("clone", *(props + [origin, ds]))
+            # goes away by itself with the clone (collect_garbage if we crash here)
+            zfs.zfs("destroy", "-d", origin)
+        txn.refresh.append(ds)
+    return record(handle, handle.index().get(new))
+
+
+def destroy(sr, key):
+    handle = SR.open(sr)
+    names.check_key(key)
+    e = handle.fresh_index().get(key)
+    if e is None:
+        raise smapi.VolumeDoesNotExist(key)
+    with handle.mutate() as txn:
+        e = handle.index().get(key)
+        if e is None:  # a concurrent destroy won
+            raise smapi.VolumeDoesNotExist(key)
+        if e["kind"] == "volume":
+            _destroy_volume(handle, e, txn)
+        else:
+            _destroy_snapshot(handle, e, txn)
+        txn.delete.append(key)
+    return None
+
+
+def _destroy_volume(handle, e, txn):
+    ds = e["zname"]
+    if _volmode_local(ds) == "dev":
+        raise BackendError("Volume_in_use", "volume %s is activated (deactivate it first)"
+                           % e["key"])
+    try:
+        zfs.zfs("destroy", ds)
+    except zfs.NotFound:
+        pass
+    except zfs.HasChildren:
+        # it has snapshots (volumes of their own): keep the data, hidden
+        hidden = "%s/%s" % (handle.root, names.hidden_name())
+        zfs.zfs("rename", ds, hidden)
+        txn.rename.append((ds, hidden))
+        return
+    if e["origin"]:
+        _collect_from(handle, e["origin"].split("@", 1)[0])
+
+
+def _destroy_snapshot(handle, e, txn):
+    snap = e["zname"]
+    ro = "%s/%s%s" % (handle.root, names.READONLY, e["key"])
+    try:
+        zfs.zfs("destroy", ro)
+    except zfs.NotFound:
+        pass
+    except zfs.Busy:
+        raise BackendError("Volume_in_use", "snapshot %s is activated read-only" % e["key"])
+    try:
+        zfs.zfs("destroy", snap)
+    except zfs.NotFound:
+        pass
+    except zfs.HasClones:
+        ds = snap.split("@", 1)[0]
+        hidden = "%s@%s" % (ds, names.hidden_name())
+        zfs.zfs("rename", snap, hidden)
+        zfs.zfs("destroy", "-d", hidden)  # removed with its last clone
+        return
+    _collect_from(handle, snap.split("@", 1)[0])
+
+
+def _collect_from(handle, ds):
+    """Destroy hidden datasets left without snapshots, walking up the origins."""
+    for _ in range(1000):
+        kind, _key = names.classify(ds, handle.pool)
+        if kind != "hidden" or "@" in ds:
+            return
+        try:
+            if zfs.list_names(ds, ("name",), types="snapshot", depth=1):
+                return
+            origin = zfs.get([ds], ["origin"]).get(ds, {}).get("origin", "-")
+            zfs.zfs("destroy", ds)
+        except (zfs.NotFound, zfs.Busy):
+            return
+        if origin in ("-", ""):
+            return
+        okind, _ = names.classify(origin, handle.pool)
+        if okind == "hidden":
+            zfs.run([zfs.ZFS, "destroy", "-d", origin], check=False)
+        ds = origin.split("@", 1)[0]
+
+
+def revert(sr, snapshot, key):
+    handle = SR.open(sr)
+    snap = handle.lookup(snapshot, "snapshot")
+    vol = handle.lookup(key)
+    if snap["kind"] != "snapshot":
+        raise InvalidParameters("%s is not a snapshot" % snapshot)
+    if vol["kind"] != "volume":
+        raise InvalidParameters("%s is not a writable volume" % key)
+    ds = vol["zname"]
+    tmp = "%s/%s%s" % (handle.root, names.REVERTING, key)
+    props = zfs.prop_args(_user_props(vol["name"], vol["description"], vol["sharable"],
+                                      vol["keys"]))
+    with handle.mutate() as txn:
+        if _volmode_local(ds) == "dev":
+            raise BackendError("Volume_in_use", "volume %s is activated" % key)
+        zfs.zfs("clone", *(props + [snap["zname"], tmp]))
+        try:
+            zfs.zfs("destroy", ds)
+        except zfs.HasChildren:
+            hidden = "%s/%s" % (handle.root, names.hidden_name())
+            zfs.zfs("rename", ds, hidden)
+            txn.rename.append((ds, hidden))
+        zfs.zfs("rename", tmp, ds)
+        txn.refresh.append(ds)
+    return None
+
+
+def resize(sr, key, new_size):
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    _check_size(new_size, "new_size")
+    if e["kind"] != "volume":
+        raise InvalidParameters("%s is a snapshot (read-only)" % key)
+    size = round_up(new_size, e["volblocksize"])
+    with handle.mutate() as txn:
+        cur = int(zfs.get([e["zname"]], ["volsize"])[e["zname"]]["volsize"])
+        if size < cur:
+            raise BackendError("Shrink_refused", "volume %s is %d bytes; shrinking to %d "
+                               "would destroy data" % (key, cur, size))
+        if size > cur:
+            zfs.zfs("set", "volsize=%d" % size, e["zname"])
+        txn.refresh.append(e["zname"])
+    return None
+
+
+def _set_prop(sr, key, prop, value_text):
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    with handle.mutate() as txn:
+        zfs.zfs("set", "%s=%s" % (zfs.uprop(prop), value_text), e["zname"])
+        txn.refresh.append(e["zname"])
+    return None
+
+
+def set_name(sr, key, new_name):
+    return _set_prop(sr, key, "name", zfs.encode(names.check_text(new_name, "name")))
+
+
+def set_description(sr, key, new_description):
+    return _set_prop(sr, key, "description",
+                     zfs.encode(names.check_text(new_description, "description")))
+
+
+def _update_keys(sr, key, fn):
+    handle = SR.open(sr)
+    names.check_key(key)
+    handle.lookup(key)
+    with handle.mutate() as txn:
+        e = handle.index().get(key)  # current value, under the lock
+        if e is None:
+            raise smapi.VolumeDoesNotExist(key)
+        keys = dict(e["keys"])
+        fn(keys)
+        zfs.zfs("set", "%s=%s" % (zfs.uprop("keys"), _encode_keys(keys)), e["zname"])
+        txn.refresh.append(e["zname"])
+    return None
+
+
+def set_key(sr, key, k, v):
+    names.check_text(k, "k")
+    names.check_text(v, "v")
+    return _update_keys(sr, key, lambda keys: keys.__setitem__(k, v))
+
+
+def unset_key(sr, key, k):
+    names.check_text(k, "k")
+    return _update_keys(sr, key, lambda keys: keys.pop(k, None))
+
+
+def similar_content(sr, key):
+    """Keys sharing blocks with key, nearest first: its own snapshots and
+    clones and those of its origin, by distance in createtxg."""
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    idx = handle.index()
+    family = {}
+    datasets = [_dataset_of(e)]
+    if e["origin"]:
+        datasets.append(e["origin"].split("@", 1)[0])
+    for ds in datasets:
+        for o in idx.by_dataset(ds) + idx.clones_of(ds):
+            family[o["key"]] = o
+    family.pop(key, None)
+    return [o["key"] for o in sorted(family.values(),
+                                     key=lambda o: (abs(o["createtxg"] - e["createtxg"]),
+                                                    o["key"]))]
+
+
+def compare(sr, key, key2):
+    raise smapi.Unimplemented("Volume.compare")
+
+
+# -- for the datapath plugins -----------------------------------------------------
+
+def _volmode_local(ds):
+    got = zfs.run([zfs.ZFS, "get", "-H", "-p", "-o", "value,source", "volmode", ds])
+    value, _, source = got.strip().partition("\t")
+    return value if source == "local" else None
+
+
+def locate(sr, key):
+    """Where a volume's data is, for the datapath plugins:
+
+        {"sr", "key", "uuid", "dataset", "device", "readonly", "size", "kind",
+         "sr_uuid", "subnqn", "active"}
+
+    `dataset` is the ZFS name (POOL/zfs-ng/KEY, or POOL/zfs-ng/DS@KEY for a
+    snapshot).  `device` is the block device to open; it exists only after
+    activate_device() (idle volumes have volmode=none, so 100k volumes need no
+    minors).  A snapshot's device is a read-only clone POOL/zfs-ng/ro-KEY.
+    Raises smapi.SrNotAttached / SrDoesNotExist / VolumeDoesNotExist."""
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    if e["kind"] == "volume":
+        dev_ds = e["zname"]
+    else:
+        dev_ds = "%s/%s%s" % (handle.root, names.READONLY, key)
+    device = "/dev/zvol/%s" % dev_ds
+    return {
+        "sr": handle.pool,
+        "sr_uuid": handle.uuid,
+        "key": key,
+        "uuid": key,
+        "dataset": e["zname"],
+        "device": device,
+        "readonly": e["kind"] != "volume",
+        "size": e["virtual_size"],
+        "kind": e["kind"],
+        "subnqn": subnqn(handle.uuid, key),
+        "active": os.path.exists(device),
+    }
+
+
+def activate_device(sr, key, timeout=60.0):
+    """Make the volume's block device exist and return locate() with it.
+    Idempotent.  Volumes: volmode=dev on the zvol.  Snapshots: a read-only
+    clone (ro-KEY, volmode=dev) that deactivate_device destroys.  The caller
+    (a datapath) counts its own users: one deactivate undoes any number of
+    activates."""
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    loc = locate(sr, key)
+    with lock.sr_lock(handle.pool):
+        if e["kind"] == "volume":
+            if _volmode_local(e["zname"]) != "dev":
+                zfs.zfs("set", "volmode=dev", e["zname"])
+        else:
+            ro = loc["device"][len("/dev/zvol/"):]
+            if not zfs.exists(ro):
+                zfs.zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", e["zname"], ro)
+    _wait_for(loc["device"], timeout)
+    loc["active"] = True
+    return loc
+
+
+def deactivate_device(sr, key):
+    """Undo activate_device (idempotent).  Fails with Volume_in_use while the
+    snapshot's read-only device is open."""
+    handle = SR.open(sr)
+    e = handle.lookup(key)
+    with lock.sr_lock(handle.pool):
+        if e["kind"] == "volume":
+            if _volmode_local(e["zname"]) is not None:
+                zfs.zfs("inherit", "volmode", e["zname"])
+        else:
+            ro = "%s/%s%s" % (handle.root, names.READONLY, key)
+            try:
+                zfs.zfs("destroy", ro)
+            except zfs.NotFound:
+                pass
+            except zfs.Busy:
+                raise BackendError("Volume_in_use", "%s is still open" % ro)
+    return None
+
+
+def _wait_for(path, timeout):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise BackendError("Device_timeout", "%s did not appear within %d s"
+                               % (path, timeout))
+        subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        time.sleep(0.1)

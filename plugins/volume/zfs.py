@@ -1,0 +1,210 @@
+"""zfs and zpool, called with argv lists and parsed from `-H -p` output.
+
+This is the only module that runs zfs/zpool.  Failures become ZfsError
+subclasses chosen from the command's message, so callers can tell "does not
+exist" from "busy" from "has dependent clones" without parsing text themselves.
+pyzfs is not used here: it cannot list or get/set properties (zfs.md §1), and
+one code path is easier to get right; the fork cost is paid once per call.
+"""
+
+import json
+import os
+import subprocess
+
+from plugins.smapi import BackendError
+
+PREFIX = "org.zfs-ng:"
+
+
+class ZfsError(BackendError):
+    def __init__(self, message, argv=None):
+        BackendError.__init__(self, "ZFS_error", message)
+        self.argv = argv
+
+
+class NotFound(ZfsError):
+    pass
+
+
+class Exists(ZfsError):
+    pass
+
+
+class Busy(ZfsError):
+    pass
+
+
+class HasChildren(ZfsError):
+    """A volume with snapshots (zfs calls them children)."""
+
+
+class HasClones(ZfsError):
+    pass
+
+
+_PATTERNS = [
+    ("has dependent clones", HasClones),
+    ("has children", HasChildren),
+    ("does not exist", NotFound),
+    ("no such pool", NotFound),
+    ("no such", NotFound),
+    ("already exists", Exists),
+    ("is busy", Busy),
+    ("pool is busy", Busy),
+    ("dataset is busy", Busy),
+]
+
+
+def _binary(name):
+    for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin"):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return name
+
+
+ZFS = _binary("zfs")
+ZPOOL = _binary("zpool")
+
+
+def run(argv, check=True):
+    """stdout of argv; ZfsError (or a subclass) with zfs's own message on failure."""
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True)
+    except OSError as e:
+        raise ZfsError("cannot run %s: %s" % (argv[0], e), argv)
+    out, err = p.communicate()
+    if p.returncode != 0 and check:
+        msg = " ".join(err.split()) or "%s exited with %d" % (argv[0], p.returncode)
+        cls = ZfsError
+        low = msg.lower()
+        for needle, c in _PATTERNS:
+            if needle in low:
+                cls = c
+                break
+        raise cls(msg, argv)
+    return out
+
+
+def zfs(*args):
+    return run([ZFS] + list(args))
+
+
+def zpool(*args):
+    return run([ZPOOL] + list(args))
+
+
+def rows(text):
+    return [line.split("\t") for line in text.splitlines() if line]
+
+
+# -- user property values: JSON text, so tabs/newlines/unicode never break -H --
+
+def encode(value):
+    return json.dumps(value, ensure_ascii=True, sort_keys=True)
+
+
+def decode(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # set by hand, not by us
+
+
+def uprop(name):
+    return PREFIX + name
+
+
+def prop_args(props):
+    """-o k=v arguments for zfs create/snapshot/clone."""
+    out = []
+    for k in sorted(props):
+        out += ["-o", "%s=%s" % (k, props[k])]
+    return out
+
+
+# -- reading --------------------------------------------------------------------
+
+def get(targets, props, recursive=False, types=None, local_only_prefix=True):
+    """{name: {prop: value}} from one `zfs get -H -p`.  User properties are kept
+    only where set locally (they are always inherited, zfs.md §3)."""
+    argv = [ZFS, "get", "-H", "-p", "-o", "name,property,value,source"]
+    if recursive:
+        argv.append("-r")
+    if types:
+        argv += ["-t", types]
+    argv += [",".join(props)] + list(targets)
+    out = {}
+    for r in rows(run(argv)):
+        if len(r) != 4:
+            continue
+        name, prop, value, source = r
+        d = out.setdefault(name, {})
+        if prop.startswith(PREFIX) and local_only_prefix and source != "local":
+            continue
+        if value == "-" and source == "-":
+            continue
+        d[prop] = value
+    return out
+
+
+def list_names(root, props=("name", "origin"), types="volume,snapshot", depth=None):
+    """Rows of the simple-mode listing (name, guid, createtxg, origin are cheap)."""
+    argv = [ZFS, "list", "-H", "-p", "-o", ",".join(props), "-t", types]
+    argv += ["-d", str(depth)] if depth is not None else ["-r"]
+    return rows(run(argv + [root]))
+
+
+def exists(name):
+    try:
+        run([ZFS, "list", "-H", "-o", "name", name])
+        return True
+    except NotFound:
+        return False
+
+
+def pools():
+    return [r[0] for r in rows(zpool("list", "-H", "-o", "name"))]
+
+
+def pool_health(pool):
+    return zpool("list", "-H", "-o", "health", pool).strip()
+
+
+def pool_status(pool):
+    return zpool("status", "-P", pool)
+
+
+def pool_devices(pool):
+    """Absolute paths of the leaf vdevs of an imported pool (from `status -P`)."""
+    out = []
+    for line in pool_status(pool).splitlines():
+        words = line.split()
+        if words and words[0].startswith("/"):
+            out.append(words[0])
+    return out
+
+
+def importable(search):
+    """[{pool, id, state}] that `zpool import -d ...` can see on the given paths."""
+    argv = [ZPOOL, "import"]
+    for s in search:
+        argv += ["-d", s]
+    try:
+        text = run(argv)
+    except ZfsError as e:
+        if "no pools available" in str(e).lower():
+            return []
+        raise
+    found, cur = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("pool:"):
+            cur = {"pool": line.split(":", 1)[1].strip()}
+            found.append(cur)
+        elif cur is not None and line.startswith("id:"):
+            cur["id"] = line.split(":", 1)[1].strip()
+        elif cur is not None and line.startswith("state:"):
+            cur["state"] = line.split(":", 1)[1].strip()
+    return found
