@@ -254,8 +254,12 @@ class Server:
                 sock.sendall(pending)
             if tr.closed:
                 break
-            n = sock.recv_into(view)
+            direct = parser.payload_buffer()
+            n = sock.recv_into(direct if direct is not None else view)
             if n == 0:
                 raise EOFError("client closed the connection")
-            parser.receive_data(view[:n])
+            if direct is not None:
+                parser.payload_received(n)
+            else:
+                parser.receive_data(view[:n])
         log.info("export %r: client disconnected", ready.export.name)

@@ -82,6 +82,17 @@ class RequestParser:
         if len(mv):
             self._in += mv
 
+    def payload_buffer(self):
+        """Where the rest of a pending WRITE payload goes (a memoryview), so the
+        I/O layer can recv_into it directly and skip a copy; None otherwise."""
+        if self._payload is None or self._filled == len(self._payload):
+            return None
+        return memoryview(self._payload)[self._filled:]
+
+    def payload_received(self, n):
+        """n bytes were written into payload_buffer()."""
+        self._filled += n
+
     def next_request(self):
         """The next complete Request, or None when more bytes are needed.
         Raises ProtocolError on a bad magic."""
