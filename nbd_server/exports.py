@@ -77,7 +77,9 @@ class ExportTable:
 
     def release(self, name):
         with self._lock:
-            entry = self._open[name]
+            entry = self._open.get(name)
+            if entry is None:       # close_all() ran first (server shutdown)
+                return
             entry[1] -= 1
             if entry[1] == 0:
                 del self._open[name]
