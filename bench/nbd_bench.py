@@ -40,10 +40,13 @@ def wait_socket(path, proc, timeout=20):
 
 
 class Ours:
-    name = "zfs-ng nbd_server"
+    def __init__(self, workers=1):
+        self.workers = workers
+        self.name = "zfs-ng" if workers == 1 else "zfs-ng -w%d" % workers
 
     def start(self, image, sock):
-        self.pid = nbd_run.start([{"name": "e", "path": image}], unix_path=sock)
+        self.pid = nbd_run.start([{"name": "e", "path": image}], unix_path=sock,
+                                 workers=self.workers)
 
     def stop(self):
         nbd_run.stop(self.pid)
@@ -66,6 +69,7 @@ class External:
 
 SERVERS = [
     Ours(),
+    Ours(workers=4),
     External("nbdkit file", ["nbdkit", "-f", "-U", "{sock}", "-e", "e", "file", "file={image}"]),
     External("qemu-nbd", ["qemu-nbd", "-f", "raw", "-t", "-e", "16", "--cache=writeback",
                           "-x", "e", "-k", "{sock}", "{image}"]),
@@ -123,12 +127,17 @@ def main():
             for srv, _ in running:
                 srv.stop()
         names = [s.name for s in SERVERS]
-        print("%-16s %s   %s" % ("workload", "  ".join("%18s" % n for n in names),
-                                 "  ".join("ours/%-12s" % n[:12] for n in names[1:])))
+        ours = [n for n in names if n.startswith("zfs-ng")]
+        refs = [n for n in names if not n.startswith("zfs-ng")]
+        print("%-16s %s" % ("MiB/s", "".join("%14s" % n for n in names)))
         for wname, _, _ in workloads(size, src):
-            row = [results[(n, wname)] for n in names]
-            print("%-16s %s   %s" % (wname, "  ".join("%12.1f MiB/s" % v for v in row),
-                                     "  ".join("%17.2f" % (row[0] / v) for v in row[1:])))
+            print("%-16s %s" % (wname, "".join("%14.1f" % results[(n, wname)] for n in names)))
+        print()
+        print("%-16s %s" % ("ratio", "".join("%26s" % ("%s/%s" % (o, r)) for o in ours
+                                             for r in refs)))
+        for wname, _, _ in workloads(size, src):
+            print("%-16s %s" % (wname, "".join("%26.2f" % (results[(o, wname)] / results[(r, wname)])
+                                               for o in ours for r in refs)))
         print("(%d MiB page-cached file, unix sockets, best of %d; %s)" % (
             args.size_mib, args.repeat, "cpus=%d" % os.cpu_count()))
     finally:

@@ -29,7 +29,7 @@ import time
 
 
 def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_required=False,
-         max_connections=None, verbose=1):
+         max_connections=None, workers=None, verbose=1):
     """The command line of a server for these exports (a list, no shell)."""
     cmd = [sys.executable, "-m", "nbd_server", "serve"]
     if unix_path:
@@ -53,6 +53,8 @@ def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_req
         cmd += ["--tls-required"]
     if max_connections:
         cmd += ["--max-connections", str(int(max_connections))]
+    if workers:
+        cmd += ["--workers", str(int(workers))]
     if verbose:
         cmd += ["-" + "v" * verbose]
     return cmd

@@ -9,12 +9,14 @@ number of connections is capped so a flood cannot exhaust the process.
 import errno
 import logging
 import os
+import queue
 import selectors
 import signal
 import socket
 import stat
 import threading
 
+from nbd_server import constants as C
 from nbd_server.handshake import Closed, Handshake, Ready, StartTLS
 from nbd_server.transmission import ProtocolError, RequestParser, Transmission
 
@@ -37,7 +39,12 @@ def parse_tcp(spec):
 
 class Server:
     def __init__(self, table, unix_path=None, tcp=None, tls_context=None, tls_required=False,
-                 max_connections=256):
+                 max_connections=256, workers=1):
+        """workers: requests of one connection executed at once.  1 runs them
+        in order on the connection's thread (best for cached data: no thread
+        hand-off, small replies coalesced); more lets a queue-depth client
+        (kernel nbd, qemu) overlap slow zvol reads, replies then come in
+        completion order, which the protocol allows."""
         if not unix_path and not tcp:
             raise ValueError("nothing to listen on: give a unix socket path or a TCP address")
         self.table = table
@@ -46,6 +53,7 @@ class Server:
         self.tls_context = tls_context
         self.tls_required = tls_required
         self.max_connections = max_connections
+        self.workers = max(1, int(workers))
         self.listeners = []
         self.tcp_address = None
         self._conns = {}                      # thread -> socket
@@ -187,7 +195,10 @@ class Server:
                          ready.export.name, "ro" if ready.export.readonly else "rw", ready.size,
                          "structured" if ready.structured else "simple",
                          [name for _, name, _ in ready.contexts] or "none")
-                self._transmission(sock, ready, early)
+                if self.workers > 1:
+                    self._transmission_parallel(sock, ready, early)
+                else:
+                    self._transmission(sock, ready, early)
         except ProtocolError as e:
             log.warning("%s: protocol error, disconnecting: %s", peer, e)
         except (OSError, EOFError) as e:
@@ -263,3 +274,83 @@ class Server:
             else:
                 parser.receive_data(view[:n])
         log.info("export %r: client disconnected", ready.export.name)
+
+    def _transmission_parallel(self, sock, ready, early):
+        tr = Transmission(ready)
+        parser = RequestParser()
+        parser.receive_data(early)
+        buf = bytearray(RECV_SIZE)
+        view = memoryview(buf)
+        send_lock = threading.Lock()
+        # Bounded in flight: a client cannot queue unbounded work or memory
+        # (at most `workers` requests of <= 32 MiB each beyond the one parsed).
+        slots = threading.BoundedSemaphore(self.workers)
+        failed = []
+
+        def work(req):
+            try:
+                reply = tr.handle(req)
+                with send_lock:
+                    for b in reply:
+                        sock.sendall(b)
+            except Exception as e:      # the client is gone: the reader will notice
+                failed.append(e)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            finally:
+                slots.release()
+
+        pool = _Pool(self.workers, work)
+        try:
+            while not failed:
+                req = parser.next_request()
+                if req is None:
+                    direct = parser.payload_buffer()
+                    n = sock.recv_into(direct if direct is not None else view)
+                    if n == 0:
+                        raise EOFError("client closed the connection")
+                    if direct is not None:
+                        parser.payload_received(n)
+                    else:
+                        parser.receive_data(view[:n])
+                    continue
+                if req.type == C.CMD_DISC:
+                    break               # in-flight requests finish below
+                slots.acquire()
+                pool.submit(req)
+        finally:
+            pool.close()
+        if failed and not isinstance(failed[0], OSError):
+            raise failed[0]
+        log.info("export %r: client disconnected", ready.export.name)
+
+
+class _Pool:
+    """A fixed set of worker threads fed through a queue; close() waits for
+    every submitted item."""
+
+    def __init__(self, n, fn):
+        self._q = queue.Queue()
+        self._fn = fn
+        self._threads = [threading.Thread(target=self._run, name="nbd-worker", daemon=True)
+                         for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            self._fn(item)
+
+    def submit(self, item):
+        self._q.put(item)
+
+    def close(self):
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join()

@@ -27,9 +27,11 @@ def group():
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
 @click.option("--tls-required", is_flag=True, help="Refuse clients that do not STARTTLS.")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Requests of one connection executed at once (>1: overlap slow zvol I/O).")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every option/request.")
 def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert, tls_key,
-          tls_required, max_connections, verbose):
+          tls_required, max_connections, workers, verbose):
     """Serve exports until SIGTERM.
 
     Example: zfs-ng nbd serve --unix /run/zfs-ng/nbd.sock
@@ -57,7 +59,8 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(tls_cert, tls_key)
         server = Server(table, unix_path=unix_path, tcp=address, tls_context=ctx,
-                        tls_required=tls_required, max_connections=max_connections)
+                        tls_required=tls_required, max_connections=max_connections,
+                        workers=workers)
         server.listen()
     except (ValueError, OSError, ssl.SSLError) as e:
         fail(str(e))

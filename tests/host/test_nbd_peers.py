@@ -471,3 +471,40 @@ def test_starttls_then_go(tmp_path):
         t.close()
     finally:
         nbd_run.stop(pid)
+
+
+# -- parallel workers per connection ------------------------------------------------------
+
+def test_parallel_workers(tmp_path):
+    img, src, out = (str(tmp_path / n) for n in ("d.img", "src.img", "out.img"))
+    with open(img, "wb") as f:
+        f.truncate(SIZE)
+    with open(src, "wb") as f:
+        f.write(os.urandom(SIZE))
+    sock = str(tmp_path / "s.sock")
+    pid = nbd_run.start([{"name": "d", "path": img}], unix_path=sock, workers=4,
+                        log_path=str(tmp_path / "log"))
+    try:
+        uri = "nbd+unix:///d?socket=" + sock
+        sh("nbdcopy", "--connections=1", "--requests=64", src, uri)
+        sh("nbdcopy", uri, out)
+        assert sha(img) == sha(src) == sha(out)
+        sh("qemu-img", "bench", "-f", "raw", "-t", "none", "-c", "2000", "-d", "16", "-s", "4096",
+           "-w", uri)
+        s, size, _ = xo_connect(sock, "d", socket.AF_UNIX)
+        reqs = [(7000 + i, i * MiB) for i in range(16)] + [(9999, SIZE)]
+        s.sendall(b"".join(struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, c, o, MiB)
+                           for c, o in reqs))
+        got = {}
+        for _ in reqs:                                  # any order, keyed by cookie
+            _, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+            got[cookie] = (err, recv_exact(s, MiB) if err == 0 else None)
+        want = open(img, "rb").read()
+        assert all(got[c] == (0, want[o:o + MiB]) for c, o in reqs[:-1])
+        assert got[9999] == (C.EINVAL, None)
+        s.sendall(struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_DISC, 1, 0, 0))
+        assert s.recv(1) == b""
+        s.close()
+    finally:
+        nbd_run.stop(pid)
+    assert "Traceback" not in open(str(tmp_path / "log")).read()
