@@ -469,6 +469,13 @@ def test_starttls_then_go(tmp_path):
         t.sendall(struct.pack(">IHHQQI", C.REQUEST_MAGIC, 0, C.CMD_READ, 5, 0, 12))
         assert recv_exact(t, 28)[16:] == b"secretsecret"
         t.close()
+        # libnbd (GnuTLS) as a TLS client; without TLS it is refused.
+        r = sh("nbdinfo", "--json", "nbds+unix:///d?socket=%s&tls-verify-peer=false" % sock)
+        assert json.loads(r.stdout)["TLS"] is True
+        r = sh("nbdcopy", "nbds+unix:///d?socket=%s&tls-verify-peer=false" % sock,
+               str(tmp_path / "copy.img"))
+        assert sha(str(tmp_path / "copy.img")) == sha(img)
+        assert sh("nbdinfo", "nbd+unix:///d?socket=%s" % sock, check=False).returncode != 0
     finally:
         nbd_run.stop(pid)
 
