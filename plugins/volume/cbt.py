@@ -388,7 +388,9 @@ def _zfs(*args):
 
 
 def _exists(name):
-    p = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "all", name],
+    # `zfs list V#B` refuses the bookmark delimiter unless the type is given
+    kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
+    p = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", kind, name],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     return p.returncode == 0
 
@@ -414,7 +416,7 @@ def _local_props(name):
 
 
 def _dataset(ref):
-    return re.split("[@#]", ref, 1)[0]
+    return re.split("[@#]", ref, maxsplit=1)[0]
 
 
 class _Ref(object):
