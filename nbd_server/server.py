@@ -222,8 +222,13 @@ class Server:
         while True:
             ev = hs.next_event()
             out = hs.data_to_send()
-            if out:
-                sock.sendall(out)
+            try:
+                if out:
+                    sock.sendall(out)
+            except BaseException:
+                if isinstance(ev, Ready):       # it holds the Backend: give it back
+                    self.table.release(ev.export.name)
+                raise
             if ev is None:
                 data = sock.recv(65536)
                 if not data:

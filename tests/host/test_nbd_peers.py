@@ -515,3 +515,32 @@ def test_parallel_workers(tmp_path):
     finally:
         nbd_run.stop(pid)
     assert "Traceback" not in open(str(tmp_path / "log")).read()
+
+
+def test_client_vanishing_during_go_leaks_no_backend(tmp_path):
+    img = str(tmp_path / "d.img")
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+    table = ExportTable([Export("d", img)])
+    server = Server(table, unix_path=str(tmp_path / "s.sock"))
+    server.listen()
+    t = threading.Thread(target=server.serve_forever)
+    t.start()
+    try:
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(tmp_path / "s.sock"))
+            recv_exact(s, 18)
+            go = struct.pack(">I", 1) + b"d" + struct.pack(">H", 0)
+            # GO, then gone at once (RST): the server's reply may hit a dead socket.
+            s.sendall(struct.pack(">I", 3) + struct.pack(">QII", C.IHAVEOPT, C.OPT_GO, len(go))
+                      + go)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        deadline = time.time() + 5
+        while table.open_count("d") and time.time() < deadline:
+            time.sleep(0.02)
+        assert table.open_count("d") == 0
+    finally:
+        server.shutdown()
+        t.join(10)
