@@ -5,7 +5,7 @@ import ssl
 
 import click
 
-from sr_tools.output import fail
+from sr_tools.output import emit, fail, json_option
 
 
 @click.group()
@@ -66,3 +66,25 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
         fail(str(e))
     server.install_signal_handlers()
     server.serve_forever()
+
+
+@group.command("ls")
+@click.option("--unix", "unix_path", metavar="PATH", help="The server's unix socket.")
+@click.option("--tcp", metavar="ADDR:PORT", help="The server's TCP address.")
+@json_option
+def ls(unix_path, tcp, as_json):
+    """List the exports of a running NBD server (any NBD server)."""
+    from nbd_server.client import ClientError, list_exports
+    from nbd_server.server import parse_tcp
+
+    if bool(unix_path) == bool(tcp):
+        fail("give one of --unix PATH or --tcp ADDR:PORT")
+    try:
+        rows = list_exports(unix_path=unix_path, tcp=parse_tcp(tcp) if tcp else None)
+    except (ClientError, OSError, ValueError) as e:
+        fail("%s: %s" % (unix_path or tcp, e))
+    if not as_json:
+        for r in rows:
+            r["contexts"] = ",".join(r.get("contexts", [])) or "-"
+    emit(rows, as_json, columns=["name", "size", "readonly", "multi_conn", "contexts",
+                                 "description"])

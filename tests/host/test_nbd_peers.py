@@ -544,3 +544,32 @@ def test_client_vanishing_during_go_leaks_no_backend(tmp_path):
     finally:
         server.shutdown()
         t.join(10)
+
+
+def test_zfs_ng_nbd_ls(served, tmp_path):
+    r = sh(sys.executable, "-m", "nbd_server", "ls", "--unix", served.sock, "--json")
+    rows = {e["name"]: e for e in json.loads(r.stdout)}
+    assert rows["disk"] == {"name": "disk", "description": "test disk", "size": SIZE,
+                            "readonly": False, "multi_conn": True,
+                            "contexts": ["base:allocation"]}
+    assert rows["snap"]["readonly"] is True
+    assert rows["snap"]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:since-s0"]
+    table = sh(sys.executable, "-m", "nbd_server", "ls", "--tcp", "127.0.0.1:%d" % served.port)
+    assert table.stdout.splitlines()[0].split() == ["NAME", "SIZE", "READONLY", "MULTI_CONN",
+                                                    "CONTEXTS", "DESCRIPTION"]
+    # The same client against another server: qemu-nbd.
+    sock = str(tmp_path / "q.sock")
+    q = subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-x", "qx", "-k", sock, served.snap],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while not os.path.exists(sock) and time.time() < deadline:
+            time.sleep(0.05)
+        r = sh(sys.executable, "-m", "nbd_server", "ls", "--unix", sock, "--json")
+        (row,) = json.loads(r.stdout)
+        assert row["name"] == "qx" and row["size"] == SIZE and row["readonly"] is True
+    finally:
+        q.terminate()
+        q.wait(10)
+    r = sh(sys.executable, "-m", "nbd_server", "ls", "--unix", str(tmp_path / "none"), check=False)
+    assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr
