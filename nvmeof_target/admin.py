@@ -118,7 +118,9 @@ def _set_features(queue, ctrl, cmd):
         raise st.NvmeError(st.INVALID_FIELD | st.DNR)
     fid, value = cmd.cdw10 & 0xFF, cmd.cdw11
     if fid == FID_NUM_QUEUES:
-        return Result(dw0=ctrl.set_queue_count(value & 0xFFFF, value >> 16))
+        dw0 = ctrl.set_queue_count(value & 0xFFFF, value >> 16)
+        queue.target.publish(ctrl)
+        return Result(dw0=dw0)
     if fid == FID_ASYNC:
         if value & ~ctrl.aen_supported():
             raise st.NvmeError(st.INVALID_FIELD | st.DNR)

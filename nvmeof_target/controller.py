@@ -48,6 +48,7 @@ class Controller(object):
         self.admin = None               # the admin Queue
         self.io_queues = {}             # qid -> Queue
         self.dead = False
+        self.remote = False             # a stand-in for another worker's controller
         self.disc_cache = None          # (genctr, bytes) of the discovery log
 
     @property

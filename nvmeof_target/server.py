@@ -190,7 +190,8 @@ class Server(object):
                 if not conn.closed:
                     conn.flush()
 
-    def serve_forever(self):
+    def serve_forever(self, tick=None, shutdown=True):
+        """Run until stop(); tick() (if given) runs once a second."""
         now = self.target.now
         next_tick = now() + 1.0
         while not self._stop:
@@ -206,13 +207,28 @@ class Server(object):
                     else:
                         self._accept(key.fileobj)
                 else:
-                    obj.on_event(mask)
+                    self._dispatch(obj, mask)
                 self._flush_dirty()
             if now() >= next_tick:
                 next_tick = now() + 1.0
                 self.target.expire()
+                if tick is not None:
+                    tick()
                 self._flush_dirty()
-        self.shutdown()
+        if shutdown:
+            self.shutdown()
+
+    def _dispatch(self, obj, mask):
+        try:
+            obj.on_event(mask)
+        except Exception:     # a bug on one connection must not stop the others
+            log.exception("event handler failed; dropping that connection")
+            close = getattr(obj, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("close failed")
 
     def shutdown(self):
         for s in self.listeners:
@@ -230,8 +246,11 @@ class Server(object):
         self._wake_w.close()
 
 
-def serve(listen, state, control_path, reuse_port=False):
+def serve(listen, state, control_path, reuse_port=False, workers=1):
     """Run the target until SIGTERM/SIGINT (what `zfs-ng target serve` calls)."""
+    if workers > 1:
+        from .workers import run_workers
+        return run_workers(workers, listen, state, control_path)
     registry = Registry(state)
     target = Target(registry)
     server = Server(target, listen, control_path, reuse_port)

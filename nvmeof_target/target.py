@@ -42,13 +42,20 @@ class LiveSubsystem(object):
 
 
 class Target(object):
-    def __init__(self, registry, clock=time.monotonic, open_backend=Backend):
+    def __init__(self, registry, clock=time.monotonic, open_backend=Backend, worker=0,
+                 nworkers=1, shared=None, on_change=None):
         self.registry = registry
         self.now = clock
         self.open_backend = open_backend
         self.live = {}              # nqn -> LiveSubsystem
-        self.controllers = {}       # cntlid -> Controller
-        self._next_cntlid = CNTLID_MIN
+        self.controllers = {}       # cntlid -> Controller (owned here)
+        self.remote = {}            # cntlid -> Controller stand-in for I/O queues of a
+        #                             controller owned by another worker
+        self.worker, self.nworkers = worker, nworkers
+        self.shared = shared        # workers.SharedControllers when nworkers > 1
+        self.on_change = on_change  # parent of workers: forwards registry changes
+        # this worker's cntlids: (cntlid - 1) % nworkers == worker
+        self._next_cntlid = CNTLID_MIN + max(worker, 0)
         self.genctr = 1
 
     # ---- controllers ---------------------------------------------------------------------
@@ -64,35 +71,71 @@ class Target(object):
             if not self.registry.host_allowed(vol, hostnqn):
                 log.warning("host %s refused for %s", hostnqn, subnqn)
                 raise st.NvmeError(st.CONNECT_INVALID_HOST | st.DNR, ipo_data(512))
-            sub = self.live.get(subnqn)
-            if sub is None:
-                try:
-                    backend = self.open_backend(vol.path, readonly=vol.readonly)
-                except OSError as e:
-                    # Maybe a zvol still being imported: busy, no DNR, so the host retries.
-                    log.warning("cannot open %s for %s: %s", vol.path, subnqn, e)
-                    raise st.NvmeError(st.CONNECT_CTRL_BUSY)
-                sub = self.live[subnqn] = LiveSubsystem(vol, backend)
+            sub = self._sub_for(vol)
             ctrl = Controller(self._alloc_cntlid(), sub, hostnqn, hostid, kato_ms, self.now())
             sub.controllers.add(ctrl)
         self.controllers[ctrl.cntlid] = ctrl
+        self.publish(ctrl)
         log.info("controller %d: %s for %s", ctrl.cntlid, subnqn, hostnqn)
         return ctrl
 
+    def _sub_for(self, vol):
+        sub = self.live.get(vol.nqn)
+        if sub is None:
+            try:
+                backend = self.open_backend(vol.path, readonly=vol.readonly)
+            except OSError as e:
+                # Maybe a zvol still being imported: busy, no DNR, so the host retries.
+                log.warning("cannot open %s for %s: %s", vol.path, vol.nqn, e)
+                raise st.NvmeError(st.CONNECT_CTRL_BUSY)
+            sub = self.live[vol.nqn] = LiveSubsystem(vol, backend)
+        return sub
+
     def _alloc_cntlid(self):
-        for _ in range(CNTLID_MAX):
+        step = self.nworkers
+        for _ in range(CNTLID_MAX // step):
             c = self._next_cntlid
-            self._next_cntlid = c + 1 if c < CNTLID_MAX else CNTLID_MIN
+            nxt = c + step
+            self._next_cntlid = nxt if nxt <= CNTLID_MAX else CNTLID_MIN + max(self.worker, 0)
             if c not in self.controllers:
                 return c
         raise st.NvmeError(st.CONNECT_CTRL_BUSY)
 
+    def publish(self, ctrl):
+        """Let other workers accept I/O queues of ctrl (after Connect, Set Features)."""
+        if self.shared is not None and not ctrl.discovery:
+            self.shared.publish(ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn, ctrl.max_qid)
+
     def find_controller(self, subnqn, hostnqn, cntlid):
-        ctrl = self.controllers.get(cntlid)
-        if ctrl is None or ctrl.dead or ctrl.hostnqn != hostnqn:
+        """The controller an I/O queue Connect names, or None."""
+        ctrl = self.controllers.get(cntlid) or self.remote.get(cntlid)
+        if ctrl is None and self.shared is not None and self._owner(cntlid) != self.worker:
+            ctrl = self._remote_controller(subnqn, hostnqn, cntlid)
+        if ctrl is None or ctrl.dead or ctrl.hostnqn != hostnqn or ctrl.discovery:
             return None
-        nqn = DISCOVERY_NQN if ctrl.discovery else ctrl.subsys.nqn
-        return ctrl if nqn == subnqn and not ctrl.discovery else None
+        return ctrl if ctrl.subsys.nqn == subnqn else None
+
+    def _owner(self, cntlid):
+        return (cntlid - CNTLID_MIN) % self.nworkers
+
+    def _remote_controller(self, subnqn, hostnqn, cntlid):
+        """A stand-in for a controller another worker owns: it carries the
+        namespace for I/O queues here; its admin side lives with the owner."""
+        max_qid = self.shared.lookup(cntlid, subnqn, hostnqn)
+        if max_qid is None:
+            return None
+        vol = self.registry.get(subnqn)
+        if vol is None or not self.registry.host_allowed(vol, hostnqn):
+            return None
+        sub = self._sub_for(vol)
+        ctrl = Controller(cntlid, sub, hostnqn, None, 0, self.now())
+        ctrl.remote = True
+        ctrl.max_qid = max_qid
+        ctrl.csts = C.CSTS_RDY          # the owner enabled it before any I/O queue
+        sub.controllers.add(ctrl)
+        self.remote[cntlid] = ctrl
+        log.info("controller %d (worker %d): I/O queues here", cntlid, self._owner(cntlid))
+        return ctrl
 
     def queue_closed(self, queue):
         ctrl = queue.ctrl
@@ -102,13 +145,20 @@ class Target(object):
             self.destroy_controller(ctrl)
         elif ctrl.io_queues.get(queue.qid) is queue:
             del ctrl.io_queues[queue.qid]
+            if ctrl.remote and not ctrl.io_queues:
+                self.destroy_controller(ctrl, "last I/O queue here closed")
 
     def destroy_controller(self, ctrl, why="admin queue closed"):
         if ctrl.dead:
             return
         ctrl.dead = True
         log.info("controller %d gone: %s", ctrl.cntlid, why)
-        self.controllers.pop(ctrl.cntlid, None)
+        if ctrl.remote:
+            self.remote.pop(ctrl.cntlid, None)
+        else:
+            self.controllers.pop(ctrl.cntlid, None)
+            if self.shared is not None:
+                self.shared.clear(ctrl.cntlid)
         for q in list(ctrl.io_queues.values()):
             q.abort()
         ctrl.io_queues.clear()
@@ -126,56 +176,70 @@ class Target(object):
         now = self.now()
         for ctrl in [c for c in self.controllers.values() if c.expired(now)]:
             self.destroy_controller(ctrl, "keep-alive timeout")
+        for ctrl in list(self.remote.values()):
+            if self.shared.lookup(ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn) is None:
+                self.destroy_controller(ctrl, "owner worker dropped it")
 
     # ---- volumes (control socket) ---------------------------------------------------------
+    # Each change is a registry write plus its effect on live controllers; the
+    # parent of several workers writes the registry and forwards the change.
     def add(self, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
             block_size=512):
         vol = self.registry.add(nqn, path, uuid, readonly, allowed_hosts, allow_any_host,
                                 block_size)
-        self._discovery_changed()
+        self._changed("add", nqn)
         return vol
 
     def remove(self, nqn):
         self.registry.remove(nqn)
-        sub = self.live.get(nqn)
-        if sub is not None:
-            for ctrl in list(sub.controllers):
-                self.destroy_controller(ctrl, "volume removed")
-        self._discovery_changed()
+        self._changed("remove", nqn)
 
     def allow(self, nqn, hostnqn):
         self.registry.allow(nqn, hostnqn)
-        self._discovery_changed()
+        self._changed("allow", nqn)
 
     def deny(self, nqn, hostnqn):
         self.registry.deny(nqn, hostnqn)
-        self._drop_disallowed(nqn)
-        self._discovery_changed()
+        self._changed("deny", nqn)
 
     def set_allow_any(self, nqn, value):
         self.registry.set_allow_any(nqn, value)
-        if not value:
-            self._drop_disallowed(nqn)
-        self._discovery_changed()
-
-    def _drop_disallowed(self, nqn):
-        sub = self.live.get(nqn)
-        vol = self.registry.get(nqn)
-        if sub is None or vol is None:
-            return
-        for ctrl in list(sub.controllers):
-            if not self.registry.host_allowed(vol, ctrl.hostnqn):
-                self.destroy_controller(ctrl, "host no longer allowed")
+        self._changed("set_allow_any", nqn)
 
     def notify(self, nqn):
         """The volume changed size: tell connected hosts (NS attribute AEN)."""
         if self.registry.get(nqn) is None:
             raise KeyError("no subsystem %s" % nqn)
+        return self._changed("notify", nqn)
+
+    def _changed(self, op, nqn):
+        if self.on_change is not None:
+            self.on_change(op, {"nqn": nqn})
+        return self.apply_change(op, {"nqn": nqn})
+
+    def apply_change(self, op, args):
+        """The effect of a registry change on this process's controllers."""
+        nqn = args["nqn"]
+        if op == "notify":
+            return self._notify(nqn)
+        sub = self.live.get(nqn)
+        if sub is not None:
+            vol = self.registry.get(nqn)
+            for ctrl in list(sub.controllers):
+                if vol is None:
+                    self.destroy_controller(ctrl, "volume removed")
+                elif not self.registry.host_allowed(vol, ctrl.hostnqn):
+                    self.destroy_controller(ctrl, "host no longer allowed")
+        self._discovery_changed()
+
+    def _notify(self, nqn):
         sub = self.live.get(nqn)
         if sub is None:
             return 0
         n = 0
         for ctrl in sub.controllers:
+            if ctrl.remote:
+                continue
             ctrl.ns_changed = True
             ready = ctrl.post_event(C.AEN_NS_CHANGED, C.AEN_NS_ATTR)
             if ready is not None and ctrl.admin is not None:
@@ -200,5 +264,5 @@ class Target(object):
                 "queues": sum(len(c.io_queues) + 1 for c in self.controllers.values())}
 
     def close(self):
-        for ctrl in list(self.controllers.values()):
+        for ctrl in list(self.controllers.values()) + list(self.remote.values()):
             self.destroy_controller(ctrl, "target stopping")

@@ -38,16 +38,18 @@ def group():
               default="/var/lib/zfs-ng/target.db", show_default=True,
               help="Registry of served volumes (sqlite), kept across restarts.")
 @socket_option
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes sharing the port (SO_REUSEPORT), e.g. one per core.")
 @click.option("--reuse-port", is_flag=True, help="SO_REUSEPORT: several targets share the port.")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every error status.")
-def serve(listen, state, socket_path, reuse_port, verbose):
+def serve(listen, state, socket_path, workers, reuse_port, verbose):
     """Serve NVMe/TCP until SIGTERM."""
     from nvmeof_target.server import parse_listen, serve as run
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="nvmeof_target[%(process)d] %(levelname)s %(message)s")
     try:
         addrs = [parse_listen(x) for x in (listen or ("127.0.0.1:4420",))]
-        run(addrs, state, socket_path, reuse_port)
+        run(addrs, state, socket_path, reuse_port, workers)
     except (OSError, ValueError) as e:
         fail(str(e))
 
@@ -59,7 +61,7 @@ def serve(listen, state, socket_path, reuse_port, verbose):
 @click.option("--readonly", is_flag=True)
 @click.option("--allow", "hosts", multiple=True, metavar="HOSTNQN", help="Host allowed to connect.")
 @click.option("--allow-any-host", is_flag=True, help="Any host may connect (default: deny).")
-@click.option("--block-size", default=512, show_default=True, type=click.Choice(
+@click.option("--block-size", default="512", show_default=True, type=click.Choice(
     ["512", "1024", "2048", "4096"]))
 @socket_option
 @json_option
