@@ -21,10 +21,8 @@ to stdout.
 
 import json
 import logging
-import logging.handlers
 import os
 import sys
-import traceback
 
 API_VERSION = "5.0"
 
@@ -96,6 +94,7 @@ def error_json(exc, tb=None):
     else:
         params = ["Internal_error", "%s: %s" % (type(exc).__name__, exc)]
     files, lines = [], []
+    import traceback
     for frame in traceback.extract_tb(tb) if tb is not None else []:
         files.append(frame[0])
         lines.append(frame[1])
@@ -210,9 +209,9 @@ def setup_logging():
     err.setFormatter(logging.Formatter(fmt))
     log.addHandler(err)
     if os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler
         try:
-            sl = logging.handlers.SysLogHandler(
-                "/dev/log", facility=logging.handlers.SysLogHandler.LOG_LOCAL2)
+            sl = SysLogHandler("/dev/log", facility=SysLogHandler.LOG_LOCAL2)
             sl.setFormatter(logging.Formatter(fmt))
             log.addHandler(sl)
         except (OSError, IOError):
@@ -236,6 +235,7 @@ def call(method, args):
         return 0, json.dumps(result)
     except Exception as e:  # the contract: every failure is error JSON
         if not isinstance(e, SmapiError):
+            import traceback
             log.error("%s failed:\n%s", method.full_name, traceback.format_exc())
         else:
             log.info("%s: %s %s", method.full_name, e.name, e.message)
