@@ -1,0 +1,23 @@
+"""zfs-ng's user-space NVMe/TCP target: one subsystem (NSID 1) per volume.
+
+Layout, one concern per module (cf. Linux drivers/nvme/target/):
+  pdu.py        PDU encoders and the sans-IO stream parser (digests: crc.py)
+  command.py    the 64-byte SQE, handler results
+  queue.py      one TCP connection = one queue: the sans-IO state machine
+  fabrics.py    Connect, Property Get/Set
+  controller.py controller registers, features, AEN state
+  admin.py      admin commands; identify.py, logpages.py, discovery.py data
+  io.py         Read/Write(FUA)/Flush/Write Zeroes/DSM on blockio.backend.Backend
+  registry.py   the persistent volume table (sqlite3; an idle volume = one row)
+  target.py     live subsystems, controllers, volume changes
+  server.py     the selectors event loop, `serve()`
+  workers.py    several processes on one port (SO_REUSEPORT)
+  control.py    the local control socket and its `Client`
+
+Other parts use `nvmeof_target.control.Client`:
+    Client(path="/run/zfs-ng/target.sock").add(nqn, path, uuid, readonly=False,
+        allowed_hosts=(), allow_any_host=False, block_size=512)
+    .remove(nqn) .allow(nqn, hostnqn) .deny(nqn, hostnqn) .set_allow_any(nqn, value)
+    .notify(nqn) (= .resize) .get(nqn) .list() .stats()
+Errors come back as nvmeof_target.control.ControlError with a message.
+"""

@@ -48,6 +48,7 @@ def _identify(queue, ctrl, cmd):
             raise st.NvmeError(st.INVALID_NS | st.DNR)
         if cmd.nsid != 1:
             return Result(data=bytearray(4096))    # inactive NSID: zeros (nvmet)
+        sub.refresh()
         return Result(data=identify.namespace(sub.nsze(), sub.lbads, sub.nguid, sub.readonly))
     if cns == 0x02:
         if cmd.nsid >= 0xFFFFFFFE:

@@ -191,6 +191,14 @@ class Parser(object):
                 if self._dpos == len(self._dbuf):
                     self._finish_data()
                 continue
+            if not self._hbuf and end - pos >= 8:
+                # fast path: the whole header is usually in this chunk
+                ptype, flags, hlen, pdo, plen = CH.unpack_from(view, pos)
+                hd, need = self._check_ch(view[pos:pos + 8], ptype, flags, hlen, pdo, plen)
+                if end - pos >= need:
+                    self._header_done(view[pos:pos + need], ptype, flags, hlen, pdo, plen, hd)
+                    pos += need
+                    continue
             n = min(self._need - len(self._hbuf), end - pos)
             self._hbuf += view[pos:pos + n]
             pos += n
@@ -208,25 +216,21 @@ class Parser(object):
         h = self._hbuf
         ptype, flags, hlen, pdo, plen = CH.unpack_from(h, 0)
         if len(h) == 8:
-            self._check_ch(h, ptype, flags, hlen, pdo, plen)
-            self._hd = 4 if (self.hdgst and ptype in (CMD, H2C_DATA)) else 0
-            # a TermReq carries a copy of the bad header after its own, no pdo
-            self._need = plen if ptype == H2C_TERM else hlen + self._hd
+            self._hd, self._need = self._check_ch(h, ptype, flags, hlen, pdo, plen)
             if self._need > 8:
                 return
-        # full header (and header digest) gathered
-        hd = self._hd
-        if ptype == H2C_TERM:
-            self._hbuf = bytearray()
-            self._need = 8
-            self._ready.append(Pdu(ptype, flags, hlen, pdo, plen, bytes(h[:hlen]), bytes(h[hlen:])))
-            return
-        if hd:
-            if digest(bytes(h[:hlen])) != bytes(h[hlen:hlen + 4]):
-                raise PduError(FES_HDGST, 0, h, "header digest mismatch")
-        header = bytes(h[:hlen])
         self._hbuf = bytearray()
         self._need = 8
+        self._header_done(h, ptype, flags, hlen, pdo, plen, self._hd)
+
+    def _header_done(self, h, ptype, flags, hlen, pdo, plen, hd):
+        """h: the full header (+ digest); start receiving the data, if any."""
+        if ptype == H2C_TERM:
+            self._ready.append(Pdu(ptype, flags, hlen, pdo, plen, bytes(h[:hlen]), bytes(h[hlen:])))
+            return
+        header = bytes(h[:hlen])
+        if hd and digest(header) != bytes(h[hlen:hlen + 4]):
+            raise PduError(FES_HDGST, 0, h, "header digest mismatch")
         if pdo == 0:
             if ptype == ICREQ:
                 self._ic_seen(header)
@@ -274,11 +278,12 @@ class Parser(object):
                 raise fail(4, "ICReq plen %d" % plen)
             if pdo != 0:
                 raise fail(3, "ICReq pdo %d" % pdo)
-            return
+            return 0, 128
         if ptype == H2C_TERM:
+            # a TermReq carries a copy of the bad header after its own, no pdo
             if not 24 <= plen <= 152 or pdo != 0:
                 raise fail(4, "H2CTermReq plen %d" % plen)
-            return
+            return 0, plen
         hd = 4 if self.hdgst else 0
         if bool(flags & F_HDGST) != self.hdgst:
             raise fail(1, "header digest flag does not match the negotiated digests")
@@ -289,7 +294,7 @@ class Parser(object):
                 raise fail(4, "plen %d for a PDU without data" % plen)
             if ptype == H2C_DATA:
                 raise fail(3, "H2CData without data")
-            return
+            return hd, hlen + hd
         if bool(flags & F_DDGST) != self.ddgst:
             raise fail(1, "data digest flag does not match the negotiated digests")
         dd = 4 if self.ddgst else 0
@@ -302,6 +307,7 @@ class Parser(object):
         if dlen > limit:
             raise PduError(FES_LIMIT if ptype == H2C_DATA else FES_OUT_OF_RANGE, 4, h,
                            "%d data bytes in one PDU, limit %d" % (dlen, limit))
+        return hd, hlen + hd
 
 
 def parse_icreq(pdu):

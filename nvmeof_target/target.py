@@ -24,7 +24,7 @@ CNTLID_MIN, CNTLID_MAX = 1, 0xFFEF
 class LiveSubsystem(object):
     """A volume some host is connected to."""
     __slots__ = ("nqn", "uuid", "uuid_bytes", "nguid", "readonly", "lbads", "backend",
-                 "stats", "controllers")
+                 "stats", "controllers", "_nsze")
 
     def __init__(self, vol, backend):
         self.nqn = vol.nqn
@@ -36,9 +36,17 @@ class LiveSubsystem(object):
         self.backend = backend
         self.stats = {"reads": 0, "writes": 0, "read_bytes": 0, "write_bytes": 0}
         self.controllers = set()
+        self._nsze = None
 
     def nsze(self):
-        return self.backend.size >> self.lbads
+        """Namespace size in blocks; cached for the I/O path, refreshed by
+        refresh() on resize notices and Identify Namespace."""
+        if self._nsze is None:
+            self._nsze = self.backend.size >> self.lbads
+        return self._nsze
+
+    def refresh(self):
+        self._nsze = None
 
 
 class Target(object):
@@ -236,6 +244,7 @@ class Target(object):
         sub = self.live.get(nqn)
         if sub is None:
             return 0
+        sub.refresh()
         n = 0
         for ctrl in sub.controllers:
             if ctrl.remote:
