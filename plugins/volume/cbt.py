@@ -47,6 +47,7 @@ import re
 import struct
 import subprocess
 import tempfile
+import time
 import zlib
 
 from . import sendstream as ss
@@ -405,6 +406,18 @@ def _props(name, *props):
     return res
 
 
+def _get_many(names, props):
+    """{name: {prop: value}} in one zfs call (bookmarks answer "-" for the
+    properties they lack)."""
+    out = _zfs(*(["get", "-H", "-p", "-o", "name,property,value", ",".join(props)] + list(names)))
+    res = dict((n, {}) for n in names)
+    for line in out.splitlines():
+        f = line.split("\t")
+        if len(f) == 3 and f[0] in res:
+            res[f[0]][f[1]] = f[2]
+    return res
+
+
 def _local_props(name):
     out = _zfs("get", "-H", "-p", "-s", "local", "-o", "property,value", "all", name)
     res = {}
@@ -456,14 +469,16 @@ def _history(dataset):
     return refs
 
 
-def _send(from_ref, to_snap, stats=None, bufsize=1 << 20):
+def _send(from_ref, to_snap, stats=None, bufsize=1 << 20, volsize=None):
     """Run zfs send (incremental if from_ref) and scan its headers: the
-    stream's (writes, frees, begin info) for object 1, within volsize."""
+    stream's (writes, frees, volsize) for object 1, FREEs within volsize."""
     argv = ["zfs", "send", "-c", "-e", "-L"]
     if from_ref:
         argv += ["-i", from_ref]
     argv.append(to_snap)
-    volsize = int(_props(to_snap, "volsize")["volsize"])
+    if volsize is None:
+        volsize = int(_props(to_snap, "volsize")["volsize"])
+    t0 = time.time()
     err = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, bufsize=0)
@@ -493,6 +508,7 @@ def _send(from_ref, to_snap, stats=None, bufsize=1 << 20):
         proc.stdout.close()
         err.close()
     if stats is not None:
+        stats["send_s"] = stats.get("send_s", 0.0) + time.time() - t0
         stats["sends"] = stats.get("sends", 0) + 1
         stats["stream_bytes"] = stats.get("stream_bytes", 0) + parser.bytes_seen
         stats["payload_bytes"] = stats.get("payload_bytes", 0) + parser.payload_bytes
@@ -691,11 +707,24 @@ def _live_changes(from_ref, vol, state_dir, stats):
 
 def _changes(from_ref, to_ref, state_dir, stats, save=True):
     """(changed ranges, volsize)."""
+    if "@" not in from_ref and "#" not in from_ref:
+        raise CbtError("%s is not a snapshot or a bookmark" % from_ref)
     store = MapStore(state_dir)
-    a, b = _ref(from_ref), _ref(to_ref)
+    a_ds, b_ds = _dataset(from_ref), _dataset(to_ref)
+    sep = "@" if "@" in from_ref else "#"
+    written = "written" + sep + from_ref.split(sep, 1)[1]
+    props = ["guid", "createtxg", "volsize"] + ([written] if a_ds == b_ds else [])
+    got = _get_many([from_ref, to_ref], props)       # one zfs call for both ends
+    try:
+        a = _Ref(from_ref, int(got[from_ref]["guid"]), int(got[from_ref]["createtxg"]))
+        b = _Ref(to_ref, int(got[to_ref]["guid"]), int(got[to_ref]["createtxg"]))
+        volsize = int(got[to_ref]["volsize"])
+    except (KeyError, ValueError):
+        raise CbtError("cannot read guid/createtxg/volsize of %s and %s" % (from_ref, to_ref))
     if stats is not None:
+        for k in ("sends", "stream_bytes", "payload_bytes", "records"):
+            stats.setdefault(k, 0)
         stats.setdefault("fast_path", False)
-    volsize = int(_props(to_ref, "volsize")["volsize"])
     cached = store.load_changes(a, b)
     if cached is not None:
         return cached, volsize
@@ -705,22 +734,20 @@ def _changes(from_ref, to_ref, state_dir, stats, save=True):
         alloc_a = _map(a, store, stats, 0)
     except NoMap:
         alloc_a = None            # exact changes impossible: FREEs count as changed
-    if a.dataset == b.dataset and alloc_a is not None:
-        sep = "@" if a.is_snapshot else "#"
-        prop = "written" + sep + a.name.split(sep, 1)[1]
-        written = _props(to_ref, prop).get(prop, "")
-        if written == "0":
-            if stats is not None:
-                stats["fast_path"] = True
-            if save and store.load(b) is None:
-                store.save(b, alloc_a)
-            store.save_changes(a, b, [])
-            return [], volsize
-    writes, frees, volsize = _send(from_ref, to_ref, stats)
+    if alloc_a is not None and got[to_ref].get(written) == "0":
+        # nothing was born after A: no send needed, B's map is A's
+        if stats is not None:
+            stats["fast_path"] = True
+        if save and store.load(b) is None:
+            store.save(b, alloc_a)
+        store.save_changes(a, b, [])
+        return [], volsize
+    writes, frees, volsize = _send(from_ref, to_ref, stats, volsize=volsize)
     changed, alloc_b = apply_interval(alloc_a, writes, frees)
-    if save and alloc_b is not None and store.load(b) is None:
-        store.save(b, alloc_b)
-    store.save_changes(a, b, changed)
+    if alloc_b is not None:       # a conservative answer is not worth caching
+        if save and store.load(b) is None:
+            store.save(b, alloc_b)
+        store.save_changes(a, b, changed)
     return changed, volsize
 
 
@@ -808,6 +835,9 @@ def data_destroy(snap, state_dir=None, stats=None):
             return bm
         raise CbtError("neither %s nor %s exists" % (snap, bm))
     ref = _ref(snap)
+    clones = _props(snap, "clones").get("clones", "")
+    if clones not in ("", "-"):
+        raise CbtError("cannot destroy the data of %s: it has clones (%s)" % (snap, clones))
     store = MapStore(state_dir)
     _map(ref, store, stats, 0)
     if _exists(bm):

@@ -13,6 +13,8 @@ Layout of an SR on ZFS (one SR per pool):
                                  or a destroyed snapshot that still has clones
     POOL/zfs-ng/r-<key>          a revert in progress (finished or undone on attach)
     POOL/zfs-ng/ro-<key>         a read-only device for a snapshot (locate/activate)
+    POOL/zfs-ng/np-<key>, <key>@np-<hex>   a datapath's non-persistent session
+                                 (plugins/datapath/zvol.py); never touched here
 """
 
 import re
@@ -24,6 +26,7 @@ SR_DATASET = "zfs-ng"
 HIDDEN = "h-"
 REVERTING = "r-"
 READONLY = "ro-"
+SESSION = "np-"  # non-persistent sessions of plugins/datapath/zvol.py: not ours
 
 _KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 # zpool names: start with a letter, then [A-Za-z0-9_.:-]; we also refuse the
@@ -113,6 +116,8 @@ def classify(zname, pool):
         ds, snap = rest.split("@", 1)
         if is_key(snap):
             return "snapshot", snap
+        if snap.startswith(SESSION):
+            return "session", None
         return "hidden", None
     if is_key(rest):
         return "volume", rest

@@ -43,6 +43,7 @@ class Txn(object):
 
     def __init__(self):
         self.refresh = []   # ZFS names to (re)read into the index
+        self.entries = []   # index entries known without reading ZFS
         self.delete = []    # keys gone
         self.rename = []    # (old dataset, new dataset)
 
@@ -115,20 +116,29 @@ class SR(object):
     # mutations -------------------------------------------------------------------
     @contextlib.contextmanager
     def mutate(self):
-        """Lock the SR, bump the pool generation (so a crash before the index is
-        updated is seen as stale), yield a Txn, then apply it to the index."""
-        with lock.sr_lock(self.pool):
-            self.reload()
-            idx = self.index()
-            if idx.generation() != self.generation:
-                self.reconcile()
-            gen = self.generation + 1
-            zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), gen), self.root)
-            self.props["generation"] = str(gen)
-            txn = Txn()
-            yield txn
-            upsert = metadata.read_entries(self.pool, txn.refresh) if txn.refresh else []
-            idx.commit(gen, upsert=upsert, delete=txn.delete, rename=txn.rename)
+        """Bump the pool generation (so a crash before the index is updated is
+        seen as stale), yield a Txn, then apply it to the index.  The caller
+        holds the SR lock and opened the handle under it (see `mutating`)."""
+        idx = self.index()
+        if idx.generation() != self.generation:
+            self.reconcile()
+        gen = self.generation + 1
+        zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), gen), self.root)
+        self.props["generation"] = str(gen)
+        txn = Txn()
+        yield txn
+        upsert = list(txn.entries)
+        if txn.refresh:
+            upsert += metadata.read_entries(self.pool, txn.refresh)
+        idx.commit(gen, upsert=upsert, delete=txn.delete, rename=txn.rename)
+
+    def find(self, key, what="key"):
+        """Index lookup without a freshness check (inside mutate)."""
+        names.check_key(key, what)
+        e = self.index().get(key)
+        if e is None:
+            raise smapi.VolumeDoesNotExist(key)
+        return e
 
     def lookup(self, key, what="key"):
         names.check_key(key, what)
@@ -136,6 +146,19 @@ class SR(object):
         if e is None:
             raise smapi.VolumeDoesNotExist(key)
         return e
+
+
+@contextlib.contextmanager
+def locked(sr):
+    """The handle of SR sr opened under its lock, index fresh: check
+    preconditions with handle.find(), then change things in handle.mutate()."""
+    if not isinstance(sr, str) or not names.is_pool(sr):
+        raise smapi.SrDoesNotExist(str(sr))
+    with lock.sr_lock(sr):
+        handle = SR.open(sr)
+        if handle.index().generation() != handle.generation:
+            handle.reconcile()
+        yield handle
 
 
 def read_root_props(pool):
@@ -389,6 +412,12 @@ def health(pool):
         status = zfs.pool_status(pool)
     except zfs.ZfsError as e:
         return ["Unreachable", e.message]
+    return health_from(pool, state, status)
+
+
+def health_from(pool, state, status):
+    """ONLINE -> Healthy; DEGRADED or resilvering -> Recovering; FAULTED,
+    UNAVAIL, SUSPENDED, REMOVED, OFFLINE -> Unavailable; with zpool's reason."""
     reason = ""
     for line in status.splitlines():
         s = line.strip()

@@ -27,6 +27,7 @@ from plugins.smapi import BackendError, InvalidParameters
 from plugins.volume import lock
 from plugins.volume import names
 from plugins.volume import zfs
+from plugins.volume import sr as sr_mod
 from plugins.volume.sr import SR
 
 DEFAULT_VOLBLOCKSIZE = 16384
@@ -128,80 +129,106 @@ def stat(sr, key):
 
 
 def create(sr, name, description, size, sharable):
-    handle = SR.open(sr)
     names.check_text(name, "name")
     names.check_text(description, "description")
     size = round_up(_check_size(size), DEFAULT_VOLBLOCKSIZE)
     key = names.new_key()
-    ds = names.volume_dataset(handle.pool, key)
     props = _user_props(name, description, sharable)
     props["volblocksize"] = str(DEFAULT_VOLBLOCKSIZE)
-    with handle.mutate() as txn:
-        zfs.zfs("create", "-s", "-V", str(size), *(zfs.prop_args(props) + [ds]))
-        txn.refresh.append(ds)
-    return record(handle, handle.index().get(key))
+    with sr_mod.locked(sr) as handle:
+        ds = names.volume_dataset(handle.pool, key)
+        with handle.mutate() as txn:
+            zfs.zfs("create", "-s", "-V", str(size), *(zfs.prop_args(props) + [ds]))
+            txn.entries.append({
+                "key": key, "zname": ds, "kind": "volume", "name": name,
+                "description": description, "keys": {}, "sharable": bool(sharable),
+                "virtual_size": size, "physical_utilisation": 0,
+                "volblocksize": DEFAULT_VOLBLOCKSIZE, "origin": "", "createtxg": 0})
+        return record(handle, handle.index().get(key))
 
 
 def snapshot(sr, key):
-    handle = SR.open(sr)
-    src = handle.lookup(key)
+    names.check_key(key)
     new = names.new_key()
-    props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
-    with handle.mutate() as txn:
-        if src["kind"] == "volume":
-            snap = "%s@%s" % (src["zname"], new)
-        else:
-            # ZFS cannot snapshot a snapshot: a hidden clone of it carries the new one
-            base = "%s/%s" % (handle.root, names.hidden_name())
-            zfs.zfs("clone", "-o", "readonly=on", src["zname"], base)
-            snap = "%s@%s" % (base, new)
-        zfs.zfs("snapshot", *(props + [snap]))
-        txn.refresh.append(snap)
-    return record(handle, handle.index().get(new))
+    with sr_mod.locked(sr) as handle:
+        src = handle.find(key)
+        props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
+        with handle.mutate() as txn:
+            if src["kind"] == "volume":
+                snap = "%s@%s" % (src["zname"], new)
+            else:
+                # ZFS cannot snapshot a snapshot: a hidden clone of it carries the new one
+                base = "%s/%s" % (handle.root, names.hidden_name())
+                zfs.zfs("clone", "-o", "readonly=on", src["zname"], base)
+                snap = "%s@%s" % (base, new)
+            zfs.zfs("snapshot", *(props + [snap]))
+            txn.refresh.append(snap)
+        return record(handle, handle.index().get(new))
 
 
 def clone(sr, key):
-    handle = SR.open(sr)
-    src = handle.lookup(key)
+    names.check_key(key)
     new = names.new_key()
-    ds = names.volume_dataset(handle.pool, new)
-    props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
-    with handle.mutate() as txn:
-        if src["kind"] == "snapshot":
-            zfs.zfs("clone", *(props + [src["zname"], ds]))
-        else:
-            origin = "%s@%s" % (src["zname"], names.hidden_name())
-            zfs.zfs("snapshot", origin)
-            zfs.zfs("clone", *(props + [origin, ds]))
-            # goes away by itself with the clone (collect_garbage if we crash here)
-            zfs.zfs("destroy", "-d", origin)
-        txn.refresh.append(ds)
-    return record(handle, handle.index().get(new))
+    with sr_mod.locked(sr) as handle:
+        src = handle.find(key)
+        ds = names.volume_dataset(handle.pool, new)
+        props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
+        with handle.mutate() as txn:
+            if src["kind"] == "snapshot":
+                zfs.zfs("clone", *(props + [src["zname"], ds]))
+            else:
+                origin = "%s@%s" % (src["zname"], names.hidden_name())
+                zfs.zfs("snapshot", origin)
+                zfs.zfs("clone", *(props + [origin, ds]))
+                # goes away by itself with the clone (collect_garbage if we crash here)
+                zfs.zfs("destroy", "-d", origin)
+            txn.refresh.append(ds)
+        return record(handle, handle.index().get(new))
 
 
 def destroy(sr, key):
-    handle = SR.open(sr)
     names.check_key(key)
-    e = handle.fresh_index().get(key)
-    if e is None:
-        raise smapi.VolumeDoesNotExist(key)
-    with handle.mutate() as txn:
-        e = handle.index().get(key)
-        if e is None:  # a concurrent destroy won
-            raise smapi.VolumeDoesNotExist(key)
+    with sr_mod.locked(sr) as handle:
+        e = handle.find(key)
         if e["kind"] == "volume":
-            _destroy_volume(handle, e, txn)
+            _check_idle(handle, e)
+            with handle.mutate() as txn:
+                _destroy_volume(handle, e, txn)
+                txn.delete.append(key)
         else:
-            _destroy_snapshot(handle, e, txn)
-        txn.delete.append(key)
+            _release_readonly(handle, e)
+            with handle.mutate() as txn:
+                _destroy_snapshot(handle, e, txn)
+                txn.delete.append(key)
     return None
+
+
+def _check_idle(handle, e):
+    """Refuse to retire a volume whose device is activated or that has an open
+    non-persistent session (np-KEY, plugins/datapath/zvol.py)."""
+    np = "%s/np-%s" % (handle.root, e["key"])
+    out = zfs.run([zfs.ZFS, "get", "-H", "-p", "-o", "name,value,source", "volmode",
+                   e["zname"], np], check=False)
+    for r in zfs.rows(out):
+        if r[0] == np:
+            raise BackendError("Volume_in_use", "volume %s has an open session" % e["key"])
+        if r[0] == e["zname"] and len(r) == 3 and r[2] == "local" and r[1] == "dev":
+            raise BackendError("Volume_in_use", "volume %s is activated (deactivate it first)"
+                               % e["key"])
+
+
+def _release_readonly(handle, e):
+    ro = "%s/%s%s" % (handle.root, names.READONLY, e["key"])
+    try:
+        zfs.zfs("destroy", ro)
+    except zfs.NotFound:
+        pass
+    except zfs.Busy:
+        raise BackendError("Volume_in_use", "snapshot %s is activated read-only" % e["key"])
 
 
 def _destroy_volume(handle, e, txn):
     ds = e["zname"]
-    if _volmode_local(ds) == "dev":
-        raise BackendError("Volume_in_use", "volume %s is activated (deactivate it first)"
-                           % e["key"])
     try:
         zfs.zfs("destroy", ds)
     except zfs.NotFound:
@@ -218,13 +245,6 @@ def _destroy_volume(handle, e, txn):
 
 def _destroy_snapshot(handle, e, txn):
     snap = e["zname"]
-    ro = "%s/%s%s" % (handle.root, names.READONLY, e["key"])
-    try:
-        zfs.zfs("destroy", ro)
-    except zfs.NotFound:
-        pass
-    except zfs.Busy:
-        raise BackendError("Volume_in_use", "snapshot %s is activated read-only" % e["key"])
     try:
         zfs.zfs("destroy", snap)
     except zfs.NotFound:
@@ -260,92 +280,96 @@ def _collect_from(handle, ds):
 
 
 def revert(sr, snapshot, key):
-    handle = SR.open(sr)
-    snap = handle.lookup(snapshot, "snapshot")
-    vol = handle.lookup(key)
-    if snap["kind"] != "snapshot":
-        raise InvalidParameters("%s is not a snapshot" % snapshot)
-    if vol["kind"] != "volume":
-        raise InvalidParameters("%s is not a writable volume" % key)
-    ds = vol["zname"]
-    tmp = "%s/%s%s" % (handle.root, names.REVERTING, key)
-    props = zfs.prop_args(_user_props(vol["name"], vol["description"], vol["sharable"],
-                                      vol["keys"]))
-    with handle.mutate() as txn:
-        if _volmode_local(ds) == "dev":
-            raise BackendError("Volume_in_use", "volume %s is activated" % key)
-        zfs.zfs("clone", *(props + [snap["zname"], tmp]))
-        try:
-            zfs.zfs("destroy", ds)
-        except zfs.HasChildren:
-            hidden = "%s/%s" % (handle.root, names.hidden_name())
-            zfs.zfs("rename", ds, hidden)
-            txn.rename.append((ds, hidden))
-        zfs.zfs("rename", tmp, ds)
-        txn.refresh.append(ds)
+    names.check_key(snapshot, "snapshot")
+    names.check_key(key)
+    with sr_mod.locked(sr) as handle:
+        snap = handle.find(snapshot)
+        vol = handle.find(key)
+        if snap["kind"] != "snapshot":
+            raise InvalidParameters("%s is not a snapshot" % snapshot)
+        if vol["kind"] != "volume":
+            raise InvalidParameters("%s is not a writable volume" % key)
+        _check_idle(handle, vol)
+        ds = vol["zname"]
+        tmp = "%s/%s%s" % (handle.root, names.REVERTING, key)
+        props = zfs.prop_args(_user_props(vol["name"], vol["description"], vol["sharable"],
+                                          vol["keys"]))
+        with handle.mutate() as txn:
+            # crash after any step: SR.reconcile finishes or undoes it (r-KEY)
+            zfs.zfs("clone", *(props + [snap["zname"], tmp]))
+            try:
+                zfs.zfs("destroy", ds)
+            except zfs.HasChildren:
+                hidden = "%s/%s" % (handle.root, names.hidden_name())
+                zfs.zfs("rename", ds, hidden)
+                txn.rename.append((ds, hidden))
+            zfs.zfs("rename", tmp, ds)
+            txn.refresh.append(ds)
     return None
 
 
 def resize(sr, key, new_size):
-    handle = SR.open(sr)
-    e = handle.lookup(key)
+    names.check_key(key)
     _check_size(new_size, "new_size")
-    if e["kind"] != "volume":
-        raise InvalidParameters("%s is a snapshot (read-only)" % key)
-    size = round_up(new_size, e["volblocksize"])
-    with handle.mutate() as txn:
+    with sr_mod.locked(sr) as handle:
+        e = handle.find(key)
+        if e["kind"] != "volume":
+            raise InvalidParameters("%s is a snapshot (read-only)" % key)
+        size = round_up(new_size, e["volblocksize"])
         cur = int(zfs.get([e["zname"]], ["volsize"])[e["zname"]]["volsize"])
         if size < cur:
             raise BackendError("Shrink_refused", "volume %s is %d bytes; shrinking to %d "
                                "would destroy data" % (key, cur, size))
-        if size > cur:
+        if size == cur:
+            return None
+        with handle.mutate() as txn:
             zfs.zfs("set", "volsize=%d" % size, e["zname"])
-        txn.refresh.append(e["zname"])
+            e["virtual_size"] = size
+            txn.entries.append(e)
     return None
 
 
-def _set_prop(sr, key, prop, value_text):
-    handle = SR.open(sr)
-    e = handle.lookup(key)
-    with handle.mutate() as txn:
-        zfs.zfs("set", "%s=%s" % (zfs.uprop(prop), value_text), e["zname"])
-        txn.refresh.append(e["zname"])
+def _set_field(sr, key, field, compute, prop_text):
+    """Set one metadata field to compute(current entry), under the lock."""
+    names.check_key(key)
+    with sr_mod.locked(sr) as handle:
+        e = handle.find(key)
+        value = compute(e)
+        text = prop_text(value)
+        with handle.mutate() as txn:
+            zfs.zfs("set", "%s=%s" % (zfs.uprop(field), text), e["zname"])
+            e[field] = value
+            txn.entries.append(e)
     return None
 
 
 def set_name(sr, key, new_name):
-    return _set_prop(sr, key, "name", zfs.encode(names.check_text(new_name, "name")))
+    names.check_text(new_name, "name")
+    return _set_field(sr, key, "name", lambda e: new_name, zfs.encode)
 
 
 def set_description(sr, key, new_description):
-    return _set_prop(sr, key, "description",
-                     zfs.encode(names.check_text(new_description, "description")))
+    names.check_text(new_description, "description")
+    return _set_field(sr, key, "description", lambda e: new_description, zfs.encode)
 
 
-def _update_keys(sr, key, fn):
-    handle = SR.open(sr)
-    names.check_key(key)
-    handle.lookup(key)
-    with handle.mutate() as txn:
-        e = handle.index().get(key)  # current value, under the lock
-        if e is None:
-            raise smapi.VolumeDoesNotExist(key)
-        keys = dict(e["keys"])
-        fn(keys)
-        zfs.zfs("set", "%s=%s" % (zfs.uprop("keys"), _encode_keys(keys)), e["zname"])
-        txn.refresh.append(e["zname"])
-    return None
+def _with(d, k, v):
+    d = dict(d)
+    d[k] = v
+    return d
 
 
 def set_key(sr, key, k, v):
     names.check_text(k, "k")
     names.check_text(v, "v")
-    return _update_keys(sr, key, lambda keys: keys.__setitem__(k, v))
+    return _set_field(sr, key, "keys", lambda e: _with(e["keys"], k, v), _encode_keys)
 
 
 def unset_key(sr, key, k):
     names.check_text(k, "k")
-    return _update_keys(sr, key, lambda keys: keys.pop(k, None))
+    return _set_field(sr, key, "keys",
+                      lambda e: dict((a, b) for a, b in e["keys"].items() if a != k),
+                      _encode_keys)
 
 
 def similar_content(sr, key):
@@ -367,8 +391,38 @@ def similar_content(sr, key):
                                                     o["key"]))]
 
 
+COMPARE_BLOCK = 65536
+
+
 def compare(sr, key, key2):
-    raise smapi.Unimplemented("Volume.compare")
+    """The 64 KiB blocks where key and key2 differ, read from both devices
+    (activated for the comparison if idle).  Past the end of the shorter one,
+    the longer one's non-zero blocks differ."""
+    a, b = locate(sr, key), locate(sr, key2)
+    opened = []
+    try:
+        for loc in (a, b):
+            if not loc["active"]:
+                activate_device(sr, loc["key"])
+                opened.append(loc["key"])
+        ranges = []
+        with open(a["device"], "rb", buffering=0) as fa, open(b["device"], "rb",
+                                                              buffering=0) as fb:
+            off, end = 0, max(a["size"], b["size"])
+            while off < end:
+                x = fa.read(COMPARE_BLOCK) if off < a["size"] else b""
+                y = fb.read(COMPARE_BLOCK) if off < b["size"] else b""
+                n = max(len(x), len(y)) or COMPARE_BLOCK
+                if x.ljust(n, b"\0") != y.ljust(n, b"\0"):
+                    if ranges and ranges[-1][0] + ranges[-1][1] == off:
+                        ranges[-1][1] += n
+                    else:
+                        ranges.append([off, n])
+                off += n
+        return {"blocksize": COMPARE_BLOCK, "ranges": ranges}
+    finally:
+        for k in opened:
+            deactivate_device(sr, k)
 
 
 # -- for the datapath plugins -----------------------------------------------------

@@ -1,0 +1,232 @@
+"""Pure logic of the volume plugin: names, vdev specs, metadata parsing, the
+sqlite index, URIs, method tables.  ZFS behaviour is tested in the VM."""
+
+import json
+
+import pytest
+
+from plugins import smapi
+from plugins.volume import metadata, methods, names, plugin, volume, zfs
+
+KEY = "0d7c1b9e-4f8e-4b1a-9c3d-2e5f6a7b8c9d"
+KEY2 = "1e8d2cae-5a9f-4c2b-8d4e-3f6a7b8c9d0e"
+POOL = "zfsng-test"
+ROOT = POOL + "/zfs-ng"
+
+
+def test_keys():
+    assert names.is_key(names.new_key())
+    for bad in ("", "x", KEY.upper(), KEY + " ", "../" + KEY, KEY + "@s", "h-" + KEY, None, 3):
+        assert not names.is_key(bad)
+        with pytest.raises(smapi.InvalidParameters):
+            names.check_key(bad)
+
+
+@pytest.mark.parametrize("pool,ok", [
+    ("zfsng-" + KEY, True), ("tank", True), ("a.b:c_d-e", True),
+    ("", False), ("1tank", False), ("mirror", False), ("raidz2x", False), ("log", False),
+    ("a/b", False), ("a b", False), ("a'b", False), ("a" * 300, False), ("t\u00e9", False),
+])
+def test_pool_names(pool, ok):
+    assert names.is_pool(pool) is ok
+
+
+def test_classify():
+    assert names.classify("%s/%s" % (ROOT, KEY), POOL) == ("volume", KEY)
+    assert names.classify("%s/%s@%s" % (ROOT, KEY, KEY2), POOL) == ("snapshot", KEY2)
+    assert names.classify("%s/h-abc@%s" % (ROOT, KEY2), POOL) == ("snapshot", KEY2)
+    assert names.classify("%s/h-abc" % ROOT, POOL) == ("hidden", None)
+    assert names.classify("%s/%s@h-1" % (ROOT, KEY), POOL) == ("hidden", None)
+    assert names.classify("%s/%s@np-1" % (ROOT, KEY), POOL) == ("session", None)
+    assert names.classify("%s/np-%s" % (ROOT, KEY), POOL) == (None, None)
+    assert names.classify("%s/r-%s" % (ROOT, KEY), POOL) == ("reverting", KEY)
+    assert names.classify("%s/ro-%s" % (ROOT, KEY), POOL) == ("readonly", KEY)
+    assert names.classify("%s/%s" % (POOL, KEY), POOL) == (None, None)
+    assert names.classify("other/zfs-ng/%s" % KEY, POOL) == (None, None)
+    assert names.classify("%s/a/%s" % (ROOT, KEY), POOL) == (None, None)
+
+
+D = ["/dev/sda", "/dev/sdb", "/dev/sdc", "/dev/sdd"]
+
+
+@pytest.mark.parametrize("spec,devs,argv", [
+    ("", D[:1], D[:1]),
+    ("stripe", D[:2], D[:2]),
+    ("mirror", D[:2], ["mirror"] + D[:2]),
+    ("raidz1", D[:3], ["raidz1"] + D[:3]),
+    ("raidz2", D[:3], ["raidz2"] + D[:3]),
+    ("mirror:2", D, ["mirror", D[0], D[1], "mirror", D[2], D[3]]),
+    ("mirror 0 2 mirror 1 3", D, ["mirror", D[0], D[2], "mirror", D[1], D[3]]),
+    ("raidz1:3", D[:3], ["raidz1"] + D[:3]),
+])
+def test_vdev_specs(spec, devs, argv):
+    assert names.parse_vdev_spec(spec, devs) == argv
+
+
+@pytest.mark.parametrize("spec,devs", [
+    ("mirror", D[:1]), ("raidz2", D[:2]), ("raidz3", D[:3]), ("mirror:2", D[:3]),
+    ("mirror:1", D[:2]), ("bogus", D[:2]), ("mirror 0 1 mirror 1 2", D[:3]),
+    ("mirror 0 1", D[:3]), ("0 1", D[:2]), ("mirror 0", D[:1]), ("mirror 0 9", D[:2]),
+    ("", []), ("", ["/dev/sda", "/dev/sda"]), ("", ["sda"]), ("", ["/dev/a b"]),
+    ("", ["/dev/../etc/passwd"]), ("", ["-f"]),
+])
+def test_bad_vdev_specs(spec, devs):
+    with pytest.raises(smapi.InvalidParameters):
+        names.parse_vdev_spec(spec, devs)
+
+
+def test_option_checks():
+    for ok in ("lz4", "zstd", "zstd-19", "off"):
+        assert names.check_compression(ok) == ok
+    for bad in ("gzip", "zstd-20", "lz4 ", ""):
+        with pytest.raises(smapi.InvalidParameters):
+            names.check_compression(bad)
+    assert names.check_ashift("12") == "12"
+    for bad in ("8", "17", "x", "-1"):
+        with pytest.raises(smapi.InvalidParameters):
+            names.check_ashift(bad)
+    assert names.check_nvme_node("10.0.0.1:4420") == "10.0.0.1:4420"
+    assert names.check_nvme_node("[fe80::1]:4420")
+    for bad in ("host", "host:0", "host:70000", "a b:1", "h:1/x"):
+        with pytest.raises(smapi.InvalidParameters):
+            names.check_nvme_node(bad)
+    with pytest.raises(smapi.InvalidParameters):
+        names.check_text("x\x00", "name")
+    with pytest.raises(smapi.InvalidParameters):
+        names.check_text("x" * (names.MAX_TEXT + 1), "name")
+
+
+def test_property_encoding_survives_zfs_get_H():
+    for v in ("a\tb\nc", "\u00e9\u2603", 'q"uote', {"k\t": "v\n"}, True):
+        text = zfs.encode(v)
+        assert "\t" not in text and "\n" not in text and text.isascii()
+        assert zfs.decode(text) == v
+    assert zfs.decode("set by hand") == "set by hand"
+
+
+def _props(**kw):
+    base = {"volsize": "1048576", "referenced": "4096", "origin": "-", "createtxg": "7",
+            "volblocksize": "16384"}
+    base.update(kw)
+    return base
+
+
+def test_entry_from_props():
+    p = _props(**{"org.zfs-ng:name": zfs.encode("n\u00e9"), "org.zfs-ng:keys":
+                  zfs.encode({"a": "b"}), "org.zfs-ng:sharable": "true"})
+    e = metadata.entry_from_props(POOL, "%s/%s" % (ROOT, KEY), p)
+    assert e["key"] == KEY and e["kind"] == "volume" and e["name"] == "n\u00e9"
+    assert e["keys"] == {"a": "b"} and e["sharable"] is True and e["virtual_size"] == 1 << 20
+    assert e["origin"] == "" and e["description"] == ""
+    s = metadata.entry_from_props(POOL, "%s/h-x@%s" % (ROOT, KEY2),
+                                  _props(origin="%s/%s@h-y" % (ROOT, KEY)))
+    assert s["kind"] == "snapshot" and s["key"] == KEY2
+    assert metadata.entry_from_props(POOL, "%s/h-x" % ROOT, _props()) is None
+    bad = metadata.entry_from_props(POOL, "%s/%s" % (ROOT, KEY),
+                                    _props(**{"org.zfs-ng:keys": "[1]"}))
+    assert bad["keys"] == {}
+
+
+def _entry(key, zname, kind="volume", **kw):
+    e = metadata.entry_from_props(POOL, zname, _props())
+    assert e["key"] == key and e["kind"] == kind
+    e.update(kw)
+    return e
+
+
+def test_index(tmp_path):
+    idx = metadata.Index(str(tmp_path / "sub" / "x.sqlite"))
+    assert idx.generation() is None and idx.all() == []
+    a = _entry(KEY, "%s/%s" % (ROOT, KEY), keys={"k": "v"}, name="a")
+    b = _entry(KEY2, "%s/%s@%s" % (ROOT, KEY, KEY2), "snapshot", createtxg=9)
+    idx.replace_all([a, b], 4)
+    assert idx.generation() == 4
+    assert idx.get(KEY)["keys"] == {"k": "v"} and idx.get(KEY)["name"] == "a"
+    assert [e["key"] for e in idx.all()] == [KEY, KEY2]
+    assert {e["key"] for e in idx.by_dataset(a["zname"])} == {KEY, KEY2}
+    # renaming a volume dataset moves its snapshots
+    idx.commit(5, delete=[KEY], rename=[(a["zname"], ROOT + "/h-1")])
+    assert idx.get(KEY) is None
+    assert idx.get(KEY2)["zname"] == "%s/h-1@%s" % (ROOT, KEY2)
+    assert idx.generation() == 5
+    # a failed commit changes nothing, not even the generation
+    with pytest.raises(Exception):
+        idx.commit(6, upsert=[{"key": "broken"}])
+    assert idx.generation() == 5 and idx.count() == 1
+    # LIKE wildcards in dataset names are literal
+    c = _entry(KEY, "%s/%s" % (ROOT, KEY))
+    idx.commit(7, upsert=[c])
+    assert {e["key"] for e in idx.by_dataset(ROOT + "/%")} == set()
+    idx.invalidate()
+    assert idx.generation() is None
+    idx.close()
+    again = metadata.Index(str(tmp_path / "sub" / "x.sqlite"))
+    assert again.count() == 2
+
+
+class FakeHandle(object):
+    pool = POOL
+    uuid = "5f0e2a4b-1c3d-4e5f-8a9b-0c1d2e3f4a5b"
+
+    def __init__(self, **props):
+        self.props = props
+
+
+def test_uris():
+    h = FakeHandle()
+    assert volume.uris(h, KEY) == ["zfsng-raw://%s/%s" % (POOL, KEY),
+                                   "zfsng-nbd://%s/%s" % (POOL, KEY)]
+    h = FakeHandle(datapath="nvme", **{"nvme-node": "10.0.0.1:4420"})
+    u = volume.uris(h, KEY)
+    assert u[0] == "nvme+tcp://10.0.0.1:4420/nqn.2014-08.org.zfs-ng:%s:%s" % (h.uuid, KEY)
+    assert u[1:] == ["zfsng-raw://%s/%s" % (POOL, KEY), "zfsng-nbd://%s/%s" % (POOL, KEY)]
+    assert volume.uris(FakeHandle(datapath="nbd"), KEY)[0].startswith("zfsng-nbd://")
+
+
+def test_round_up():
+    assert volume.round_up(0, 16384) == 16384
+    assert volume.round_up(1, 16384) == 16384
+    assert volume.round_up(16384, 16384) == 16384
+    assert volume.round_up(16385, 16384) == 32768
+
+
+def test_query_and_tables():
+    q = plugin.query()
+    assert q["plugin"] == "zfs-ng" and q["required_api_version"] == "5.0"
+    assert "VDI_REVERT" in q["features"] and "VDI_CONFIG_CBT" not in q["features"]
+    assert all(isinstance(v, str) for v in q["configuration"].values())
+    json.dumps(q)
+    import os
+    d = os.path.join(os.path.dirname(plugin.__file__), "org.xen.xapi.storage.zfs-ng")
+    scripts = {f for f in os.listdir(d) if not f.endswith(".py")}
+    declared = {m.full_name for m in methods.PLUGIN + methods.SR + methods.VOLUME}
+    assert scripts == declared
+    for f in scripts:
+        target = os.path.realpath(os.path.join(d, f))
+        assert os.access(target, os.X_OK)
+        assert os.path.basename(target) == f.split(".")[0].lower() + ".py"
+
+
+def test_health_mapping():
+    from plugins.volume.sr import health_from
+    assert health_from("p", "ONLINE", "  pool: p\n state: ONLINE\n") == ["Healthy", ""]
+    deg = health_from("p", "DEGRADED", " state: DEGRADED\nstatus: One or more devices has "
+                      "been taken offline by the administrator.\n")
+    assert deg[0] == "Recovering" and "taken offline" in deg[1]
+    res = health_from("p", "ONLINE", "  scan: resilver in progress since Tue\n")
+    assert res[0] == "Recovering" and "resilvering" in res[1]
+    for state in ("FAULTED", "UNAVAIL", "SUSPENDED", "REMOVED", "OFFLINE"):
+        h = health_from("p", state, "status: One or more devices could not be opened.\n")
+        assert h[0] == "Unavailable" and state in h[1] and "could not be opened" in h[1]
+
+
+def test_cli_sizes():
+    from sr_tools.vol_cmds import parse_size
+    assert parse_size("4096") == 4096
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("1.5GiB") == 3 << 29
+    import click
+    for bad in ("", "-1", "10X", "1e3"):
+        with pytest.raises(click.BadParameter):
+            parse_size(bad)
