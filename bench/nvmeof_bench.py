@@ -1,0 +1,168 @@
+"""Benchmark (not a test): our NVMe/TCP target against the kernel's nvmet-tcp
+on the same zvol, in ONE run inside the test VM, plus the target's footprint
+with 100,000 configured volumes.
+
+    python3 tests/vm/vm.py run -- python3 bench/nvmeof_bench.py [--runtime 10]
+
+Prints one table of fio results with our/kernel ratios, then RSS, fd count and
+startup time with 100k volumes.  Absolute figures under TCG mean little; the
+ratios measured in the same run are the point."""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+sys.path.insert(0, ROOT)
+
+from kernel_nvmet import KernelTarget, connect, disconnect, find_namespace  # noqa: E402
+
+JOBS = [("4K randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
+        ("4K randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
+        ("128K seq read QD8", ["--rw=read", "--bs=128k", "--iodepth=8"]),
+        ("128K seq write QD8", ["--rw=write", "--bs=128k", "--iodepth=8"])]
+
+
+def sh(*argv, **kw):
+    return subprocess.run(list(argv), check=True, stdout=subprocess.PIPE,
+                          universal_newlines=True, **kw).stdout
+
+
+def fio(dev, args, runtime, size):
+    out = sh("fio", "--name=b", "--filename=" + dev, "--ioengine=libaio", "--direct=1",
+             "--time_based", "--runtime=%d" % runtime, "--size=%s" % size, "--randseed=7",
+             "--output-format=json", *args)
+    job = json.loads(out)["jobs"][0]
+    side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    return side["iops"], side["bw"] / 1024.0
+
+
+def run_jobs(dev, runtime, size):
+    return [fio(dev, args, runtime, size) for _, args in JOBS]
+
+
+def start_target(state, sock, port):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
+                             "127.0.0.1:%d" % port, "--state", state, "--socket", sock],
+                            cwd=ROOT, env=env)
+    from nvmeof_target.control import Client, ControlError
+    while True:
+        try:
+            Client(sock).stats()
+            break
+        except ControlError:
+            if proc.poll() is not None:
+                raise SystemExit("target died")
+            time.sleep(0.02)
+    return proc, time.time() - t0
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def footprint(pid):
+    rss = 0
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024.0
+    return rss, len(os.listdir("/proc/%d/fd" % pid))
+
+
+def scale(tmp, n, port):
+    from nvmeof_target.registry import Registry
+    state = os.path.join(tmp, "scale.db")
+    reg = Registry(state)
+    rows = [("nqn.2014-08.org.zfs-ng:bench:vol-%06d" % i, "/dev/zvol/bench/vol-%06d" % i,
+             str(uuid.UUID(int=i + 1)), False, False, 512) for i in range(n)]
+    reg.add_many(rows)
+    reg.close()
+    sock = os.path.join(tmp, "scale.sock")
+    proc, startup = start_target(state, sock, port)
+    try:
+        from nvmeof_target.control import Client
+        stats = Client(sock).stats()
+        rss, fds = footprint(proc.pid)
+    finally:
+        stop(proc)
+    return stats["volumes"], startup, rss, fds
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--size", default="128m")
+    ap.add_argument("--volumes", type=int, default=100000)
+    ap.add_argument("--disk", default="/dev/disk/by-id/virtio-zfsng-d0")
+    opts = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="nvmeof-bench-")
+    pool = "bench%s" % uuid.uuid4().hex[:4]
+    sh("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", pool, opts.disk)
+    try:
+        sh("zfs", "create", "-s", "-V", "512M", "-o", "volblocksize=16K", pool + "/v")
+        zvol = "/dev/zvol/%s/v" % pool
+        while not os.path.exists(zvol):
+            sh("udevadm", "settle")
+            time.sleep(0.2)
+        # fill the working set so reads hit real (incompressible) blocks
+        sh("fio", "--name=fill", "--filename=" + zvol, "--rw=write", "--bs=1m",
+           "--size=" + opts.size, "--ioengine=libaio", "--direct=1", "--iodepth=4",
+           "--refill_buffers", "--output-format=json")
+
+        with KernelTarget(zvol, port=4421) as kt:
+            connect(kt.nqn, 4421)
+            dev = find_namespace(kt.ns_uuid)
+            kernel = run_jobs(dev, opts.runtime, opts.size)
+            disconnect(kt.nqn)
+            time.sleep(1)
+
+        state, sock = os.path.join(tmp, "t.db"), os.path.join(tmp, "t.sock")
+        proc, _ = start_target(state, sock, 4420)
+        try:
+            from nvmeof_target.control import Client
+            nqn, ns_uuid = "nqn.2014-08.org.zfs-ng:bench:v", str(uuid.uuid4())
+            Client(sock).add(nqn, zvol, ns_uuid, allow_any_host=True)
+            connect(nqn, 4420)
+            dev = find_namespace(ns_uuid)
+            ours = run_jobs(dev, opts.runtime, opts.size)
+            busy_rss, busy_fds = footprint(proc.pid)
+            disconnect(nqn)
+        finally:
+            stop(proc)
+
+        print()
+        print("fio --direct=1 libaio, %ds per job, %s working set, zvol volblocksize 16K lz4"
+              % (opts.runtime, opts.size))
+        print("| job | kernel nvmet-tcp | zfs-ng target | ours/kernel |")
+        print("|---|---|---|---|")
+        for (name, _), (kiops, kbw), (oiops, obw) in zip(JOBS, kernel, ours):
+            if name.startswith("4K"):
+                print("| %s | %.0f IOPS | %.0f IOPS | %.2f |" % (name, kiops, oiops,
+                                                                oiops / kiops if kiops else 0))
+            else:
+                print("| %s | %.1f MiB/s | %.1f MiB/s | %.2f |" % (name, kbw, obw,
+                                                                  obw / kbw if kbw else 0))
+        print("target while serving 1 volume: RSS %.1f MiB, %d fds" % (busy_rss, busy_fds))
+        n, startup, rss, fds = scale(tmp, opts.volumes, 4422)
+        print("target with %d configured volumes: startup %.2f s, RSS %.1f MiB, %d fds"
+              % (n, startup, rss, fds))
+    finally:
+        subprocess.run(["nvme", "disconnect-all"], stdout=subprocess.PIPE)
+        subprocess.run(["zpool", "destroy", "-f", pool])
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
