@@ -320,3 +320,20 @@ def test_bad_data_digest_fails_the_command_only(env):
     ptype, _, header, _ = h.next_pdu()
     assert ptype == pdu.RSP and struct.unpack_from("<H", header, 22)[0] >> 1 == 0x22
     assert not q.closing
+
+
+def test_discovery_log_change_completes_the_discovery_aer(env):
+    target, path, _ = env
+    h, q, _ = admin(target, subnqn=DISCOVERY_NQN)
+    assert struct.unpack_from("<I", h.identify(1), 92)[0] == 1 << 31       # OAES
+    h.set_features(0x0B, 1 << 31)
+    gen0 = struct.unpack_from("<Q", h.get_log(0x70, 20, nsid=0))[0]
+    from nvmeof_target.command import build_sqe
+    h.t.send(pdu.capsule_cmd(build_sqe(0x0C, 31)))
+    assert q.out == []
+    target.add(SUBNQN + "-new", path, str(uuid.uuid4()), allowed_hosts=[HOSTNQN])
+    ptype, _, header, _ = h.next_pdu()
+    dw0, _, _, _, cid, status = struct.unpack_from("<IIHHHH", header, 8)
+    assert (ptype, cid, status, dw0) == (pdu.RSP, 31, 0, 0x70F002)
+    genctr, numrec = struct.unpack_from("<QQ", h.get_log(0x70, 20, nsid=0))
+    assert genctr > gen0 and numrec == 2
