@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024
 COALESCE = 64 * 1024          # small replies are joined into one send
+DIRECT_RECV = 64 * 1024       # larger WRITE payloads are received in place
 HANDSHAKE_TIMEOUT = 60.0      # XO's own message timeout
 
 
@@ -270,7 +271,7 @@ class Server:
                 sock.sendall(pending)
             if tr.closed:
                 break
-            direct = parser.payload_buffer()
+            direct = parser.payload_buffer(DIRECT_RECV)
             n = sock.recv_into(direct if direct is not None else view)
             if n == 0:
                 raise EOFError("client closed the connection")
@@ -312,7 +313,7 @@ class Server:
             while not failed:
                 req = parser.next_request()
                 if req is None:
-                    direct = parser.payload_buffer()
+                    direct = parser.payload_buffer(DIRECT_RECV)
                     n = sock.recv_into(direct if direct is not None else view)
                     if n == 0:
                         raise EOFError("client closed the connection")

@@ -82,10 +82,12 @@ class RequestParser:
         if len(mv):
             self._in += mv
 
-    def payload_buffer(self):
+    def payload_buffer(self, min_size=1):
         """Where the rest of a pending WRITE payload goes (a memoryview), so the
-        I/O layer can recv_into it directly and skip a copy; None otherwise."""
-        if self._payload is None or self._filled == len(self._payload):
+        I/O layer can recv_into it directly and skip a copy; None when no
+        payload is pending or less than min_size of it is missing (small
+        payloads are cheaper read in bulk with the requests around them)."""
+        if self._payload is None or len(self._payload) - self._filled < min_size:
             return None
         return memoryview(self._payload)[self._filled:]
 
