@@ -241,6 +241,8 @@ class Transmission:
         # Header and data in one buffer: one send, no copy.  The data is read
         # before any header goes out, so an error is still a clean reply.
         n = req.length
+        if n == 0 and self.structured:      # no empty OFFSET_DATA chunk: just "done"
+            return [chunk(req.cookie, C.REPLY_TYPE_NONE, b"")]
         if self.structured:
             hdr = CHUNK.size + 8
             buf = bytearray(hdr + n)

@@ -81,6 +81,11 @@ def test_structured_read_is_one_offset_data_chunk(image):
     assert out == chunk(C.REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", MiB) + b"hello")
 
 
+def test_empty_reads(image):
+    assert run(conn(image), req(C.CMD_READ, 512, 0)) == chunk(C.REPLY_TYPE_NONE, b"")
+    assert run(conn(image, structured=False), req(C.CMD_READ, 512, 0)) == simple(0)
+
+
 def test_errors(image):
     tr = conn(image)
     assert run(tr, req(C.CMD_READ, SIZE - 4096, 8192)) == error_chunk(
