@@ -150,6 +150,9 @@ def test_nbdcopy_to_a_read_only_export_fails(served, tmp_path):
 def test_qemu_img_info_convert_compare(served, tmp_path):
     info = json.loads(sh("qemu-img", "info", "--output=json", served.uri("snap")).stdout)
     assert info["virtual-size"] == SIZE
+    # The legacy syntax the datapath hands to qemu (XenDisk params, Nbd uri).
+    legacy = "nbd:unix:%s:exportname=snap" % served.sock
+    assert json.loads(sh("qemu-img", "info", "--output=json", legacy).stdout)["virtual-size"] == SIZE
     qcow = str(tmp_path / "snap.qcow2")
     sh("qemu-img", "convert", "-O", "qcow2", served.uri("snap"), qcow)
     sh("qemu-img", "compare", served.snap, qcow)
