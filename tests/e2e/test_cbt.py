@@ -12,6 +12,7 @@ import pytest
 
 from conftest import run, wait_for_path
 from plugins.volume import cbt
+from plugins.volume import sendstream as ss
 
 K = 1024
 K64 = 64 * K
@@ -203,7 +204,46 @@ def test_enable_on_a_volume_with_data_and_live_interval(zpool, tmp_path):
     assert blocks_of(live) == {MiB // K64 + 1, 8 * MiB // K64}
     assert run("zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", ds).stdout.split() \
         == [a]
+    b = snap(ds, "b", dev)
+
+    # real streams pass fletcher-4 verification; a flipped payload byte fails it
+    for argv in (["-i", a, b], [b], ["-i", ds + "#" + cbt.ANCHOR, b]):
+        data = run_bytes("zfs", "send", "-c", "-e", "-L", *argv)
+        recs, p = parse(data, verify_checksum=True)
+        assert recs[0].type == ss.DRR_BEGIN and recs[-1].type == ss.DRR_END
+        assert recs[0].info["toname"] == b and p.bytes_seen == len(data)
+        w = next(i for i, r in enumerate(recs) if r.type == ss.DRR_WRITE)
+        pos = sum(312 + r.payload_size for r in recs[:w]) + 312 + 10
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        with pytest.raises(ss.StreamError, match="checksum"):
+            parse(bytes(bad), verify_checksum=True)
+    # a compound stream (zfs send -R): XDR nvlist header, substreams, final END
+    data = run_bytes("zfs", "send", "-R", b)
+    recs, p = parse(data, verify_checksum=True)
+    assert recs[0].info["hdrtype"] == ss.DMU_COMPOUNDSTREAM and p.done
+    nvl = ss.decode_nvlist(recs[0].info["payload"])
+    assert nvl["tosnap"] == "b" and "fss" in nvl
+    assert [r.info["toname"] for r in recs if r.type == ss.DRR_BEGIN][1:] == [a, b]
+
+    # gc drops the maps of snapshots that are gone, keeps the anchor's
+    cbt.snapshot_taken(b)
+    run("zfs", "destroy", b)
+    assert cbt.gc(ds) == 1
+    assert cbt.gc(ds) == 0
+    assert cbt.allocation_map(ds + "#" + cbt.ANCHOR) == [(MiB, 3 * K64)]
     dev.close()
+
+
+def run_bytes(*argv):
+    return subprocess.run(list(argv), stdout=subprocess.PIPE, check=True).stdout
+
+
+def parse(data, **kw):
+    p = ss.StreamParser(**kw)
+    recs = p.feed(data)
+    p.close()
+    return recs, p
 
 
 def test_one_percent_of_a_sparse_1g_volume_reads_only_the_changes(zpool):
