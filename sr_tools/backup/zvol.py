@@ -1,0 +1,187 @@
+"""The ZFS side of a backup: which dataset a VOLUME names, the anchor
+snapshot, a readable device for it, dropping its data afterwards.
+
+Anchors are plain ZFS snapshots `V@zfsng-cbt-backup-<id>`.  The `zfsng-cbt-`
+prefix makes the volume plugin classify them as CBT state: xapi never sees
+them, SR garbage collection never touches them, and they work the same on
+SR volumes and on raw datasets.  After a backup completes, the anchor's data
+is dropped with cbt.data_destroy (bookmark V#zfsng-cbt-backup-<id>, whose
+allocation map stays in the volume's properties), so it costs no space and
+still anchors the next incremental.
+
+A snapshot's data is read through a temporary read-only clone
+`<V>.zfsng-bk-<id>` with volmode=dev (SR volumes are volmode=none when idle
+and the SR hides snapshot devices); it is destroyed when the copy ends, and
+a resumed backup reuses it."""
+
+import os
+import re
+import subprocess
+import time
+
+from plugins.volume import cbt
+from sr_tools.backup.manifest import BackupError
+
+SNAP_PREFIX = "zfsng-cbt-backup-"
+CLONE_SUFFIX = ".zfsng-bk-"
+_DATASET = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_.:\-]+)+$")
+
+
+def zfs(*args):
+    try:
+        p = subprocess.run(["zfs"] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
+    except OSError as e:
+        raise BackupError("cannot run zfs: %s" % e)
+    if p.returncode != 0:
+        raise BackupError("zfs %s: %s" % (args[0], p.stderr.strip() or "exit %d" % p.returncode))
+    return p.stdout
+
+
+def exists(name):
+    kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "volume"
+    p = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", kind, name],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return p.returncode == 0
+
+
+def props(name, *names):
+    out = zfs("get", "-H", "-p", "-o", "property,value", ",".join(names), name)
+    res = {}
+    for line in out.splitlines():
+        k, _, v = line.partition("\t")
+        res[k] = v
+    return res
+
+
+def resolve(volume):
+    """The zvol dataset a VOLUME argument names: `SR:KEY` (an SR volume, through
+    the volume plugin's library) or a ZFS volume name POOL/...  Returns
+    {"volume", "guid", "size", "sr", "key"}."""
+    sr = key = None
+    if ":" in volume and "/" not in volume:
+        sr, key = volume.split(":", 1)
+        from plugins.volume import volume as vol_lib
+        try:
+            loc = vol_lib.locate(sr, key)
+        except Exception as e:      # the plugin's errors carry user-meant messages
+            raise BackupError("cannot find volume %s on SR %s: %s" % (key, sr, e))
+        if loc["kind"] != "volume":
+            raise BackupError("%s is a snapshot: back up its volume instead" % volume)
+        ds = loc["dataset"]
+    else:
+        ds = volume
+    if not _DATASET.match(ds) or len(ds) > 200 or CLONE_SUFFIX in ds:
+        raise BackupError("%r is not a ZFS volume name (POOL/PATH) nor SR:KEY" % volume)
+    if not exists(ds):
+        raise BackupError("no ZFS volume %s" % ds)
+    p = props(ds, "guid", "volsize")
+    return {"volume": ds, "guid": int(p["guid"]), "size": int(p["volsize"]), "sr": sr,
+            "key": key}
+
+
+def take_anchor(ds, backup_id):
+    snap = "%s@%s%s" % (ds, SNAP_PREFIX, backup_id)
+    zfs("snapshot", snap)
+    return describe(snap)
+
+
+def describe(snap):
+    p = props(snap, "guid", "createtxg", "volsize")
+    return {"snapshot": snap, "guid": int(p["guid"]), "createtxg": int(p["createtxg"]),
+            "size": int(p["volsize"]), "bookmark": None}
+
+
+def anchor_ref(anchor):
+    """The name an interval can start from: the snapshot if it still exists,
+    else its bookmark (checked to be the same guid)."""
+    snap = anchor["snapshot"]
+    if exists(snap) and int(props(snap, "guid")["guid"]) == anchor["guid"]:
+        return snap
+    bm = anchor.get("bookmark") or snap.replace("@", "#", 1)
+    if exists(bm) and int(props(bm, "guid")["guid"]) == anchor["guid"]:
+        return bm
+    raise BackupError("the anchor of the previous backup (%s) is gone: take a full backup" % snap)
+
+
+def drop_data(anchor, state_dir=None):
+    """Turn the anchor snapshot into a bookmark (cbt.data_destroy); returns
+    the bookmark name."""
+    try:
+        return cbt.data_destroy(anchor["snapshot"], state_dir)
+    except cbt.CbtError as e:
+        raise BackupError(str(e))
+
+
+def allocated(snap, state_dir=None, stats=None):
+    """Sorted [start, end) ranges holding data in snapshot `snap`."""
+    try:
+        return cbt.to_ranges(cbt.allocation_map(snap, state_dir, stats))
+    except cbt.CbtError as e:
+        raise BackupError(str(e))
+
+
+def changed(from_ref, snap, state_dir=None, stats=None):
+    """Sorted [start, end) ranges that differ between from_ref and snap."""
+    try:
+        return cbt.to_ranges(cbt.changed_extents(from_ref, snap, state_dir, stats))
+    except cbt.CbtError as e:
+        raise BackupError(str(e))
+
+
+class SnapshotDevice(object):
+    """Context manager: the path of a readable block device with the data of
+    `snap` (a temporary read-only clone)."""
+
+    def __init__(self, snap, backup_id, timeout=60.0):
+        self.snap = snap
+        self.clone = "%s%s%s" % (snap.split("@", 1)[0], CLONE_SUFFIX, backup_id)
+        self.timeout = timeout
+
+    def __enter__(self):
+        if exists(self.clone):
+            origin = props(self.clone, "origin").get("origin")
+            if origin != self.snap:
+                raise BackupError("%s exists and is not a clone of %s" % (self.clone, self.snap))
+        else:
+            zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", self.snap, self.clone)
+        path = "/dev/zvol/" + self.clone
+        deadline = time.time() + self.timeout
+        while not os.path.exists(path):
+            if time.time() > deadline:
+                self._destroy()
+                raise BackupError("%s did not appear within %d s" % (path, self.timeout))
+            subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+            time.sleep(0.05)
+        return path
+
+    def _destroy(self):
+        for _ in range(50):     # udev may still hold the new device for a moment
+            p = subprocess.run(["zfs", "destroy", self.clone], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True)
+            if p.returncode == 0 or not exists(self.clone):
+                return
+            time.sleep(0.2)
+        raise BackupError("cannot destroy %s: %s" % (self.clone, p.stderr.strip()))
+
+    def __exit__(self, *exc):
+        self._destroy()
+
+
+def create_volume(ds, size):
+    """A new sparse zvol to restore into; returns its device path."""
+    if not _DATASET.match(ds) or len(ds) > 200:
+        raise BackupError("%r is not a ZFS volume name" % ds)
+    if exists(ds):
+        raise BackupError("%s already exists" % ds)
+    zfs("create", "-s", "-V", str(size), "-o", "volmode=dev", ds)
+    path = "/dev/zvol/" + ds
+    deadline = time.time() + 60
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise BackupError("%s did not appear" % path)
+        subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        time.sleep(0.05)
+    return path
