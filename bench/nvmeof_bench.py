@@ -49,12 +49,12 @@ def run_jobs(dev, runtime, size):
     return [fio(dev, args, runtime, size) for _, args in JOBS]
 
 
-def start_target(state, sock, port):
+def start_target(state, sock, port, workers=1):
     env = dict(os.environ, PYTHONPATH=ROOT)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
-                             "127.0.0.1:%d" % port, "--state", state, "--socket", sock],
-                            cwd=ROOT, env=env)
+                             "127.0.0.1:%d" % port, "--state", state, "--socket", sock,
+                             "--workers", str(workers)], cwd=ROOT, env=env)
     from nvmeof_target.control import Client, ControlError
     while True:
         try:
@@ -83,13 +83,13 @@ def footprint(pid):
 
 def scale(tmp, n, port):
     from nvmeof_target.registry import Registry
-    state = os.path.join(tmp, "scale.db")
+    state = os.path.join(tmp, "scale-%d.db" % n)
     reg = Registry(state)
     rows = [("nqn.2014-08.org.zfs-ng:bench:vol-%06d" % i, "/dev/zvol/bench/vol-%06d" % i,
              str(uuid.UUID(int=i + 1)), False, False, 512) for i in range(n)]
     reg.add_many(rows)
     reg.close()
-    sock = os.path.join(tmp, "scale.sock")
+    sock = os.path.join(tmp, "scale-%d.sock" % n)
     proc, startup = start_target(state, sock, port)
     try:
         from nvmeof_target.control import Client
@@ -100,14 +100,25 @@ def scale(tmp, n, port):
     return stats["volumes"], startup, rss, fds
 
 
+def print_scale(tmp, volumes):
+    # startup = process start until the control socket answers (interpreter included)
+    for n in (0, volumes):
+        got, startup, rss, fds = scale(tmp, n, 4422)
+        print("target with %d configured volumes: startup %.2f s, RSS %.1f MiB, %d fds"
+              % (got, startup, rss, fds))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runtime", type=int, default=10)
     ap.add_argument("--size", default="128m")
     ap.add_argument("--volumes", type=int, default=100000)
     ap.add_argument("--disk", default="/dev/disk/by-id/virtio-zfsng-d0")
+    ap.add_argument("--scale-only", action="store_true", help="Only the 100k-volume footprint.")
     opts = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="nvmeof-bench-")
+    if opts.scale_only:
+        return print_scale(tmp, opts.volumes)
     pool = "bench%s" % uuid.uuid4().hex[:4]
     sh("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", pool, opts.disk)
     try:
@@ -128,36 +139,40 @@ def main():
             disconnect(kt.nqn)
             time.sleep(1)
 
-        state, sock = os.path.join(tmp, "t.db"), os.path.join(tmp, "t.sock")
-        proc, _ = start_target(state, sock, 4420)
-        try:
-            from nvmeof_target.control import Client
-            nqn, ns_uuid = "nqn.2014-08.org.zfs-ng:bench:v", str(uuid.uuid4())
-            Client(sock).add(nqn, zvol, ns_uuid, allow_any_host=True)
-            connect(nqn, 4420)
-            dev = find_namespace(ns_uuid)
-            ours = run_jobs(dev, opts.runtime, opts.size)
-            busy_rss, busy_fds = footprint(proc.pid)
-            disconnect(nqn)
-        finally:
-            stop(proc)
+        def ours(workers):
+            state = os.path.join(tmp, "t%d.db" % workers)
+            sock = os.path.join(tmp, "t%d.sock" % workers)
+            proc, _ = start_target(state, sock, 4420, workers)
+            try:
+                from nvmeof_target.control import Client
+                nqn, ns_uuid = "nqn.2014-08.org.zfs-ng:bench:v%d" % workers, str(uuid.uuid4())
+                Client(sock).add(nqn, zvol, ns_uuid, allow_any_host=True)
+                connect(nqn, 4420)
+                dev = find_namespace(ns_uuid)
+                res = run_jobs(dev, opts.runtime, opts.size)
+                fp = footprint(proc.pid)
+                disconnect(nqn)
+                time.sleep(1)
+                return res, fp
+            finally:
+                stop(proc)
 
+        ours1, (busy_rss, busy_fds) = ours(1)
+        ours2, _ = ours(2)
         print()
         print("fio --direct=1 libaio, %ds per job, %s working set, zvol volblocksize 16K lz4"
               % (opts.runtime, opts.size))
-        print("| job | kernel nvmet-tcp | zfs-ng target | ours/kernel |")
-        print("|---|---|---|---|")
-        for (name, _), (kiops, kbw), (oiops, obw) in zip(JOBS, kernel, ours):
-            if name.startswith("4K"):
-                print("| %s | %.0f IOPS | %.0f IOPS | %.2f |" % (name, kiops, oiops,
-                                                                oiops / kiops if kiops else 0))
-            else:
-                print("| %s | %.1f MiB/s | %.1f MiB/s | %.2f |" % (name, kbw, obw,
-                                                                  obw / kbw if kbw else 0))
+        print("| job | kernel nvmet-tcp | zfs-ng, 1 worker | ratio | zfs-ng, 2 workers | ratio |")
+        print("|---|---|---|---|---|---|")
+        for (name, _), k, o1, o2 in zip(JOBS, kernel, ours1, ours2):
+            i = 0 if name.startswith("4K") else 1
+            fmt = "%.0f IOPS" if i == 0 else "%.1f MiB/s"
+            cells = [fmt % k[i]]
+            for o in (o1, o2):
+                cells += [fmt % o[i], "%.2f" % (o[i] / k[i] if k[i] else 0)]
+            print("| %s | %s |" % (name, " | ".join(cells)))
         print("target while serving 1 volume: RSS %.1f MiB, %d fds" % (busy_rss, busy_fds))
-        n, startup, rss, fds = scale(tmp, opts.volumes, 4422)
-        print("target with %d configured volumes: startup %.2f s, RSS %.1f MiB, %d fds"
-              % (n, startup, rss, fds))
+        print_scale(tmp, opts.volumes)
     finally:
         subprocess.run(["nvme", "disconnect-all"], stdout=subprocess.PIPE)
         subprocess.run(["zpool", "destroy", "-f", pool])
