@@ -49,6 +49,9 @@ class Controller(object):
         self.io_queues = {}             # qid -> Queue
         self.dead = False
         self.remote = False             # a stand-in for another worker's controller
+        # Traffic-based keep-alive: the host skips Keep Alives while commands
+        # complete.  Only sound when this process sees all the controller's queues.
+        self.tbkas = True
         self.disc_cache = None          # (genctr, bytes) of the discovery log
 
     @property

@@ -43,7 +43,7 @@ def controller(ctrl, subnqn, serial):
     b[77] = MDTS
     struct.pack_into("<HI", b, 78, ctrl.cntlid, C.VS)
     struct.pack_into("<I", b, 92, ctrl.aen_supported())      # OAES
-    struct.pack_into("<I", b, 96, CTRATT_TBKAS)              # CTRATT
+    struct.pack_into("<I", b, 96, CTRATT_TBKAS if ctrl.tbkas else 0)   # CTRATT
     b[111] = 2 if ctrl.discovery else 1                      # CNTRLTYPE
     b[258] = 3                              # ACL
     b[259] = C.AER_LIMIT - 1                # AERL

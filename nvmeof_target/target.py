@@ -82,6 +82,9 @@ class Target(object):
             sub = self._sub_for(vol)
             ctrl = Controller(self._alloc_cntlid(), sub, hostnqn, hostid, kato_ms, self.now())
             sub.controllers.add(ctrl)
+        # With several workers, I/O may flow on queues this process never sees,
+        # so the host must keep sending Keep Alives to the admin queue.
+        ctrl.tbkas = self.shared is None
         self.controllers[ctrl.cntlid] = ctrl
         self.publish(ctrl)
         log.info("controller %d: %s for %s", ctrl.cntlid, subnqn, hostnqn)

@@ -71,6 +71,7 @@ def test_connect_properties_identify(env):
     assert struct.unpack_from("<I", idc, 536)[0] & 3                        # SGLS
     assert idc[768:768 + len(SUBNQN) + 1] == SUBNQN.encode() + b"\0"
     assert idc[111] == 1 and idc[525] == 1 and idc[512] == 0x66 and idc[513] == 0x44
+    assert struct.unpack_from("<I", idc, 96)[0] & (1 << 6)                  # TBKAS
     ns = h.identify(0, nsid=1)
     nsze, ncap = struct.unpack_from("<QQ", ns, 0)
     assert nsze == ncap == SIZE // 512 and ns[130] == 9

@@ -5,6 +5,7 @@ queues held by the other workers too."""
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -60,6 +61,8 @@ def _controller_with_queues(port, n=8):
     admin.icreq()
     cntlid = admin.connect(NQN)
     admin.enable()
+    # I/O on other workers is invisible to the owner: no traffic-based keep-alive
+    assert not struct.unpack_from("<I", admin.identify(1), 96)[0] & (1 << 6)
     assert admin.set_features(0x07, ((n - 1) << 16) | (n - 1)) == ((n - 1) << 16) | (n - 1)
     ios = []
     for qid in range(1, n + 1):
