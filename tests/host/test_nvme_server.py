@@ -178,3 +178,35 @@ def test_cli_add_ls_rm(target, tmp_path):
     assert r.returncode == 1 and "already exists" in r.stderr and "Traceback" not in r.stderr
     assert run("rm", NQN).returncode == 0
     assert json.loads(run("ls", "--json").stdout) == []
+
+
+def test_idle_volumes_cost_no_descriptor(tmp_path):
+    """20,000 configured volumes: the target holds the same fds as with none;
+    connecting to one opens exactly its backend (and the sockets), closing
+    releases it."""
+    from nvmeof_target.registry import Registry
+    t = TargetProcess(tmp_path).start()
+    try:
+        base = Client(t.sock).stats()["fds"]
+    finally:
+        t.stop()
+    reg = Registry(t.state)
+    path = sparse(tmp_path)
+    reg.add_many([("nqn.2014-08.org.zfs-ng:many:v%05d" % i, path, str(uuid.UUID(int=i + 1)),
+                   False, True, 512) for i in range(20000)])
+    reg.close()
+    t.start()
+    try:
+        c = Client(t.sock)
+        s = c.stats()
+        assert s["volumes"] == 20000 and s["live_subsystems"] == 0 and s["fds"] == base
+        h, _ = controller(t.port, "nqn.2014-08.org.zfs-ng:many:v12345")
+        s = c.stats()
+        assert s["live_subsystems"] == 1 and s["fds"] == base + 2       # socket + backend
+        h.t.close()
+        deadline = time.time() + 5
+        while c.stats()["fds"] != base and time.time() < deadline:
+            time.sleep(0.05)
+        assert c.stats()["fds"] == base
+    finally:
+        assert t.stop()[0] == 0
