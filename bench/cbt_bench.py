@@ -8,8 +8,9 @@ data, snapshot A, 1% of its 64 KiB blocks rewritten with random data,
 snapshot B.  Measured in the same run:
 - list_changed_blocks(A, B) (map of A already built): wall time, bytes that
   came through the pipe, payload bytes, records;
-- the reference: `zfs send -c -e -L -i A B > /dev/null` (the kernel's cost alone)
-  and the `zfs send -nvP` estimate;
+- the references: `zfs send -c -e -L -i A B > /dev/null` (the kernel's cost
+  alone), the same through a pipe into `dd` (kernel + pipe, a C reader), and
+  the `zfs send -nvP` estimate;
 - the naive bitmap (every FREE counted as changed) and how many bits it
   over-reports;
 - the fast path (no change since B: `written#` read only).
@@ -78,6 +79,13 @@ def one(pool, gib, seed):
     with open(os.devnull, "wb") as null:
         subprocess.run(["zfs", "send", "-c", "-e", "-L", "-i", a, b], stdout=null, check=True)
     ref_s = time.time() - t0
+    t0 = time.time()
+    p1 = subprocess.Popen(["zfs", "send", "-c", "-e", "-L", "-i", a, b], stdout=subprocess.PIPE)
+    subprocess.run(["dd", "of=/dev/null", "bs=1M"], stdin=p1.stdout,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p1.stdout.close()
+    p1.wait()
+    pipe_s = time.time() - t0
     estimate = cbt.send_estimate(a, b)
 
     stats = {}
@@ -103,7 +111,7 @@ def one(pool, gib, seed):
         "list_changed_blocks_s": round(lcb_s, 3), "send_and_parse_s": round(stats["send_s"], 3),
         "stream_bytes": stats["stream_bytes"],
         "payload_bytes": stats["payload_bytes"], "records": stats["records"],
-        "zfs_send_to_devnull_s": round(ref_s, 3), "zfs_send_nvP_estimate": estimate,
+        "zfs_send_to_devnull_s": round(ref_s, 3), "zfs_send_pipe_dd_s": round(pipe_s, 3), "zfs_send_nvP_estimate": estimate,
         "naive_bits": naive_bits, "naive_false_bits": naive_bits - len(changed),
         "fast_path": fstats.get("fast_path"), "fast_path_s": round(fast_s, 3),
         "build_map_of_A_s": round(map_a_s, 3), "fill_s": round(fill_s, 1),
@@ -129,14 +137,15 @@ def main():
             if not args.json:
                 print("%2d GiB, 1%% changed (%d MiB): bitmap %s in %.2f s (send+parse %.2f s); "
                       "%.1f MiB through the "
-                      "pipe (%.1f MiB payload, %d records); zfs send > /dev/null %.2f s; "
+                      "pipe (%.1f MiB payload, %d records); zfs send > /dev/null %.2f s, | dd %.2f s; "
                       "send -nvP %.1f MiB; naive FREE-as-changed: %d false bits of %d; "
                       "fast path %.2f s; map of A %.2f s"
                       % (g, r["changed_bytes"] >> 20, "correct" if r["bitmap_correct"] else
                          "WRONG", r["list_changed_blocks_s"], r["send_and_parse_s"],
                          r["stream_bytes"] / 2.0 ** 20,
                          r["payload_bytes"] / 2.0 ** 20, r["records"],
-                         r["zfs_send_to_devnull_s"], r["zfs_send_nvP_estimate"] / 2.0 ** 20,
+                         r["zfs_send_to_devnull_s"], r["zfs_send_pipe_dd_s"],
+                         r["zfs_send_nvP_estimate"] / 2.0 ** 20,
                          r["naive_false_bits"], r["naive_bits"], r["fast_path_s"],
                          r["build_map_of_A_s"]), flush=True)
     finally:

@@ -37,7 +37,27 @@ then bookmarked (V#zfsng-cbt-anchor) and destroyed.  Names starting with
 bookmark, the anchor makes `zfs rollback` to an older snapshot refuse unless
 -r (which destroys it); after that the next interval is computed by a full
 scan.  Call snapshot_taken(V@S) after each snapshot of a CBT volume so that
-every map is an incremental scan from the previous one.
+every map is an incremental scan from the previous one (otherwise the first
+interval after enable reads everything written since enable, once).
+
+Public API (extents are (offset, length) byte pairs; names are ZFS names,
+validated here; every call raises CbtError with a readable message):
+
+    enable(V, state_dir=None)             disable(V, state_dir=None)
+    is_enabled(V) -> bool                 data_destroy(V@S, state_dir=None) -> "V#S"
+    snapshot_taken(V@S, state_dir=None) -> allocated extents
+    list_changed_blocks(V@A|V#A, V@B, offset=0, length=-1, state_dir=None)
+        -> {"granularity": 65536, "bitmap": base64}
+    changed_extents(V@A|V#A, V@B or live V, state_dir=None) -> extents
+    allocation_map(V@S|V#S, state_dir=None) -> allocated extents
+    allocation_extents(V@S, offset, length) / dirty_extents(A, V@B, offset, length)
+        -> [(offset, length, flags)]  (NBD base:allocation / qemu:dirty-bitmap)
+    bitmap(extents, volsize, offset=0, length=-1), allocation_window(),
+    dirty_window(), bitmap_blocks(b64)    pure encoders/decoders
+    gc(V)                                 drop maps of vanished snapshots
+
+Callers serialise operations on one volume (the plugin's per-volume lock);
+concurrent readers of the same interval only duplicate work.
 """
 
 import base64
@@ -388,6 +408,21 @@ def _zfs(*args):
     return p.stdout
 
 
+def _destroy_snapshot(name, tries=40):
+    """zfs destroy of a snapshot, retried while it is busy: with
+    snapdev=visible udev opens a new snapshot's device node for a moment."""
+    delay = 0.05
+    for i in range(tries):
+        p = subprocess.run(["zfs", "destroy", name], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True)
+        if p.returncode == 0:
+            return
+        if "busy" not in p.stderr or i == tries - 1:
+            raise CbtError("zfs destroy: %s" % (p.stderr.strip() or "exit %d" % p.returncode))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
 def _exists(name):
     # `zfs list V#B` refuses the bookmark delimiter unless the type is given
     kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
@@ -485,6 +520,7 @@ def _send(from_ref, to_snap, stats=None, bufsize=1 << 20, volsize=None):
     except OSError as e:
         err.close()
         raise CbtError("cannot run zfs send: %s" % e)
+    _grow_pipe(proc.stdout.fileno())
     parser = ss.StreamParser()
     try:
         try:
@@ -514,6 +550,19 @@ def _send(from_ref, to_snap, stats=None, bufsize=1 << 20, volsize=None):
         stats["payload_bytes"] = stats.get("payload_bytes", 0) + parser.payload_bytes
         stats["records"] = stats.get("records", 0) + parser.records
     return writes, frees, volsize
+
+
+F_SETPIPE_SZ = 1031      # fcntl.F_SETPIPE_SZ, named only since Python 3.10
+
+
+def _grow_pipe(fd, size=1 << 20):
+    """A 1 MiB pipe (the default pipe-max-size) means 16x fewer wakeups than
+    the 64 KiB default; refused (EPERM above the limit) is harmless."""
+    try:
+        import fcntl
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except (ImportError, OSError, IOError):
+        pass
 
 
 def send_estimate(from_ref, to_snap):
@@ -702,7 +751,7 @@ def _live_changes(from_ref, vol, state_dir, stats):
     try:
         return to_extents(_changes(from_ref, tmp, state_dir, stats, save=False)[0])
     finally:
-        _zfs("destroy", tmp)
+        _destroy_snapshot(tmp)
 
 
 def _changes(from_ref, to_ref, state_dir, stats, save=True):
@@ -728,6 +777,8 @@ def _changes(from_ref, to_ref, state_dir, stats, save=True):
     cached = store.load_changes(a, b)
     if cached is not None:
         return cached, volsize
+    if a.guid == b.guid:
+        return [], volsize        # V#S against V@S: the same point in time
     if a.txg >= b.txg:
         raise CbtError("%s is not older than %s" % (from_ref, to_ref))
     try:
@@ -796,15 +847,19 @@ def enable(vol, state_dir=None, stats=None):
         return
     if not _exists(snap):
         if _exists(bm):
-            _zfs("destroy", bm)     # stale anchor from an earlier enable
-        _zfs("snapshot", snap)
+            _zfs("destroy", bm)     # stale anchor of an interrupted enable
+        try:
+            _zfs("snapshot", snap)
+        except CbtError:
+            if not _exists(snap):   # not a concurrent enable: a real failure
+                raise
     ref = _ref(snap)
     if store.load(ref) is None:
         writes, _f, _v = _send(None, snap, stats)
         store.save(ref, writes)
     if not _exists(bm):
         _zfs("bookmark", snap, bm)
-    _zfs("destroy", snap)
+    _destroy_snapshot(snap)
     _zfs("set", "%s=on" % PROP_ENABLED, vol)
 
 
@@ -813,9 +868,10 @@ def disable(vol, state_dir=None):
     enabled mark.  Bookmarks left by data_destroy stay (their VDIs are the
     plugin's); intervals from them then count FREEs as changed."""
     _check_name(vol)
-    for name in ("%s@%s" % (vol, ANCHOR), "%s#%s" % (vol, ANCHOR)):
-        if _exists(name):
-            _zfs("destroy", name)
+    if _exists("%s@%s" % (vol, ANCHOR)):
+        _destroy_snapshot("%s@%s" % (vol, ANCHOR))
+    if _exists("%s#%s" % (vol, ANCHOR)):
+        _zfs("destroy", "%s#%s" % (vol, ANCHOR))
     store = MapStore(state_dir)
     store.drop_dataset(vol)
     if PROP_ENABLED in store.props(vol, refresh=True):
@@ -845,7 +901,7 @@ def data_destroy(snap, state_dir=None, stats=None):
             raise CbtError("bookmark %s exists for another snapshot" % bm)
     else:
         _zfs("bookmark", snap, bm)
-    _zfs("destroy", snap)
+    _destroy_snapshot(snap)
     return bm
 
 

@@ -3,6 +3,7 @@ bit for bit against the writes made and against the snapshots' contents,
 through data_destroy (snapshot -> bookmark -> snapshot), clones, and a 1%
 change on a larger sparse zvol with the bytes that came through the pipe."""
 
+import base64
 import hashlib
 import os
 import random
@@ -10,7 +11,7 @@ import subprocess
 
 import pytest
 
-from conftest import run, wait_for_path
+from conftest import TEST_DIR, run, wait_for_path
 from plugins.volume import cbt
 from plugins.volume import sendstream as ss
 
@@ -231,8 +232,15 @@ def test_enable_on_a_volume_with_data_and_live_interval(zpool, tmp_path):
     run("zfs", "destroy", b)
     assert cbt.gc(ds) == 1
     assert cbt.gc(ds) == 0
-    assert cbt.allocation_map(ds + "#" + cbt.ANCHOR) == [(MiB, 3 * K64)]
     dev.close()
+    # the maps travel with the pool: export, import, no state dir
+    run("zpool", "export", zpool)
+    run("zpool", "import", "-d", TEST_DIR, zpool)
+    assert cbt.is_enabled(ds)
+    assert cbt.allocation_map(ds + "#" + cbt.ANCHOR) == [(MiB, 3 * K64)]
+    assert bits(cbt.list_changed_blocks(ds + "#" + cbt.ANCHOR, a)) == set()
+    same = cbt.list_changed_blocks(a, a)                # one point in time: no change
+    assert bits(same) == set() and len(base64.b64decode(same["bitmap"])) == 32 * MiB // (2 * MiB) * 4
 
 
 def run_bytes(*argv):
