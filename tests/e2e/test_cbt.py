@@ -238,7 +238,19 @@ def test_enable_on_a_volume_with_data_and_live_interval(zpool, tmp_path):
     run("zpool", "import", "-d", TEST_DIR, zpool)
     assert cbt.is_enabled(ds)
     assert cbt.allocation_map(ds + "#" + cbt.ANCHOR) == [(MiB, 3 * K64)]
-    assert bits(cbt.list_changed_blocks(ds + "#" + cbt.ANCHOR, a)) == set()
+    stats = {}
+    assert bits(cbt.list_changed_blocks(ds + "#" + cbt.ANCHOR, a, 0, -1, None, stats)) == set()
+    assert stats["fast_path"] and stats["sends"] == 0      # written#bookmark == 0
+    # clean errors, no traceback material: missing ends, wrong order, other volumes
+    for args, msg in [((ds + "@nope", a), "does not exist|cannot open"),
+                      ((a, ds + "#" + cbt.ANCHOR), "must be a snapshot"),
+                      ((ds + "#" + cbt.ANCHOR, a + "x"), "does not exist|cannot open")]:
+        with pytest.raises(cbt.CbtError, match=msg):
+            cbt.list_changed_blocks(*args)
+    other, _p = make_vol(zpool, "other", 8 * MiB)
+    run("zfs", "snapshot", other + "@o")
+    with pytest.raises(cbt.CbtError):
+        cbt.list_changed_blocks(a, other + "@o")
     same = cbt.list_changed_blocks(a, a)                # one point in time: no change
     assert bits(same) == set() and len(base64.b64decode(same["bitmap"])) == 32 * MiB // (2 * MiB) * 4
 
