@@ -135,3 +135,9 @@ def set_(sr, key, name, description, pairs, unset):
         call(lib.set_key, sr, key, k, v)
     for k in unset:
         call(lib.unset_key, sr, key, k)
+
+
+# attach/detach/export/attachments belong to the datapath area
+from sr_tools.vol_attach_cmds import add_to as _add_datapath_commands  # noqa: E402
+
+_add_datapath_commands(group)

@@ -1,0 +1,165 @@
+"""`zfs-ng vol attach/detach/export/attachments`: the datapath plugins by hand.
+
+The commands run the same code xapi runs through the plugin executables
+(plugins.datapath.*), so an admin attach is an ordinary attachment: it shows
+in `attachments`, obeys the RO/RW rules, and `detach` undoes it.
+
+They live here, not in vol_cmds.py, because the datapath is its own area;
+`add_to(group)` puts them into the `vol` group (vol_cmds.py calls it), and
+`group` is a stand-alone group with just these commands.
+"""
+
+import click
+
+from sr_tools.output import emit, fail, json_option
+
+DATAPATHS = {"raw": "zfsng-raw", "nbd": "zfsng-nbd", "nvme": "nvme+tcp"}
+CLI_DOMAIN = "u0-cli"
+
+
+def _datapath(scheme):
+    if scheme == "zfsng-raw":
+        from plugins.datapath.raw import RawDatapath
+        return RawDatapath()
+    if scheme == "zfsng-nbd":
+        from plugins.datapath.nbd import NbdDatapath
+        return NbdDatapath()
+    from plugins.datapath.nvme import NvmeDatapath
+    return NvmeDatapath()
+
+
+def _uri(sr, key, datapath):
+    """The volume's own URI for that datapath (from the volume plugin)."""
+    from plugins.volume import volume as volumes
+    scheme = DATAPATHS[datapath]
+    for u in volumes.stat(sr, key)["uri"]:
+        if u.startswith(scheme + "://"):
+            return u
+    fail("volume %s has no %s URI (for nvme, set the SR's nvme-node)" % (key, datapath))
+
+
+def _smapi(fn, *args, **kw):
+    from plugins import smapi
+    try:
+        return fn(*args, **kw)
+    except smapi.SmapiError as e:
+        fail("%s: %s" % (e.name, e.message))
+
+
+sr_arg = click.argument("sr")
+key_arg = click.argument("key")
+datapath_opt = click.option("--datapath", "-d", type=click.Choice(sorted(DATAPATHS)),
+                            default="raw", show_default=True)
+domain_opt = click.option("--domain", default=CLI_DOMAIN, show_default=True,
+                          help="Domain the attachment is made for (xapi uses domids, u0-... "
+                               "for dom0).")
+
+
+@click.command()
+@sr_arg
+@key_arg
+@datapath_opt
+@domain_opt
+@click.option("--readonly", is_flag=True, help="activate_readonly (snapshots always are).")
+@click.option("--hostnqn", help="nvme: connect as this host NQN (default /etc/nvme/hostnqn).")
+@json_option
+def attach(sr, key, datapath, domain, readonly, hostnqn, as_json):
+    """Attach and activate volume KEY of SR; print where it is."""
+    from plugins.datapath import core
+    uri = _uri(sr, key, datapath)
+    dp = _datapath(DATAPATHS[datapath])
+    kw = {"hostnqn": hostnqn} if datapath == "nvme" and hostnqn else {}
+    res = _smapi(dp.attach, uri, domain, **kw)
+    ro = readonly or not _smapi(dp.check_writable, uri)
+    try:
+        _smapi(dp.activate_readonly if ro else dp.activate, uri, domain)
+    except SystemExit:
+        dp.detach(uri, domain)
+        raise
+    out = {"uri": uri, "domain": domain, "mode": core.RO if ro else core.RW}
+    for kind, payload in res["implementations"]:
+        if kind == "BlockDevice":
+            out["device"] = payload["path"]
+        elif kind == "Nbd":
+            out["nbd"] = payload["uri"]
+    emit(out if not as_json else dict(out, implementations=res["implementations"]), as_json)
+
+
+@click.command()
+@sr_arg
+@key_arg
+@datapath_opt
+@domain_opt
+@json_option
+def detach(sr, key, datapath, domain, as_json):
+    """Deactivate and detach volume KEY of SR (never fails)."""
+    uri = _uri(sr, key, datapath)
+    dp = _datapath(DATAPATHS[datapath])
+    dp.detach(uri, domain)
+    emit({"uri": uri, "domain": domain, "detached": True}, as_json)
+
+
+@click.command()
+@sr_arg
+@key_arg
+@click.option("--to-host", "hostnqn", metavar="HOSTNQN",
+              help="Grant this host NQN access over NVMe/TCP (else: serve over NBD).")
+@click.option("--stop", is_flag=True, help="Undo a previous export.")
+@json_option
+def export(sr, key, hostnqn, stop, as_json):
+    """Export volume KEY of SR: over NBD on a unix socket (read-only for
+    snapshots), or to one remote host over NVMe/TCP with --to-host."""
+    if hostnqn:
+        from plugins.datapath import node
+        uri = _uri(sr, key, "nvme")
+        subnqn = uri.split("/", 3)[3]
+        if stop:
+            node.revoke(subnqn, hostnqn)
+            emit({"uri": uri, "hostnqn": hostnqn, "exported": False}, as_json)
+            return
+        got = _smapi(node.grant, subnqn, hostnqn)
+        emit({"uri": uri, "hostnqn": hostnqn, "namespace_uuid": got["uuid"],
+              "readonly": got["readonly"], "exported": True}, as_json)
+        return
+    uri = _uri(sr, key, "nbd")
+    dp = _datapath("zfsng-nbd")
+    domain = "u0-export"
+    if stop:
+        dp.detach(uri, domain)
+        emit({"uri": uri, "exported": False}, as_json)
+        return
+    res = _smapi(dp.attach, uri, domain)
+    nbd = [p["uri"] for k, p in res["implementations"] if k == "Nbd"][0]
+    emit({"uri": uri, "nbd": nbd, "exported": True}, as_json)
+
+
+@click.command()
+@json_option
+def attachments(as_json):
+    """Volumes attached on this host, by domain."""
+    from plugins.datapath import state
+    rows = []
+    for st in state.list_states():
+        for domain, rec in sorted((st.get("attached") or {}).items()):
+            rows.append({"volume": st.get("volume"), "domain": domain,
+                         "datapath": rec.get("scheme"),
+                         "active": (st.get("active") or {}).get(domain, "-"),
+                         "device": rec.get("device") or rec.get("sock") or "-"})
+    emit(rows, as_json, columns=["volume", "domain", "datapath", "active", "device"])
+
+
+COMMANDS = (attach, detach, export, attachments)
+
+
+def add_to(grp):
+    for c in COMMANDS:
+        grp.add_command(c)
+    return grp
+
+
+@click.group()
+def group():
+    """Attach volumes on this host, export them (datapath plugins)."""
+
+
+add_to(group)
