@@ -171,11 +171,23 @@ def test_connect_identify_logs(pool, target):
         assert v.uuid in descs
         smart = json.loads(run("nvme", "smart-log", ctrl, "-o", "json").stdout)
         assert smart["avail_spare"] == 100
-        raw = run("nvme", "get-log", ctrl, "--log-id=2", "--log-len=512", "-b").stdout
-        assert raw is not None
+        dump = run("nvme", "get-log", ctrl, "--log-id=2", "--log-len=512").stdout
+        got = _hexdump_bytes(dump)
+        assert len(got) == 512 and got[1:5] == bytes([0x2F, 0x01, 100, 10]), dump[:300]
         assert int(open("/sys/block/%s/size" % os.path.basename(dev)).read()) == (128 << 20) // 512
     finally:
         v.disconnect()
+
+
+def _hexdump_bytes(text):
+    """Bytes of nvme-cli's hex dump ('0000: 00 2f 01 ...  "ascii"')."""
+    import re
+    out = bytearray()
+    for line in text.splitlines():
+        m = re.match(r"^\s*[0-9a-fA-F]+:\s+((?:[0-9a-fA-F]{2}\s+){1,16})", line + " ")
+        if m:
+            out += bytes(int(t, 16) for t in m.group(1).split())
+    return bytes(out)
 
 
 def _read_dev(dev, offset, length):
