@@ -184,3 +184,43 @@ def test_fuzz_queue_with_mutated_capsules(sqe_tail, opcode, flags):
     q.data_received(pdu.capsule_cmd(sqe))
     q.data_received(pdu.capsule_cmd(sqe, sqe_tail))
     assert q.out
+
+
+def _live_io_queue(path):
+    from test_nvme_initiator import HOSTNQN, Host, QueueTransport
+    nqn = "nqn.2014-08.org.zfs-ng:fuzz:v"
+    target = Target(Registry())
+    target.add(nqn, path, "0f4a3b3e-9c7c-4d3a-8d8e-1a2b3c4d5e6f", allowed_hosts=[HOSTNQN])
+    admin = Host(QueueTransport(Queue(target)))
+    admin.icreq()
+    cntlid = admin.connect(nqn)
+    admin.enable()
+    admin.set_features(0x07, 0)
+    q = Queue(target)
+    io = Host(QueueTransport(q))
+    io.icreq()
+    io.connect(nqn, qid=1, cntlid=cntlid, kato=0)
+    del q.out[:]
+    return q
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(hs.sampled_from([0x00, 0x01, 0x02, 0x08, 0x09, 0x7F, 0x05]), hs.integers(0, 2**64 - 1),
+       hs.integers(0, 0xFFFF), hs.integers(0, 2**32 - 1), hs.integers(0, 3),
+       hs.binary(max_size=600), hs.sampled_from([1, 0x5A, 0x00]))
+def test_fuzz_io_commands_stay_inside_the_namespace(opcode, slba, nlb, cdw11, nsid, data,
+                                                    sgl_id):
+    """Random I/O commands (LBAs, lengths, SGLs, payloads) on a live I/O queue:
+    each gets an answer, and the backing file never grows: no byte is ever
+    written outside the namespace."""
+    import tempfile
+    with tempfile.NamedTemporaryFile() as f:
+        f.truncate(1 << 20)
+        q = _live_io_queue(f.name)
+        sqe = build_sqe(opcode, 9, nsid=nsid, cdw10=slba & 0xFFFFFFFF, cdw11=slba >> 32,
+                        cdw12=nlb | (cdw11 & 0xFFFF0000), sgl_len=len(data) or nlb * 512,
+                        sgl_id=sgl_id)
+        q.data_received(pdu.capsule_cmd(sqe, data))
+        out = b"".join(bytes(b) for b in q.out)
+        assert out and out[0] in (pdu.RSP, pdu.R2T, pdu.C2H_DATA, pdu.C2H_TERM)
+        assert os.path.getsize(f.name) == 1 << 20
