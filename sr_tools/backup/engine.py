@@ -244,7 +244,7 @@ def _open_source(m, bitmap):
         return src, None
     from sr_tools.backup import zvol
     snap = m["anchor"]["snapshot"]
-    if not zvol.exists(snap) or int(zvol.props(snap, "guid")["guid"]) != m["anchor"]["guid"]:
+    if zvol.guids(snap).get(snap) != m["anchor"]["guid"]:
         raise BackupError("the anchor snapshot %s of this interrupted backup is gone: remove "
                           "the backup directory and start again" % snap)
     dev = zvol.SnapshotDevice(snap, m["id"])
@@ -342,7 +342,7 @@ def _copy(d, m, progress, keep_snapshot, state_dir, bitmap, stop_after):
     os.unlink(sums_path)
     if m["anchor"].get("snapshot") and not keep_snapshot:
         from sr_tools.backup import zvol
-        m["anchor"]["bookmark"] = zvol.drop_data(m["anchor"], state_dir)
+        m["anchor"]["bookmark"] = zvol.drop_data(m["anchor"])
         mf.save(d, m)
     return m
 

@@ -5,7 +5,7 @@ Anchors are plain ZFS snapshots `V@zfsng-cbt-backup-<id>`.  The `zfsng-cbt-`
 prefix makes the volume plugin classify them as CBT state: xapi never sees
 them, SR garbage collection never touches them, and they work the same on
 SR volumes and on raw datasets.  After a backup completes, the anchor's data
-is dropped with cbt.data_destroy (bookmark V#zfsng-cbt-backup-<id>, whose
+is dropped like cbt.data_destroy does (bookmark V#zfsng-cbt-backup-<id>, whose
 allocation map stays in the volume's properties), so it costs no space and
 still anchors the next incremental.
 
@@ -73,9 +73,12 @@ def resolve(volume):
         ds = volume
     if not _DATASET.match(ds) or len(ds) > 200 or CLONE_SUFFIX in ds:
         raise BackupError("%r is not a ZFS volume name (POOL/PATH) nor SR:KEY" % volume)
-    if not exists(ds):
-        raise BackupError("no ZFS volume %s" % ds)
-    p = props(ds, "guid", "volsize")
+    try:
+        p = props(ds, "guid", "volsize", "type")
+    except BackupError as e:
+        raise BackupError("no ZFS volume %s (%s)" % (ds, e))
+    if p.get("type") != "volume":
+        raise BackupError("%s is a %s, not a volume" % (ds, p.get("type")))
     return {"volume": ds, "guid": int(p["guid"]), "size": int(p["volsize"]), "sr": sr,
             "key": key}
 
@@ -92,25 +95,41 @@ def describe(snap):
             "size": int(p["volsize"]), "bookmark": None}
 
 
+def guids(*names):
+    """{name: guid} of the snapshots/bookmarks among names that exist (one zfs
+    call: zfs get prints what it finds and complains about the rest)."""
+    p = subprocess.run(["zfs", "get", "-H", "-p", "-o", "name,value", "guid"] + list(names),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    out = {}
+    for line in p.stdout.splitlines():
+        n, _, v = line.partition("\t")
+        if v.isdigit():
+            out[n] = int(v)
+    return out
+
+
 def anchor_ref(anchor):
     """The name an interval can start from: the snapshot if it still exists,
-    else its bookmark (checked to be the same guid)."""
+    else its bookmark (both checked to be the anchor's guid)."""
     snap = anchor["snapshot"]
-    if exists(snap) and int(props(snap, "guid")["guid"]) == anchor["guid"]:
-        return snap
     bm = anchor.get("bookmark") or snap.replace("@", "#", 1)
-    if exists(bm) and int(props(bm, "guid")["guid"]) == anchor["guid"]:
-        return bm
+    found = guids(snap, bm)
+    for name in (snap, bm):
+        if found.get(name) == anchor["guid"]:
+            return name
     raise BackupError("the anchor of the previous backup (%s) is gone: take a full backup" % snap)
 
 
-def drop_data(anchor, state_dir=None):
-    """Turn the anchor snapshot into a bookmark (cbt.data_destroy); returns
-    the bookmark name."""
-    try:
-        return cbt.data_destroy(anchor["snapshot"], state_dir)
-    except cbt.CbtError as e:
-        raise BackupError(str(e))
+def drop_data(anchor):
+    """Turn the anchor snapshot into a bookmark, like cbt.data_destroy but in
+    two zfs calls: the anchor's allocation map was stored when its extents were
+    computed (cbt.allocation_map / changed_extents), and the only clone, ours,
+    is gone.  Returns the bookmark name."""
+    snap = anchor["snapshot"]
+    bm = snap.replace("@", "#", 1)
+    zfs("bookmark", snap, bm)
+    zfs("destroy", snap)
+    return bm
 
 
 def allocated(snap, state_dir=None, stats=None):
@@ -139,12 +158,12 @@ class SnapshotDevice(object):
         self.timeout = timeout
 
     def __enter__(self):
-        if exists(self.clone):
-            origin = props(self.clone, "origin").get("origin")
-            if origin != self.snap:
-                raise BackupError("%s exists and is not a clone of %s" % (self.clone, self.snap))
-        else:
+        try:
             zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", self.snap, self.clone)
+        except BackupError:
+            # left by an interrupted run? then it is ours to reuse
+            if props(self.clone, "origin").get("origin") != self.snap:
+                raise BackupError("%s exists and is not a clone of %s" % (self.clone, self.snap))
         path = "/dev/zvol/" + self.clone
         deadline = time.time() + self.timeout
         while not os.path.exists(path):
