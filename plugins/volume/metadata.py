@@ -10,7 +10,8 @@ and unicode never break `zfs get -H` parsing):
                                 :created-pool (true: SR.destroy destroys the pool),
                                 :datapath, :nvme-node
     on volumes and snapshots    org.zfs-ng:name, :description, :keys ({str: str}),
-                                :sharable (bool)
+                                :sharable (bool); zfs-ng-cbt:enabled (cbt.py)
+    data-destroyed snapshots    bookmarks DS#KEY, metadata on DS (cbt_methods.py)
 
 The volume key is the ZFS name component (dataset name for volumes, snapshot
 name for snapshots), so keys and snapshot relations (origin, `ds@key`) need no
@@ -26,6 +27,7 @@ import json
 import os
 import sqlite3
 
+from plugins.volume import cbt
 from plugins.volume import names
 from plugins.volume import zfs
 
@@ -36,14 +38,14 @@ ROOT_PROPS = ["sr-uuid", "sr-name", "sr-description", "generation", "created-poo
               "datapath", "nvme-node"]
 # what reconcile reads for every volume and snapshot, in one `zfs get -r`
 ZFS_PROPS = ["volsize", "referenced", "origin", "createtxg", "volblocksize"] + \
-    [zfs.uprop(p) for p in VOLUME_PROPS]
+    [zfs.uprop(p) for p in VOLUME_PROPS] + [cbt.PROP_ENABLED]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS volumes (
     key TEXT PRIMARY KEY,
     zname TEXT NOT NULL UNIQUE,      -- POOL/zfs-ng/KEY or POOL/zfs-ng/DS@KEY
-    kind TEXT NOT NULL,              -- volume | snapshot
+    kind TEXT NOT NULL,              -- volume | snapshot | bookmark (data-destroyed)
     name TEXT NOT NULL,
     description TEXT NOT NULL,
     keys TEXT NOT NULL,              -- JSON object
@@ -52,12 +54,13 @@ CREATE TABLE IF NOT EXISTS volumes (
     physical_utilisation INTEGER NOT NULL,
     volblocksize INTEGER NOT NULL,
     origin TEXT NOT NULL,            -- clone origin snapshot, '' if none
-    createtxg INTEGER NOT NULL
+    createtxg INTEGER NOT NULL,
+    cbt_enabled INTEGER NOT NULL DEFAULT 0
 );
 """
 
 COLUMNS = ["key", "zname", "kind", "name", "description", "keys", "sharable", "virtual_size",
-           "physical_utilisation", "volblocksize", "origin", "createtxg"]
+           "physical_utilisation", "volblocksize", "origin", "createtxg", "cbt_enabled"]
 
 
 def entry_from_props(pool, zname, props):
@@ -88,21 +91,27 @@ def entry_from_props(pool, zname, props):
         "volblocksize": int(props.get("volblocksize", 16384) or 16384),
         "origin": "" if origin in ("-", "") else origin,
         "createtxg": int(props.get("createtxg", 0)),
+        "cbt_enabled": props.get(cbt.PROP_ENABLED) == "on",  # snapshots inherit it
     }
 
 
 def read_entries(pool, targets=None):
     """Entries read from ZFS: the whole SR (targets=None) or the given names."""
+    from plugins.volume import cbt_methods  # imports sr, which imports us
     root = names.sr_root(pool)
     if targets is None:
         got = zfs.get([root], ZFS_PROPS, recursive=True, types="volume,snapshot")
     else:
-        got = zfs.get(targets, ZFS_PROPS)
+        snaps = [t for t in targets if "#" not in t]
+        got = zfs.get(snaps, ZFS_PROPS) if snaps else {}
     out = []
     for zname, props in got.items():
         e = entry_from_props(pool, zname, props)
         if e is not None:
             out.append(e)
+    # a bookmark beside its snapshot is an interrupted data_destroy: the snapshot wins
+    seen = set(e["key"] for e in out)
+    out += [e for e in cbt_methods.bookmark_entries(pool, targets) if e["key"] not in seen]
     return out
 
 
@@ -118,6 +127,11 @@ class Index(object):
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        cols = [r[1] for r in self.db.execute("PRAGMA table_info(volumes)")]
+        if "cbt_enabled" not in cols:  # an index from before CBT: add it, rebuild
+            self.db.execute("ALTER TABLE volumes ADD COLUMN cbt_enabled INTEGER NOT NULL "
+                            "DEFAULT 0")
+            self.invalidate()
 
     @classmethod
     def for_sr(cls, sr_uuid, state_dir=None):
@@ -140,6 +154,7 @@ class Index(object):
         e = dict(zip(COLUMNS, r))
         e["keys"] = json.loads(e["keys"])
         e["sharable"] = bool(e["sharable"])
+        e["cbt_enabled"] = bool(e["cbt_enabled"])
         return e
 
     def get(self, key):
@@ -169,9 +184,10 @@ class Index(object):
 
     # writes: each one transaction that also records the generation -------------
     def _upsert(self, e):
-        vals = [e[c] for c in COLUMNS]
+        vals = [e.get(c) for c in COLUMNS]
         vals[COLUMNS.index("keys")] = json.dumps(e["keys"], sort_keys=True)
         vals[COLUMNS.index("sharable")] = 1 if e["sharable"] else 0
+        vals[COLUMNS.index("cbt_enabled")] = 1 if e.get("cbt_enabled") else 0
         self.db.execute("DELETE FROM volumes WHERE zname=? AND key<>?", (e["zname"], e["key"]))
         self.db.execute("INSERT OR REPLACE INTO volumes (%s) VALUES (%s)"
                         % (",".join(COLUMNS), ",".join("?" * len(COLUMNS))), vals)
@@ -188,6 +204,8 @@ class Index(object):
                 like = old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
                 self.db.execute("UPDATE volumes SET zname = ? || substr(zname, ?) "
                                 "WHERE zname LIKE ? ESCAPE '\\'", (new, n + 1, like))
+                self.db.execute("UPDATE volumes SET zname = ? || substr(zname, ?) "  # bookmarks
+                                "WHERE zname LIKE ? ESCAPE '\\'", (new, n + 1, like[:-2] + "#%"))
                 self.db.execute("UPDATE volumes SET origin = ? || substr(origin, ?) "
                                 "WHERE origin LIKE ? ESCAPE '\\'", (new, n + 1, like))
             for e in upsert:

@@ -2,6 +2,7 @@
 the library function behind each.  The entry scripts hand these to smapi.main."""
 
 from plugins.smapi import Method, Param
+from plugins.volume import cbt_methods
 from plugins.volume import plugin
 from plugins.volume import sr
 from plugins.volume import volume
@@ -52,4 +53,12 @@ VOLUME = [
     Method("Volume", "stat", volume.stat, _SK),
     Method("Volume", "compare", volume.compare, _SK + [P("key2", str)]),
     Method("Volume", "similar_content", volume.similar_content, _SK),
+    Method("Volume", "enable_cbt", cbt_methods.enable_cbt, _SK,
+           doc="Start changed-block tracking of a live volume (idempotent)."),
+    Method("Volume", "disable_cbt", cbt_methods.disable_cbt, _SK),
+    Method("Volume", "data_destroy", cbt_methods.data_destroy, _SK,
+           doc="Drop a snapshot's data, keep it listed for list_changed_blocks."),
+    Method("Volume", "list_changed_blocks", cbt_methods.list_changed_blocks,
+           _SK + [P("key2", str), P("offset", int), P("length", int, "< 0: to the end")],
+           doc="Base64 bitmap of the 64 KiB blocks changed from key to key2."),
 ]

@@ -9,7 +9,7 @@ VERSION = "0.1.0"
 
 # The daemon adds SR_* and VDI_CREATE/CLONE/SNAPSHOT/RESIZE/DELETE/UPDATE from the
 # scripts present; these are the ones it cannot infer.  Only what works:
-# no VDI_CONFIG_CBT (plugins/volume/cbt.py), no VDI_COMPOSE, no VDI_MIRROR_IN.
+# no VDI_COMPOSE, no VDI_MIRROR_IN.
 FEATURES = [
     "SR_PROBE",
     "SR_UPDATE",
@@ -20,6 +20,7 @@ FEATURES = [
     "VDI_RESIZE",
     "VDI_UPDATE",
     "VDI_REVERT",
+    "VDI_CONFIG_CBT",
     "THIN_PROVISIONING",
     "LARGE_VDI",
 ]

@@ -352,6 +352,9 @@ def collect_garbage(handle):
         rows = zfs.list_names(handle.root, ("name", "origin"))
         origins = set(r[1] for r in rows if len(r) > 1)
         has_snaps = set(r[0].split("@", 1)[0] for r in rows if "@" in r[0])
+        # datasets holding data-destroyed snapshots (bookmarks) are not garbage
+        from plugins.volume import cbt_methods  # it imports this module
+        has_snaps |= cbt_methods.bookmarked_datasets(handle.pool)
         victims = []
         for r in rows:
             kind, _ = names.classify(r[0], handle.pool)

@@ -24,6 +24,7 @@ import time
 
 from plugins import smapi
 from plugins.smapi import BackendError, InvalidParameters
+from plugins.volume import cbt_methods
 from plugins.volume import lock
 from plugins.volume import names
 from plugins.volume import zfs
@@ -99,7 +100,7 @@ def record(handle, e):
         "physical_utilisation": e["physical_utilisation"],
         "uri": uris(handle, e["key"]),
         "keys": e["keys"],
-        "cbt_enabled": False,  # changed-block tracking comes from plugins/volume/cbt.py
+        "cbt_enabled": bool(e.get("cbt_enabled")),  # plugins/volume/cbt_methods.py
     }
 
 
@@ -117,6 +118,8 @@ def ls(sr):
 def stat(sr, key):
     handle = SR.open(sr)
     e = handle.lookup(key)
+    if e["kind"] == "bookmark":  # data-destroyed: no data, sizes as recorded
+        return record(handle, cbt_methods.stat_bookmark(handle, e))
     # sizes fresh from ZFS (the index holds them as of the last mutation)
     try:
         got = zfs.get([e["zname"]], ["volsize", "referenced"]).get(e["zname"], {})
@@ -152,6 +155,7 @@ def snapshot(sr, key):
     new = names.new_key()
     with sr_mod.locked(sr) as handle:
         src = handle.find(key)
+        cbt_methods.check_has_data(src, "snapshotted")
         props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
         with handle.mutate() as txn:
             if src["kind"] == "volume":
@@ -162,6 +166,8 @@ def snapshot(sr, key):
                 zfs.zfs("clone", "-o", "readonly=on", src["zname"], base)
                 snap = "%s@%s" % (base, new)
             zfs.zfs("snapshot", *(props + [snap]))
+            if src["kind"] == "volume" and src.get("cbt_enabled"):
+                cbt_methods.snapshot_taken(handle, snap)
             txn.refresh.append(snap)
         return record(handle, handle.index().get(new))
 
@@ -171,6 +177,7 @@ def clone(sr, key):
     new = names.new_key()
     with sr_mod.locked(sr) as handle:
         src = handle.find(key)
+        cbt_methods.check_has_data(src, "cloned")
         ds = names.volume_dataset(handle.pool, new)
         props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
         with handle.mutate() as txn:
@@ -194,6 +201,11 @@ def destroy(sr, key):
             _check_idle(handle, e)
             with handle.mutate() as txn:
                 _destroy_volume(handle, e, txn)
+                txn.delete.append(key)
+        elif e["kind"] == "bookmark":
+            with handle.mutate() as txn:
+                cbt_methods.destroy_bookmark(e)
+                _collect_from(handle, e["zname"].split("#", 1)[0])
                 txn.delete.append(key)
         else:
             _release_readonly(handle, e)
@@ -230,6 +242,8 @@ def _release_readonly(handle, e):
 def _destroy_volume(handle, e, txn):
     ds = e["zname"]
     try:
+        if cbt_methods.listed_bookmarks(ds):  # zfs destroy would take them along
+            raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
         zfs.zfs("destroy", ds)
     except zfs.NotFound:
         pass
@@ -265,7 +279,8 @@ def _collect_from(handle, ds):
         if kind != "hidden" or "@" in ds:
             return
         try:
-            if zfs.list_names(ds, ("name",), types="snapshot", depth=1):
+            if zfs.list_names(ds, ("name",), types="snapshot", depth=1) or \
+                    cbt_methods.listed_bookmarks(ds):
                 return
             origin = zfs.get([ds], ["origin"]).get(ds, {}).get("origin", "-")
             zfs.zfs("destroy", ds)
@@ -285,6 +300,7 @@ def revert(sr, snapshot, key):
     with sr_mod.locked(sr) as handle:
         snap = handle.find(snapshot)
         vol = handle.find(key)
+        cbt_methods.check_has_data(snap, "reverted to")
         if snap["kind"] != "snapshot":
             raise InvalidParameters("%s is not a snapshot" % snapshot)
         if vol["kind"] != "volume":
@@ -337,7 +353,8 @@ def _set_field(sr, key, field, compute, prop_text):
         value = compute(e)
         text = prop_text(value)
         with handle.mutate() as txn:
-            zfs.zfs("set", "%s=%s" % (zfs.uprop(field), text), e["zname"])
+            prop, target = cbt_methods.field_prop(e, field)
+            zfs.zfs("set", "%s=%s" % (prop, text), target)
             e[field] = value
             txn.entries.append(e)
     return None
@@ -474,6 +491,7 @@ def activate_device(sr, key, timeout=60.0):
     activates."""
     handle = SR.open(sr)
     e = handle.lookup(key)
+    cbt_methods.check_has_data(e, "attached")
     loc = locate(sr, key)
     with lock.sr_lock(handle.pool):
         if e["kind"] == "volume":

@@ -193,7 +193,7 @@ def test_round_up():
 def test_query_and_tables():
     q = plugin.query()
     assert q["plugin"] == "zfs-ng" and q["required_api_version"] == "5.0"
-    assert "VDI_REVERT" in q["features"] and "VDI_CONFIG_CBT" not in q["features"]
+    assert "VDI_REVERT" in q["features"] and "VDI_CONFIG_CBT" in q["features"]
     assert all(isinstance(v, str) for v in q["configuration"].values())
     json.dumps(q)
     import os
