@@ -49,7 +49,8 @@ def _summary(m, d=None):
             "bytes_written": st.get("bytes_written", 0), "seconds": st.get("seconds"),
             "extents": len(m["extents"]), "chunks": st.get("chunks"),
             "resumed_at_chunk": st.get("resumed_at_chunk"),
-            "cbt_stream_bytes": cbt.get("stream_bytes"), "dir": d}
+            "cbt_stream_bytes": cbt.get("stream_bytes"), "dir": d,
+            "image": m.get("image"), "image_format": m.get("image_format")}
 
 
 @click.group()
@@ -57,11 +58,12 @@ def group():
     """Full and incremental backups of volumes, restore, verify."""
 
 
-def _backup(kind, volume, repo, nbd, bitmap, keep_snapshot, state_dir, as_json):
+def _backup(kind, volume, repo, nbd, bitmap, keep_snapshot, state_dir, image_format, as_json):
     import os
     from sr_tools.backup import engine
     m = _run(engine.backup, kind, volume, repo, nbd=nbd, bitmap=bitmap,
-             keep_snapshot=keep_snapshot, state_dir=state_dir, progress=_Bar(not as_json))
+             keep_snapshot=keep_snapshot, state_dir=state_dir, image_format=image_format,
+             progress=_Bar(not as_json))
     emit(_summary(m, os.path.join(repo, m["id"])), as_json)
 
 
@@ -75,6 +77,9 @@ _common = [
                  "turn it into a bookmark once the backup is complete)."),
     click.option("--state-dir", type=click.Path(file_okay=False), default=None,
                  help="CBT map cache directory."),
+    click.option("--format", "image_format", type=click.Choice(["raw", "qcow2"]),
+                 default="raw", show_default=True,
+                 help="Image format (qcow2: converted by qemu-img when complete)."),
     json_option,
 ]
 
@@ -87,21 +92,21 @@ def _with_common(fn):
 
 @group.command()
 @_with_common
-def full(volume, repo, nbd, keep_snapshot, state_dir, as_json):
+def full(volume, repo, nbd, keep_snapshot, state_dir, image_format, as_json):
     """Back up all allocated data of VOLUME into repository REPO.
 
     VOLUME: SR:KEY, a ZFS volume POOL/PATH, or a /path read as it is.
     An interrupted backup resumes when the command is run again."""
-    _backup("full", volume, repo, nbd, None, keep_snapshot, state_dir, as_json)
+    _backup("full", volume, repo, nbd, None, keep_snapshot, state_dir, image_format, as_json)
 
 
 @group.command()
 @_with_common
 @click.option("--bitmap", metavar="NAME", help="With --nbd: the qemu:dirty-bitmap:NAME "
               "context holding the changes since the previous backup.")
-def incr(volume, repo, nbd, keep_snapshot, state_dir, as_json, bitmap):
+def incr(volume, repo, nbd, keep_snapshot, state_dir, image_format, as_json, bitmap):
     """Back up only what changed in VOLUME since its newest backup in REPO."""
-    _backup("incr", volume, repo, nbd, bitmap, keep_snapshot, state_dir, as_json)
+    _backup("incr", volume, repo, nbd, bitmap, keep_snapshot, state_dir, image_format, as_json)
 
 
 @group.command()

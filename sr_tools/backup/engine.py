@@ -136,14 +136,20 @@ def _prepare_repo(repo):
 
 
 def backup(kind, volume, repo, nbd=None, bitmap=None, keep_snapshot=False, state_dir=None,
-           progress=None, chunk_size=CHUNK, _stop_after=None):
+           progress=None, chunk_size=CHUNK, image_format="raw", _stop_after=None):
     """Take (or resume) a full or incremental backup of `volume` into
     repository `repo`; returns the completed manifest.  With `nbd`, the data
     comes from that export (which must be a stable point, e.g. a snapshot
     export) and `volume` is only the chain's label; incr then reads the dirty
-    extents of bitmap `bitmap`."""
+    extents of bitmap `bitmap`.  image_format "qcow2" converts the finished
+    raw image with qemu-img (refused up front if qemu-img is missing)."""
     if kind not in ("full", "incr"):
         raise BackupError("unknown backup kind %r" % kind)
+    if image_format not in ("raw", "qcow2"):
+        raise BackupError("unknown image format %r (raw or qcow2)" % image_format)
+    if image_format == "qcow2":
+        from sr_tools.backup import qcow2
+        qcow2.require()
     progress = progress or Progress()
     _prepare_repo(repo)
     if nbd:
@@ -216,7 +222,7 @@ def backup(kind, volume, repo, nbd=None, bitmap=None, keep_snapshot=False, state
         raise BackupError("%s shrank since the previous backup: take a full backup" % volume)
     extents = mf.align(ranges, chunk_size, size)
     pref = {"id": parent["id"], "anchor_guid": parent["anchor"].get("guid")} if parent else None
-    m = mf.new(bid, kind, source, anchor, size, extents, chunk_size, pref)
+    m = mf.new(bid, kind, source, anchor, size, extents, chunk_size, pref, image_format)
     m["stats"] = {"cbt": stats}
     try:
         os.mkdir(d)
@@ -338,8 +344,16 @@ def _copy(d, m, progress, keep_snapshot, state_dir, bitmap, stop_after):
     st["extents"] = len(m["extents"])
     st["chunks"] = len(chunks)
     st["resumed_at_chunk"] = resumed if resumed else None
+    if m.get("convert_to") == "qcow2":
+        from sr_tools.backup import qcow2
+        qcow2.convert(os.path.join(d, mf.IMAGE), os.path.join(d, "disk.qcow2"))
+        m["image"], m["image_format"] = "disk.qcow2", "qcow2"
+        del m["convert_to"]
+        st["image_bytes"] = os.path.getsize(os.path.join(d, m["image"]))
     mf.save(d, m)
     os.unlink(sums_path)
+    if m["image"] != mf.IMAGE:
+        os.unlink(os.path.join(d, mf.IMAGE))
     if m["anchor"].get("snapshot") and not keep_snapshot:
         from sr_tools.backup import zvol
         m["anchor"]["bookmark"] = zvol.drop_data(m["anchor"])
@@ -357,6 +371,15 @@ def _checkpoint(d, m, img, sums, done, read_b, written_b, zero_chunks):
 
 
 # -- restore and verify -------------------------------------------------------------
+
+def open_image(d, m):
+    """A backup's image for reading: read(offset, length), size, close()."""
+    path = os.path.join(d, m["image"])
+    if m["image_format"] == "qcow2":
+        from sr_tools.backup import qcow2
+        return qcow2.Image(path)
+    return Backend(path, readonly=True)
+
 
 def _layer_chunks(m):
     return dict((off, (n, h)) for (off, n), h in
@@ -382,7 +405,7 @@ def restore(backup_dir, target, progress=None, verify=True, create_size=None, fo
     images = []
     try:
         for d, m in chain:
-            images.append(Backend(os.path.join(d, mf.IMAGE), readonly=True))
+            images.append(open_image(d, m))
         plan = mf.layers(ms, cs)
         maps = [_layer_chunks(m) for m in ms]
         progress.begin("restore %s" % ms[-1]["id"], sum(n for _o, n, _l in plan))
@@ -454,10 +477,9 @@ def verify(backup_dir, chain=True, progress=None):
             bad.append({"backup": m["id"], "error": "not complete (%d of %d chunks)" % (
                 m["done"], len(mf.chunks_of(m["extents"], m["chunk_size"])))})
             continue
-        path = os.path.join(d, mf.IMAGE)
         try:
-            img = Backend(path, readonly=True)
-        except OSError as e:
+            img = open_image(d, m)
+        except (OSError, BackupError) as e:
             bad.append({"backup": m["id"], "error": "cannot open image: %s" % e})
             continue
         try:

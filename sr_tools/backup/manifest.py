@@ -23,7 +23,8 @@ manifest.json (format "zfs-ng-backup", version 1):
     parent:   null (full) or {"id": parent backup id, "anchor_guid": int or null}
     size:     volume size in bytes at the anchor
     chunk_size: bytes per chunk (65536: the CBT granularity)
-    image:    "disk.raw", image_format: "raw"
+    image:    "disk.raw", image_format: "raw" (or "disk.qcow2", "qcow2": converted
+              with qemu-img once complete; while running, convert_to: "qcow2")
     extents:  [[offset, length], ...] sorted, chunk aligned (the last one may
               end at `size`): what this backup holds; the rest comes from the
               parent (incr) or is zeros (full)
@@ -41,6 +42,7 @@ FORMAT = "zfs-ng-backup"
 VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE = "disk.raw"
+IMAGES = {"disk.raw": "raw", "disk.qcow2": "qcow2"}   # image file -> image_format
 PROGRESS = "progress.sums"
 DIGEST = 32
 
@@ -76,14 +78,18 @@ def align(ranges, chunk_size, size):
     return [[s, e - s] for s, e in out]
 
 
-def new(backup_id, kind, source, anchor, size, extents, chunk_size, parent=None):
-    return {
+def new(backup_id, kind, source, anchor, size, extents, chunk_size, parent=None,
+        image_format="raw"):
+    m = {
         "format": FORMAT, "version": VERSION, "id": backup_id, "kind": kind,
         "state": "running", "created": int(time.time()), "completed": None,
         "source": source, "anchor": anchor, "parent": parent, "size": int(size),
         "chunk_size": int(chunk_size), "image": IMAGE, "image_format": "raw",
         "extents": [list(e) for e in extents], "done": 0, "sha256": None, "stats": {},
     }
+    if image_format != "raw":
+        m["convert_to"] = image_format
+    return m
 
 
 def check(m, where):
@@ -108,7 +114,7 @@ def check(m, where):
             raise ValueError("bad state %r" % m["state"])
         if (m["kind"] == "incr") != bool(m.get("parent")):
             raise ValueError("an incremental backup needs a parent, a full one has none")
-        if m["image"] != IMAGE or os.path.basename(m["id"]) != m["id"]:
+        if IMAGES.get(m["image"]) != m["image_format"] or os.path.basename(m["id"]) != m["id"]:
             raise ValueError("bad image or id")
     except (KeyError, TypeError, ValueError) as e:
         raise BackupError("%s: damaged manifest: %s" % (where, e))
