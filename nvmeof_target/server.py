@@ -10,6 +10,7 @@ import signal
 import socket
 
 from . import control
+from .filespan import FileSpan
 from .queue import Queue
 from .registry import Registry
 from .target import Target
@@ -20,6 +21,7 @@ RECV_SIZE = 1 << 18
 IOV_MAX = 512
 OUT_HIGH_WATER = 64          # buffers queued before we stop reading from that host
 DEFAULT_PORT = 4420
+MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def parse_listen(text):
@@ -79,9 +81,20 @@ class Conn(object):
     def flush(self):
         q = self.queue
         out = q.out
+        sock = self.sock
         while out:
             try:
-                sent = self.sock.sendmsg(out[:IOV_MAX])
+                if type(out[0]) is FileSpan:
+                    if out[0].send(sock):
+                        out.pop(0)
+                    continue
+                bufs = []
+                for b in out[:IOV_MAX]:
+                    if type(b) is FileSpan:
+                        break
+                    bufs.append(b)
+                # more follows right behind (sendfile data): no half-empty segment
+                sent = sock.sendmsg(bufs, (), MSG_MORE if len(bufs) < len(out) else 0)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
