@@ -15,6 +15,7 @@ Layout of an SR on ZFS (one SR per pool):
     POOL/zfs-ng/ro-<key>         a read-only device for a snapshot (locate/activate)
     POOL/zfs-ng/np-<key>, <key>@np-<hex>   a datapath's non-persistent session
                                  (plugins/datapath/zvol.py); never touched here
+    POOL/zfs-ng/<key>@zfsng-cbt-*  plugins/volume/cbt.py's anchors; never touched
 """
 
 import re
@@ -27,6 +28,7 @@ HIDDEN = "h-"
 REVERTING = "r-"
 READONLY = "ro-"
 SESSION = "np-"  # non-persistent sessions of plugins/datapath/zvol.py: not ours
+CBT = "zfsng-cbt-"  # plugins/volume/cbt.py's anchors: not ours either
 
 _KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 # zpool names: start with a letter, then [A-Za-z0-9_.:-]; we also refuse the
@@ -118,6 +120,8 @@ def classify(zname, pool):
             return "snapshot", snap
         if snap.startswith(SESSION):
             return "session", None
+        if snap.startswith(CBT):
+            return "cbt", None
         return "hidden", None
     if is_key(rest):
         return "volume", rest

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import stat as stat_mod
+import subprocess
 
 from plugins import smapi
 from plugins.smapi import BackendError, InvalidParameters
@@ -191,11 +192,37 @@ def _devices(configuration):
     return [names.check_device(d) for d in devs]
 
 
+def disk_of(path):
+    """The whole disk behind a path (zpool partitions whole disks: -part1)."""
+    real = os.path.realpath(path)
+    sys_dir = "/sys/class/block/%s" % os.path.basename(real)
+    if os.path.exists(os.path.join(sys_dir, "partition")):
+        return "/dev/" + os.path.basename(os.path.dirname(os.path.realpath(sys_dir)))
+    return real
+
+
+def search_paths(devs):
+    """`zpool import -d` paths for devs: a whole disk's labels are on the
+    partition zpool made, so its partitions are searched too."""
+    out = []
+    for d in devs:
+        out.append(d)
+        real = os.path.realpath(d)
+        sys_dir = "/sys/class/block/%s" % os.path.basename(real)
+        try:
+            parts = sorted(n for n in os.listdir(sys_dir)
+                           if os.path.exists(os.path.join(sys_dir, n, "partition")))
+        except OSError:
+            continue
+        out += ["/dev/" + n for n in parts]
+    return out
+
+
 def _in_use_by_pools():
     used = set()
     for p in zfs.pools():
         for d in zfs.pool_devices(p):
-            used.add(os.path.realpath(d))
+            used.add(disk_of(d))
     return used
 
 
@@ -207,7 +234,7 @@ def check_devices(devs):
         if not os.path.exists(d):
             raise BackendError("Device_not_found", "%s does not exist" % d)
         real = os.path.realpath(d)
-        if real in used:
+        if disk_of(d) in used:
             raise BackendError("Device_in_use", "%s is part of an imported pool" % d)
         st = os.stat(real)
         if stat_mod.S_ISBLK(st.st_mode):
@@ -223,6 +250,14 @@ def check_devices(devs):
                 raise BackendError("Device_too_small", "%s is smaller than 64 MiB" % d)
         else:
             raise BackendError("Device_not_found", "%s is not a block device or a file" % d)
+
+
+def _settle():
+    try:
+        subprocess.call(["udevadm", "settle", "--timeout=30"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+    except OSError:
+        pass
 
 
 def _root_create_args(sr_uuid, name, description, created_pool, configuration):
@@ -294,8 +329,18 @@ def create(uuid, configuration, name, description):
             out["pool"] = pool
             return out
         check_devices(devs)
-        zfs.zpool("create", "-o", "ashift=%s" % ashift, "-o", "autotrim=%s" % autotrim,
-                  "-O", "canmount=off", "-O", "mountpoint=none", pool, *vdevs)
+        argv = ["create", "-o", "ashift=%s" % ashift, "-o", "autotrim=%s" % autotrim,
+                "-O", "canmount=off", "-O", "mountpoint=none", pool] + vdevs
+        _settle()
+        try:
+            zfs.zpool(*argv)
+        except zfs.ZfsError as e:
+            # partitions of a disk just released (a destroyed pool) are still
+            # being re-read by udev: wait for it once, then give up clearly
+            if "currently unavailable" not in e.message and "no such pool" not in e.message:
+                raise
+            _settle()
+            zfs.zpool(*argv)
         try:
             zfs.zfs("create", *(_root_create_args(sr_uuid, name, description, True,
                                                   configuration) + [names.sr_root(pool)]))
@@ -321,7 +366,7 @@ def attach(configuration):
     with lock.sr_lock(pool):
         if pool not in zfs.pools():
             argv = [zfs.ZPOOL, "import", "-N"]
-            for d in _devices(configuration):
+            for d in search_paths(_devices(configuration)):
                 argv += ["-d", d]
             try:
                 zfs.run(argv + [pool])
@@ -490,7 +535,7 @@ def probe(configuration):
     want_pool = configuration.get("zpool") or configuration.get("pool")
     if want_pool:
         names.check_pool(want_pool)
-    real = set(os.path.realpath(d) for d in devs)
+    real = set(disk_of(d) for d in devs)
     results = []
     imported = zfs.pools()
     for pool in imported:
@@ -499,13 +544,13 @@ def probe(configuration):
         props = read_root_props(pool)
         if props is None:
             continue
-        if real and not real & set(os.path.realpath(d) for d in zfs.pool_devices(pool)):
+        if real and not real & set(disk_of(d) for d in zfs.pool_devices(pool)):
             continue
         conf = {"pool": pool, "sr-uuid": props["sr-uuid"]}
         results.append({"configuration": conf, "complete": True, "sr": stat(pool),
                          "extra_info": {"imported": "true"}})
     if devs:
-        for found in zfs.importable(devs):
+        for found in zfs.importable(search_paths(devs)):
             pool = found["pool"]
             if pool in imported or not names.is_pool(pool) or (want_pool and pool != want_pool):
                 continue
@@ -524,7 +569,7 @@ def probe(configuration):
 def _peek(found, devs):
     """Root properties of an exported pool: import read-only, read, export."""
     argv = [zfs.ZPOOL, "import", "-N", "-o", "readonly=on"]
-    for d in devs:
+    for d in search_paths(devs):
         argv += ["-d", d]
     try:
         zfs.run(argv + [found.get("id") or found["pool"]])

@@ -39,6 +39,7 @@ def test_classify():
     assert names.classify("%s/%s@h-1" % (ROOT, KEY), POOL) == ("hidden", None)
     assert names.classify("%s/%s@np-1" % (ROOT, KEY), POOL) == ("session", None)
     assert names.classify("%s/np-%s" % (ROOT, KEY), POOL) == (None, None)
+    assert names.classify("%s/%s@zfsng-cbt-anchor" % (ROOT, KEY), POOL) == ("cbt", None)
     assert names.classify("%s/r-%s" % (ROOT, KEY), POOL) == ("reverting", KEY)
     assert names.classify("%s/ro-%s" % (ROOT, KEY), POOL) == ("readonly", KEY)
     assert names.classify("%s/%s" % (POOL, KEY), POOL) == (None, None)
