@@ -49,10 +49,11 @@ def run_jobs(dev, runtime, size):
     return [fio(dev, args, runtime, size) for _, args in JOBS]
 
 
-def start_target(state, sock, port, workers=1):
+def start_target(state, sock, port, workers=1, profile=None):
     env = dict(os.environ, PYTHONPATH=ROOT)
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
+    prof = ["-m", "cProfile", "-o", profile] if profile else []
+    proc = subprocess.Popen([sys.executable] + prof + ["-m", "sr_tools", "target", "serve", "--listen",
                              "127.0.0.1:%d" % port, "--state", state, "--socket", sock,
                              "--workers", str(workers)], cwd=ROOT, env=env)
     from nvmeof_target.control import Client, ControlError
@@ -115,7 +116,12 @@ def main():
     ap.add_argument("--volumes", type=int, default=100000)
     ap.add_argument("--disk", default="/dev/disk/by-id/virtio-zfsng-d0")
     ap.add_argument("--scale-only", action="store_true", help="Only the 100k-volume footprint.")
+    ap.add_argument("--jobs", help="only the jobs whose name contains one of these (comma list)")
+    ap.add_argument("--quick", action="store_true", help="1 worker only, no 100k footprint")
+    ap.add_argument("--profile", help="run our 1-worker target under cProfile, print the top")
     opts = ap.parse_args()
+    if opts.jobs:
+        JOBS[:] = [j for j in JOBS if any(k in j[0] for k in opts.jobs.split(","))]
     tmp = tempfile.mkdtemp(prefix="nvmeof-bench-")
     if opts.scale_only:
         return print_scale(tmp, opts.volumes)
@@ -142,7 +148,8 @@ def main():
         def ours(workers):
             state = os.path.join(tmp, "t%d.db" % workers)
             sock = os.path.join(tmp, "t%d.sock" % workers)
-            proc, _ = start_target(state, sock, 4420, workers)
+            prof = opts.profile if workers == 1 else None
+            proc, _ = start_target(state, sock, 4420, workers, prof)
             try:
                 from nvmeof_target.control import Client
                 nqn, ns_uuid = "nqn.2014-08.org.zfs-ng:bench:v%d" % workers, str(uuid.uuid4())
@@ -158,7 +165,7 @@ def main():
                 stop(proc)
 
         ours1, (busy_rss, busy_fds) = ours(1)
-        ours2, _ = ours(2)
+        ours2 = ours(2)[0] if not opts.quick else [(0, 0)] * len(JOBS)
         print()
         print("fio --direct=1 libaio, %ds per job, %s working set, zvol volblocksize 16K lz4"
               % (opts.runtime, opts.size))
@@ -172,7 +179,11 @@ def main():
                 cells += [fmt % o[i], "%.2f" % (o[i] / k[i] if k[i] else 0)]
             print("| %s | %s |" % (name, " | ".join(cells)))
         print("target while serving 1 volume: RSS %.1f MiB, %d fds" % (busy_rss, busy_fds))
-        print_scale(tmp, opts.volumes)
+        if opts.profile:
+            import pstats
+            pstats.Stats(opts.profile).sort_stats("tottime").print_stats(30)
+        if not opts.quick:
+            print_scale(tmp, opts.volumes)
     finally:
         subprocess.run(["nvme", "disconnect-all"], stdout=subprocess.PIPE)
         subprocess.run(["zpool", "destroy", "-f", pool])

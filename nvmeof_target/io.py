@@ -55,7 +55,7 @@ def _rw_args(sub, cmd):
 def _read(sub, cmd, data):
     offset, length = _rw_args(sub, cmd)
     buf = bytearray(length)
-    sub.backend.readinto(offset, buf)
+    sub.backend.readinto(offset, buf, checked=True)    # against nsze()
     sub.stats["reads"] += 1
     sub.stats["read_bytes"] += length
     return Result(data=buf)
@@ -72,7 +72,7 @@ def _read_span(sub, cmd):
 def _write(sub, cmd, data):
     _writable(sub)
     offset, length = _rw_args(sub, cmd)
-    sub.backend.write(offset, data, fua=bool(cmd.cdw12 & FUA))
+    sub.backend.write(offset, data, fua=bool(cmd.cdw12 & FUA), checked=True)
     sub.stats["writes"] += 1
     sub.stats["write_bytes"] += length
     return Result()
