@@ -118,13 +118,21 @@ def incr(volume, repo, nbd, keep_snapshot, state_dir, image_format, as_json, bit
 @json_option
 def restore(backup_dir, target, zvol, force, no_verify, as_json):
     """Rebuild the point of BACKUP_DIR (and its chain) into TARGET: a block
-    device, an image file, or with --zvol a new zvol."""
+    device, an image file, an SR volume SR:KEY (not attached; at least the
+    backup's size), or with --zvol a new zvol POOL/PATH."""
     from sr_tools.backup import engine, manifest, zvol as zv
+    undo = None
     if zvol:
         m = _run(manifest.load, backup_dir)
         target = _run(zv.create_volume, target, m["size"])
-    s = _run(engine.restore, backup_dir, target, progress=_Bar(not as_json),
-             verify=not no_verify, force=force)
+    elif ":" in target and not target.startswith("/"):
+        target, undo = _run(zv.sr_volume_device, target, force)
+    try:
+        s = _run(engine.restore, backup_dir, target, progress=_Bar(not as_json),
+                 verify=not no_verify, force=force)
+    finally:
+        if undo:
+            _run(undo)
     emit(s, as_json)
 
 

@@ -204,3 +204,32 @@ def create_volume(ds, size):
                         stderr=subprocess.DEVNULL)
         time.sleep(0.05)
     return path
+
+
+def sr_volume_device(spec, force=False):
+    """(device path, undo) of an SR volume `SR:KEY` to restore into, through
+    the volume plugin's activate_device.  A volume already active (attached
+    somewhere) is refused unless force: restoring under a running guest
+    corrupts it.  undo() deactivates what this call activated."""
+    sr, key = spec.split(":", 1)
+    from plugins.volume import volume as vol_lib
+    try:
+        loc = vol_lib.locate(sr, key)
+        if loc["kind"] != "volume":
+            raise BackupError("%s is a snapshot (read-only): restore into a volume" % spec)
+        if loc["active"] and not force:
+            raise BackupError("%s is active (attached?): detach it first, or --force" % spec)
+        was_active = loc["active"]
+        loc = vol_lib.activate_device(sr, key)
+    except BackupError:
+        raise
+    except Exception as e:      # the plugin's errors carry user-meant messages
+        raise BackupError("cannot activate %s: %s" % (spec, e))
+
+    def undo():
+        if not was_active:
+            try:
+                vol_lib.deactivate_device(sr, key)
+            except Exception as e:
+                raise BackupError("cannot deactivate %s: %s" % (spec, e))
+    return loc["device"], undo
