@@ -116,6 +116,13 @@ def test_volume_lifecycle(sr):
     assert subprocess.run(["cmp", "-n", str(2 * MiB), dev, "/tmp/a"]).returncode == 0
     run("zfs", "inherit", "volmode", ds)
 
+    # compare reads both devices (activating idle ones for the time of the call)
+    assert call("Volume.compare", sr=pool, key=key, key2=c2["key"]) == {
+        "blocksize": 65536, "ranges": [[0, 2 * MiB]]}
+    assert call("Volume.compare", sr=pool, key=key, key2=s["key"])["ranges"] == []
+    assert zget(ds, "volmode") == "none"
+    assert "%s/ro-%s" % (root, s["key"]) not in zfs_names(pool, "volume")
+
     vols = by_key(call("SR.ls", sr=pool))
     assert set(vols) == {key, z["key"], s["key"], ss["key"], c1["key"], c2["key"]}
     for x in vols.values():
