@@ -32,7 +32,7 @@ def _uri(sr, key, datapath):
     """The volume's own URI for that datapath (from the volume plugin)."""
     from plugins.volume import volume as volumes
     scheme = DATAPATHS[datapath]
-    for u in volumes.stat(sr, key)["uri"]:
+    for u in _smapi(volumes.stat, sr, key)["uri"]:
         if u.startswith(scheme + "://"):
             return u
     fail("volume %s has no %s URI (for nvme, set the SR's nvme-node)" % (key, datapath))

@@ -160,6 +160,12 @@ class Datapath(object):
             log.error("detach %s %s failed, state forgotten: %s", uri, domain, e)
         return None
 
+    def check_writable(self, uri):
+        """May this volume be activated read-write (not a snapshot)?"""
+        u = parse_uri(uri, self.scheme)
+        with state.locked(u.volume_id) as st:
+            return self._writable(u, st)
+
     # -- rules -----------------------------------------------------------------------
 
     def _activate_mode(self, uri, domain, mode):

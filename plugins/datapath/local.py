@@ -1,66 +1,69 @@
 """Base of the datapaths that serve a zvol of this host (raw and NBD): which
-dataset an attachment uses, and the ZFS resources attachments share.
+device an attachment uses, and what all attachments of a volume share.
 
-Shared state (st.shared), released with the last attachment:
-    ro_clone   the read-only clone that exposes a snapshot
-    volmode    a dataset we switched from volmode=none to dev, switched back
+The volume plugin owns the devices (plugins.volume.volume): activate_device
+gives a volume its minor (idle volumes have volmode=none) or a snapshot its
+read-only clone (POOL/zfs-ng/ro-KEY), deactivate_device undoes it.  Local
+attachments are one user of the device (plugins.datapath.devices), taken
+with the first attachment through any local datapath, dropped with the last.
+The device and whether it is writable are kept in the volume's state, so
+later attachments and activations cost no ZFS call.
+
+Non-persistent sessions (Datapath.open persistent=false) are ours: the
+attachments use a clone made at open and destroyed at close (zvol.np_*).
 """
 
-import logging
+import os
 
-from plugins.datapath import core, zvol
+from plugins.datapath import core, devices, zvol
 
-log = logging.getLogger("zfs-ng")
+USER = "local"
+
+
+def _volumes():
+    # imported when needed: every call is a fresh interpreter (xapi-storage-script),
+    # and most calls (activate, deactivate, detach of one of many) need no ZFS
+    from plugins.volume import volume
+    return volume
 
 
 class LocalDatapath(core.Datapath):
 
-    def source(self, u, st):
-        """The Source of this volume's attachments, creating shared pieces once."""
+    def device(self, u, st):
+        """(writable, device path) of this volume's attachments; the device exists."""
+        sh = st.shared
         opened = st.data.get("open") or {}
         if opened.get("clone"):
-            return zvol.Source(opened["clone"], True)
-        kind, name = zvol.locate(u.sr, u.key)
-        if kind == "volume":
-            return zvol.Source(name, True)
-        clone = st.shared.get("ro_clone")
-        if clone is None or not zvol.exists(clone):
-            # record before creating: a failure half-way is cleaned by _release
-            st.shared["ro_clone"] = zvol.ro_clone_name(u.sr, u.key)
-            clone = zvol.ro_clone(u.sr, u.key, name)
-        return zvol.Source(clone, False, snapshot=name)
-
-    def device(self, u, st):
-        """(Source, device path), the device made to exist."""
-        src = self.source(u, st)
-        path, changed = zvol.wait_device(src.dataset)
-        if changed:
-            st.shared["volmode"] = src.dataset
-        return src, path
+            path, _ = zvol.wait_device(opened["clone"])
+            return True, path
+        if sh.get("device") and sh.get("path") and os.path.exists(sh["path"]):
+            return sh["writable"], sh["path"]
+        sh["device"] = True  # recorded first: released even if activation fails
+        loc = devices.acquire(u.sr, u.key, USER)
+        sh["path"] = loc["device"]
+        sh["writable"] = not loc["readonly"]
+        return sh["writable"], sh["path"]
 
     def _writable(self, u, st):
         opened = st.data.get("open") or {}
         if opened.get("clone"):
             return True
-        return zvol.locate(u.sr, u.key)[0] == "volume"
+        if "writable" in st.shared:
+            return st.shared["writable"]
+        return not _volumes().locate(u.sr, u.key)["readonly"]
 
     def _open(self, u, st, rec):
-        kind, name = zvol.locate(u.sr, u.key)
-        if kind != "volume":
-            return  # a snapshot is read-only: nothing to discard at close
-        rec.update(zvol.np_begin(u.sr, u.key, name))
+        loc = _volumes().locate(u.sr, u.key)
+        if loc["readonly"]:
+            return  # a snapshot: nothing can be written, nothing to discard
+        rec.update(zvol.np_begin(u.sr, u.key, loc["dataset"]))
 
     def _close(self, u, st):
-        rec = st.data.get("open") or {}
-        zvol.np_end(rec)
+        zvol.np_end(st.data.get("open") or {})
 
     def _release(self, u, st):
-        shared = st.shared
-        if shared.get("volmode"):
-            ds = shared["volmode"]
-            if zvol.exists(ds):
-                zvol.zfs("inherit", "volmode", ds, check=False)
-            shared.pop("volmode", None)
-        if shared.get("ro_clone"):
-            zvol.destroy(shared["ro_clone"])
-            shared.pop("ro_clone", None)
+        sh = st.shared
+        if sh.pop("device", None):
+            devices.release(u.sr, u.key, USER)
+        for k in ("path", "writable"):
+            sh.pop(k, None)

@@ -1,7 +1,7 @@
 """zfsng-nbd: a local zvol (or a snapshot's read-only clone) served over NBD on
 a unix socket by the project's own server (nbd_server), one background
-process per attached volume, shared by all its attachments and stopped with
-the last detach.
+process per attached volume, shared by all its NBD attachments and stopped
+with the last of them.
 
 attach returns XenDisk(qdisk) whose params is the NBD URI qemu opens, and the
 Nbd implementation itself (`nbd:unix:<sock>:exportname=<key>`), which is what
@@ -10,7 +10,6 @@ xapi-nbd and dom0 users (nbd-client) connect to.
 
 import os
 
-from nbd_server import run as nbd_run
 from plugins import smapi
 from plugins.datapath import local, state, uri
 
@@ -37,7 +36,7 @@ class NbdDatapath(local.LocalDatapath):
 
     def _server(self, u, st):
         """The running server of this volume, started if needed."""
-        src, dev = self.device(u, st)
+        writable, dev = self.device(u, st)
         srv = st.shared.get("nbd")
         if srv is not None:
             if _alive(srv["pid"]) and os.path.exists(srv["sock"]) and srv["device"] == dev:
@@ -49,21 +48,23 @@ class NbdDatapath(local.LocalDatapath):
             os.makedirs(d, 0o700)
         if os.path.exists(sock):
             os.unlink(sock)  # left by a server that died with its host process
+        from nbd_server import run as nbd_run
         try:
-            pid = nbd_run.start([{"name": u.key, "path": dev, "readonly": not src.writable,
+            pid = nbd_run.start([{"name": u.key, "path": dev, "readonly": not writable,
                                   "description": "zfs-ng %s" % u.volume_id}],
                                 unix_path=sock, log_path=sock[:-len(".sock")] + ".log")
         except (RuntimeError, OSError, ValueError) as e:
             raise smapi.BackendError("NBD_server_failed", "cannot serve %s over NBD: %s"
                                      % (u.volume_id, e))
         srv = {"pid": pid, "sock": sock, "device": dev, "export": u.key,
-               "readonly": not src.writable}
+               "readonly": not writable}
         st.shared["nbd"] = srv
         return srv
 
     def _stop(self, st):
         srv = st.shared.pop("nbd", None)
         if srv is not None and _alive(srv["pid"]):
+            from nbd_server import run as nbd_run
             nbd_run.stop(srv["pid"])
 
     def _attach(self, u, st, domain, rec):
@@ -81,6 +82,12 @@ class NbdDatapath(local.LocalDatapath):
         if not self._still_attached(u, st, domain, rec):
             raise smapi.BackendError("NBD_server_failed", "the NBD server of %s is gone; "
                                      "detach and attach again" % u.volume_id)
+
+    def _detach(self, u, st, domain, rec):
+        # the server is shared by the NBD attachments only: raw ones may remain
+        if not [d for d, r in st.attached.items()
+                if d != domain and r.get("scheme") == self.scheme]:
+            self._stop(st)
 
     def _release(self, u, st):
         try:

@@ -120,16 +120,21 @@ def find_namespace(ns_id, ctrl=None):
 
 
 def _reachable(ns_path, ctrl):
-    """Is the namespace (a multipath head or a plain namespace) served by ctrl?"""
+    """Is the namespace (a multipath head or a plain namespace) served by ctrl?
+    The controller's sysfs directory lists its namespaces: nvme<ctrl>nN without
+    multipath, the path device nvme<subsys>c<ctrl>nN of head nvme<subsys>nN with it."""
     name = os.path.basename(ns_path)
-    if name.startswith(ctrl + "n"):
-        return True
-    # multipath head nvmeSnN: its paths are listed as nvmeXcYnN under the subsystem
-    for p in glob.glob(os.path.join(ns_path, "multipath", "*")):
-        if re.match(r"^%sc[0-9]+n[0-9]+$" % re.escape(ctrl), os.path.basename(p)):
+    try:
+        children = os.listdir(os.path.join(SYS_NVME, ctrl))
+    except OSError:
+        return False
+    for child in children:
+        m = re.match(r"^nvme([0-9]+)c[0-9]+n([0-9]+)$", child)
+        if m and name == "nvme%sn%s" % m.groups():
             return True
-    # fall back on the controller's own directory (non-multipath kernels)
-    return os.path.exists(os.path.join(SYS_NVME, ctrl, name))
+        if child == name:
+            return True
+    return False
 
 
 def _run(argv):

@@ -34,9 +34,9 @@ class RawDatapath(local.LocalDatapath):
         return tapctl.TapCtl(path)
 
     def _attach(self, u, st, domain, rec):
-        src, dev = self.device(u, st)
+        writable, dev = self.device(u, st)
         rec["device"] = dev
-        rec["writable"] = src.writable
+        rec["writable"] = writable
         tc = self._tapctl()
         if tc is None:
             return [["XenDisk", {"backend_type": "vbd", "params": dev, "extra": {}}],

@@ -31,6 +31,12 @@ def state_dir():
     return os.path.join(run_dir(), "datapath")
 
 
+def node_state_dir():
+    """The storage node's own records (who is granted/active on its volumes).
+    Separate from the attaching host's, even when both are one machine."""
+    return os.path.join(os.environ.get("ZFSNG_NODE_RUN_DIR", DEFAULT_RUN_DIR), "node")
+
+
 def _ident(volume_id):
     return hashlib.sha256(volume_id.encode("utf-8")).hexdigest()[:32]
 
@@ -101,11 +107,11 @@ def _load(path, volume_id):
 
 
 @contextlib.contextmanager
-def locked(volume_id):
+def locked(volume_id, directory=None):
     """Exclusive access to one volume's state for the length of the block.
     The state is saved when the block ends, with or without an exception:
     whatever was recorded before a failure describes what really exists."""
-    d = state_dir()
+    d = directory or state_dir()
     _makedirs(d)
     ident = _ident(volume_id)
     fd = os.open(os.path.join(d, ident + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -121,10 +127,10 @@ def locked(volume_id):
         os.close(fd)  # releases the flock
 
 
-def list_states():
+def list_states(directory=None):
     """Every volume with attachment state on this host (for the CLI): a list
     of state dicts, read without locks (a snapshot in time)."""
-    d = state_dir()
+    d = directory or state_dir()
     out = []
     try:
         names = sorted(os.listdir(d))

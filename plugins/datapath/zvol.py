@@ -1,17 +1,12 @@
-"""The ZFS side of local datapaths: find the dataset behind <sr>/<key>, give it
-a block device, expose snapshots read-only, and make volumes non-persistent.
+"""Non-persistent sessions, by ZFS alone (the volume plugin owns everything else).
 
-Names follow the volume plugin's layout (plugins/volume/names.py):
-    POOL/zfs-ng/<key>          a volume            -> /dev/zvol/POOL/zfs-ng/<key>
-    POOL/zfs-ng/<ds>@<key>     a snapshot: not a block device, so attaching it
-                               clones it once, read-only, to POOL/zfs-ng/ro-<key>,
-                               shared by all its attachments, destroyed with the last
-    POOL/zfs-ng/<key>@np-<hex> + POOL/zfs-ng/np-<key>
-                               Datapath.open(persistent=false): the guest writes to
-                               a clone; close destroys clone and snapshot, so the
-                               volume is back to its state at open, by ZFS alone
-Snapshots of many volumes are not made visible with snapdev=visible: that
-would create a device for every snapshot of the volume (65,536 minors per host).
+Datapath.open(persistent=false) on POOL/zfs-ng/<key>:
+    snapshot POOL/zfs-ng/<key>@np-<hex>, clone it to POOL/zfs-ng/np-<key>
+    (volmode=dev); the attachments read and write the clone.
+Datapath.close: destroy the clone and the snapshot: the volume is exactly as
+it was at open, with no copy and no rollback (a rollback would also destroy
+snapshots taken in between).  Neither name is a volume key, so the volume
+plugin's SR.ls and garbage collection ignore them (plugins/volume/names.py).
 """
 
 import os
@@ -59,40 +54,8 @@ def root(pool):
     return "%s/%s" % (pool, SR_DATASET)
 
 
-class Source(object):
-    """What an attachment reads and writes: a zvol dataset (maybe a clone we
-    made) and whether it may be written."""
-
-    def __init__(self, dataset, writable, snapshot=None):
-        self.dataset = dataset
-        self.writable = writable
-        self.snapshot = snapshot   # the snapshot behind a read-only clone
-
-    @property
-    def device(self):
-        return device_path(self.dataset)
-
-
 def device_path(dataset):
     return "/dev/zvol/" + dataset
-
-
-def locate(pool, key):
-    """('volume', dataset) or ('snapshot', snapshot name) for a key, else
-    Volume_does_not_exist."""
-    ds = "%s/%s" % (root(pool), key)
-    if exists(ds):
-        return "volume", ds
-    rc, out, _ = zfs("list", "-H", "-o", "name", "-t", "snapshot", "-r", root(pool), check=False)
-    if rc == 0:
-        for line in out.splitlines():
-            name = line.strip()
-            if name.endswith("@" + key) and name.count("/") == ds.count("/"):
-                return "snapshot", name
-    rc, _, _ = zfs("list", "-H", "-o", "name", root(pool), check=False)
-    if rc != 0:
-        raise smapi.SrNotAttached(pool)
-    raise smapi.VolumeDoesNotExist(key)
 
 
 def wait_device(dataset, timeout=30.0):
@@ -111,21 +74,6 @@ def wait_device(dataset, timeout=30.0):
                         stderr=subprocess.DEVNULL)
         time.sleep(0.1)
     return path, changed
-
-
-def ro_clone_name(pool, key):
-    return "%s/%s%s" % (root(pool), RO_PREFIX, key)
-
-
-def ro_clone(pool, key, snapshot):
-    """A read-only zvol with the snapshot's content (created if missing)."""
-    clone = ro_clone_name(pool, key)
-    if not exists(clone):
-        rc, _, err = zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", snapshot, clone,
-                         check=False)
-        if rc != 0 and not exists(clone):
-            raise ZfsError("cannot clone %s for read-only access: %s" % (snapshot, err.strip()))
-    return clone
 
 
 def destroy(name):

@@ -45,22 +45,52 @@ def impl(result, kind):
     raise AssertionError("no %s in %r" % (kind, result))
 
 
-def make_sr(run, pool):
-    """The SR layout of plugins/volume/names.py on a fresh pool."""
-    run("zfs", "create", "-o", "canmount=off", "%s/zfs-ng" % pool)
-    return pool
+VOLUME = os.path.join(ROOT, "plugins", "volume", "org.xen.xapi.storage.zfs-ng")
 
 
-def make_volume(run, pool, size="64M"):
-    key = str(uuid.uuid4())
-    run("zfs", "create", "-s", "-b", "16K", "-V", size, "%s/zfs-ng/%s" % (pool, key))
-    return key
+def vol_call(method, **params):
+    """A volume plugin method, through its executable."""
+    params.setdefault("dbg", "test")
+    p = subprocess.run([os.path.join(VOLUME, method), "--json"], input=json.dumps(params) + "\n",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       timeout=300)
+    if p.returncode != 0:
+        raise AssertionError("%s failed: %s %s" % (method, p.stdout, p.stderr))
+    return json.loads(p.stdout)
 
 
-def make_snapshot(run, pool, key):
-    skey = str(uuid.uuid4())
-    run("zfs", "snapshot", "%s/zfs-ng/%s@%s" % (pool, key, skey))
-    return skey
+def make_sr(vdev, **configuration):
+    """A zfs-ng SR made and attached by the volume plugin; returns the SR string."""
+    configuration["device"] = vdev
+    conf = vol_call("SR.create", uuid=str(uuid.uuid4()), configuration=configuration,
+                    name="dp test", description="")
+    return vol_call("SR.attach", configuration=conf)
+
+
+def destroy_pool(pool):
+    subprocess.run(["zpool", "destroy", "-f", pool], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def make_volume(sr, size=64 << 20):
+    return vol_call("Volume.create", sr=sr, name="v", description="", size=size, sharable=False)
+
+
+def make_snapshot(sr, key):
+    return vol_call("Volume.snapshot", sr=sr, key=key)
+
+
+def uri_of(vol, scheme):
+    for u in vol["uri"]:
+        if u.startswith(scheme + "://"):
+            return u
+    raise AssertionError("no %s URI in %r" % (scheme, vol["uri"]))
+
+
+def volmode_local(dataset):
+    out = subprocess.run(["zfs", "get", "-H", "-o", "value,source", "volmode", dataset],
+                         stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
+    return out[0] if out and out[-1] == "local" else None
 
 
 def pattern(seed, size):

@@ -6,17 +6,19 @@ import os
 import nbd
 import pytest
 
-from conftest import run, wait_for_path
-from dp_helpers import (PluginError, call, impl, make_snapshot, make_sr, make_volume, pattern,
-                        pread, pwrite, zfs_exists)
+from dp_helpers import (PluginError, call, destroy_pool, impl, make_snapshot, make_sr,
+                        make_volume, pattern, pread, pwrite, uri_of, zfs_exists)
 
 NBD = "zfsng-nbd"
+RAW = "zfsng-raw"
 MiB = 1 << 20
 
 
 @pytest.fixture
-def sr(zpool):
-    return make_sr(run, zpool)
+def sr(file_vdevs):
+    pool = make_sr(file_vdevs(1, 1 << 30)[0], datapath="nbd")
+    yield pool
+    destroy_pool(pool)
 
 
 def nbd_handle(link):
@@ -30,10 +32,13 @@ def nbd_handle(link):
 
 
 def test_nbd_attach_cross_path_and_detach(sr):
-    key = make_volume(run, sr)
-    vol = wait_for_path("/dev/zvol/%s/zfs-ng/%s" % (sr, key))
-    pwrite(vol, 0, pattern(10, MiB))                 # written on the zvol...
-    uri = "%s://%s/%s" % (NBD, sr, key)
+    vol = make_volume(sr)
+    uri, raw = uri_of(vol, NBD), uri_of(vol, RAW)
+    assert vol["uri"][0] == uri                        # the SR's datapath=nbd comes first
+    dev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0-raw"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=raw, domain="u0-raw")
+    pwrite(dev, 0, pattern(10, MiB))                   # written on the zvol...
+    call(RAW, "Datapath.deactivate", uri=raw, domain="u0-raw")
     res = call(NBD, "Datapath.attach", uri=uri, domain="4")
     link = impl(res, "Nbd")["uri"]
     assert impl(res, "XenDisk") == {"backend_type": "qdisk", "params": link, "extra": {}}
@@ -41,30 +46,31 @@ def test_nbd_attach_cross_path_and_detach(sr):
     call(NBD, "Datapath.activate", uri=uri, domain="4")
     h = nbd_handle(link)
     assert h.get_size() == 64 * MiB
-    assert h.pread(MiB, 0) == pattern(10, MiB)      # ...read over NBD
-    h.pwrite(pattern(11, MiB), 5 * MiB)              # written over NBD...
+    assert h.pread(MiB, 0) == pattern(10, MiB)        # ...read over NBD
+    h.pwrite(pattern(11, MiB), 5 * MiB)                # written over NBD...
     h.flush()
     h.shutdown()
-    assert pread(vol, 5 * MiB, MiB) == pattern(11, MiB)  # ...read on the zvol
+    assert pread(dev, 5 * MiB, MiB) == pattern(11, MiB)  # ...read on the zvol
     sock = link[len("nbd:unix:"):].rpartition(":exportname=")[0]
-    call(NBD, "Datapath.deactivate", uri=uri, domain="4")
     call(NBD, "Datapath.detach", uri=uri, domain="4")
-    call(NBD, "Datapath.detach", uri=uri, domain="4")
-    assert not os.path.exists(sock)                  # server stopped with the last detach
+    assert not os.path.exists(sock)    # server stopped with the last NBD detach (raw remains)
+    call(RAW, "Datapath.detach", uri=raw, domain="u0-raw")
 
 
 def test_nbd_snapshot_read_only_for_several_domains(sr):
-    key = make_volume(run, sr)
-    vol = wait_for_path("/dev/zvol/%s/zfs-ng/%s" % (sr, key))
-    pwrite(vol, 0, pattern(12, MiB))
-    skey = make_snapshot(run, sr, key)
-    pwrite(vol, 0, pattern(13, MiB))
-    uri = "%s://%s/%s" % (NBD, sr, skey)
+    vol = make_volume(sr)
+    raw = uri_of(vol, RAW)
+    dev = impl(call(RAW, "Datapath.attach", uri=raw, domain="3"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=raw, domain="3")
+    pwrite(dev, 0, pattern(12, MiB))
+    snap = make_snapshot(sr, vol["key"])
+    pwrite(dev, 0, pattern(13, MiB))
+    uri = uri_of(snap, NBD)
     links = set()
-    for d in ("u0-a", "u0-b", "u0-c"):
+    for d in ("u0-a", "u0-b"):
         links.add(impl(call(NBD, "Datapath.attach", uri=uri, domain=d), "Nbd")["uri"])
         call(NBD, "Datapath.activate_readonly", uri=uri, domain=d)
-    assert len(links) == 1                            # one server for the volume
+    assert len(links) == 1                             # one server for the volume
     h = nbd_handle(links.pop())
     assert h.is_read_only()
     assert h.pread(MiB, 0) == pattern(12, MiB)
@@ -74,6 +80,7 @@ def test_nbd_snapshot_read_only_for_several_domains(sr):
     with pytest.raises(PluginError) as e:
         call(NBD, "Datapath.activate", uri=uri, domain="u0-a")
     assert e.value.name == "Activation_mode_conflict"
-    for d in ("u0-a", "u0-b", "u0-c"):
+    for d in ("u0-a", "u0-b"):
         call(NBD, "Datapath.detach", uri=uri, domain=d)
-    assert not zfs_exists("%s/zfs-ng/ro-%s" % (sr, skey))
+    assert not zfs_exists("%s/zfs-ng/ro-%s" % (sr, snap["key"]))
+    call(RAW, "Datapath.detach", uri=raw, domain="3")

@@ -257,3 +257,60 @@ def test_nvme_ids_and_addresses():
     a = nvme_host.hostid_for("nqn.2014-08.org.example:host-a")
     assert a == nvme_host.hostid_for("nqn.2014-08.org.example:host-a")
     assert a != nvme_host.hostid_for("nqn.2014-08.org.example:host-b")
+
+
+# -- the node transport and the CLI ----------------------------------------------------
+
+def test_node_command_transport_carries_errors(monkeypatch):
+    import sys
+    from plugins.datapath import node
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    monkeypatch.setenv("PYTHONPATH", root)
+    monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps([sys.executable, "-m",
+                                                         "plugins.datapath.node"]))
+    with pytest.raises(smapi.SmapiError) as e:
+        node.call("claim", subnqn="nqn.2014-08.org.zfs-ng:%s:%s" % (SRU, KEY),
+                  hostnqn="nqn.2014-08.org.example:h", mode="rw")
+    assert e.value.name == "Not_attached"          # never granted: refused by the node
+    with pytest.raises(smapi.SmapiError) as e:
+        node.call("claim", subnqn="nqn.2014-08.org.other:x", hostnqn="nqn.2014-08.org.e:h",
+                  mode="rw")
+    assert e.value.name == "Invalid_parameters"
+    monkeypatch.setenv("ZFSNG_NODE_COMMAND", "ssh node")
+    with pytest.raises(smapi.InvalidParameters):
+        node.call("unclaim", subnqn="x", hostnqn="y")
+
+
+def test_node_claims_exclude_other_hosts(monkeypatch, tmp_path):
+    from plugins.datapath import node
+    monkeypatch.setenv("ZFSNG_NODE_RUN_DIR", str(tmp_path / "node"))
+    subnqn = "nqn.2014-08.org.zfs-ng:%s:%s" % (SRU, KEY)
+    a, b = "nqn.2014-08.org.example:a", "nqn.2014-08.org.example:b"
+    with state.locked("nvme:" + subnqn, state.node_state_dir()) as st:
+        st.shared["hosts"] = [a, b]              # as grant() leaves it
+    node.claim(subnqn, a, "rw")
+    node.claim(subnqn, a, "rw")
+    for mode in ("rw", "ro"):
+        with pytest.raises(smapi.ActivatedOnAnotherHost) as e:
+            node.claim(subnqn, b, mode)
+        assert e.value.params() == ["Activated_on_another_host", a]
+    node.unclaim(subnqn, a)
+    node.claim(subnqn, b, "ro")
+    node.claim(subnqn, a, "ro")                  # read-only is shared between hosts
+    with pytest.raises(smapi.ActivatedOnAnotherHost):
+        node.claim(subnqn, a, "rw")
+
+
+def test_cli_attachments_lists_state():
+    from click.testing import CliRunner
+    from sr_tools.vol_attach_cmds import group
+    with state.locked("tank/" + KEY) as st:
+        st.attached["3"] = {"scheme": "zfsng-raw", "device": "/dev/zvol/tank/zfs-ng/" + KEY}
+        st.active["3"] = "rw"
+    r = CliRunner().invoke(group, ["attachments", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == [{"volume": "tank/" + KEY, "domain": "3",
+                                     "datapath": "zfsng-raw", "active": "rw",
+                                     "device": "/dev/zvol/tank/zfs-ng/" + KEY}]
+    r = CliRunner().invoke(group, ["attachments"])
+    assert "zfsng-raw" in r.output and "VOLUME" in r.output

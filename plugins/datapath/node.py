@@ -1,0 +1,207 @@
+"""The storage node's side of nvme+tcp attachments.
+
+A host that attaches nvme+tcp://NODE:PORT/SUBNQN asks the node to
+  grant(subnqn, hostnqn)     serve the volume (activate_device, add the subsystem
+                             to the NVMe/TCP target) and allow that host NQN;
+                             returns the namespace UUID to look for
+  claim(subnqn, hostnqn, mode)  record an activation; read-write on one host
+                             excludes every other host: Activated_on_another_host
+  unclaim(subnqn, hostnqn)   drop the activation
+  revoke(subnqn, hostnqn)    deny the host; with the last host gone, remove the
+                             subsystem and deactivate the device (never fails)
+The node keeps who is granted/active per volume in its own state directory
+(state.node_state_dir), under the volume's lock, so calls from many hosts may
+run at once.  The target itself is driven through nvmeof_target.control.
+
+Transport: by default the node is this machine (the functions run in-process).
+For a node elsewhere, ZFSNG_NODE_COMMAND is an argv prefix run with the op
+appended, e.g. `["ssh", "root@node", "python3", "-m", "plugins.datapath.node"]`
+(JSON list); `python3 -m plugins.datapath.node OP` reads one JSON line of
+arguments on stdin and prints one JSON line of result or error.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from plugins import smapi
+from plugins.datapath import devices, state, uri as urimod
+
+NODE_USER = "nvme-target"
+RO = "ro"
+RW = "rw"
+
+
+def _pool_of(sr_uuid):
+    from plugins.volume import sr as srmod
+    for pool in srmod.attached():
+        props = srmod.read_root_props(pool) or {}
+        if props.get("sr-uuid") == sr_uuid:
+            return pool
+    raise smapi.SrNotAttached(sr_uuid)
+
+
+def _client():
+    from nvmeof_target.control import Client
+    return Client()
+
+
+def _target_error(e):
+    return smapi.BackendError("NVMe_target_error", str(e))
+
+
+def _lock(subnqn):
+    return state.locked("nvme:" + subnqn, state.node_state_dir())
+
+
+def grant(subnqn, hostnqn):
+    from nvmeof_target.control import ControlError
+    sr_uuid, key = urimod.split_subnqn(subnqn)
+    urimod.check_nqn(hostnqn)
+    with _lock(subnqn) as st:
+        pool = st.shared.get("pool") or _pool_of(sr_uuid)
+        st.shared["pool"] = pool
+        hosts = st.shared.setdefault("hosts", [])
+        loc = devices.acquire(pool, key, NODE_USER)
+        try:
+            with _client() as c:
+                try:
+                    sub = c.get(subnqn)
+                except ControlError:
+                    sub = None
+                if sub is None:
+                    c.add(subnqn, loc["device"], loc["uuid"], readonly=loc["readonly"],
+                          allowed_hosts=[hostnqn])
+                elif hostnqn not in sub.get("allowed_hosts", []):
+                    c.allow(subnqn, hostnqn)
+        except ControlError as e:
+            if not hosts:
+                devices.release(pool, key, NODE_USER)
+            raise _target_error(e)
+        if hostnqn not in hosts:
+            hosts.append(hostnqn)
+        return {"uuid": loc["uuid"], "readonly": loc["readonly"], "size": loc["size"]}
+
+
+def claim(subnqn, hostnqn, mode):
+    urimod.split_subnqn(subnqn)
+    urimod.check_nqn(hostnqn)
+    if mode not in (RO, RW):
+        raise smapi.InvalidParameters("mode must be ro or rw")
+    with _lock(subnqn) as st:
+        if hostnqn not in st.shared.get("hosts", []):
+            raise smapi.BackendError("Not_attached", "%s is not granted %s" % (hostnqn, subnqn))
+        active = st.active
+        others = {h: m for h, m in active.items() if h != hostnqn}
+        if mode == RW and others:
+            raise smapi.ActivatedOnAnotherHost(sorted(others)[0])
+        rw = [h for h, m in others.items() if m == RW]
+        if rw:
+            raise smapi.ActivatedOnAnotherHost(rw[0])
+        if active.get(hostnqn) == RW and mode == RO:
+            return None  # a host downgrading keeps its claim until unclaim
+        active[hostnqn] = mode
+    return None
+
+
+def unclaim(subnqn, hostnqn):
+    with _lock(subnqn) as st:
+        st.active.pop(hostnqn, None)
+    return None
+
+
+def revoke(subnqn, hostnqn):
+    """Never fails: what cannot be undone is logged and retried by the next revoke."""
+    from nvmeof_target.control import ControlError
+    with _lock(subnqn) as st:
+        st.active.pop(hostnqn, None)
+        hosts = st.shared.get("hosts", [])
+        try:
+            with _client() as c:
+                if hosts == [hostnqn] or not hosts:
+                    try:
+                        c.remove(subnqn)
+                    except ControlError as e:
+                        if "no subsystem" not in str(e):
+                            raise
+                else:
+                    c.deny(subnqn, hostnqn)
+        except ControlError as e:
+            smapi.log.error("revoke %s from %s: %s", hostnqn, subnqn, e)
+            return None
+        if hostnqn in hosts:
+            hosts.remove(hostnqn)
+        if not hosts:
+            pool = st.shared.get("pool")
+            if pool:
+                try:
+                    devices.release(pool, urimod.split_subnqn(subnqn)[1], NODE_USER)
+                except smapi.SmapiError as e:
+                    smapi.log.error("revoke %s: %s", subnqn, e.message)
+                    return None
+            st.shared.clear()
+    return None
+
+
+OPS = {"grant": grant, "claim": claim, "unclaim": unclaim, "revoke": revoke}
+
+
+# -- transport --------------------------------------------------------------------
+
+def command():
+    raw = os.environ.get("ZFSNG_NODE_COMMAND")
+    if not raw:
+        return None
+    try:
+        argv = json.loads(raw)
+    except ValueError:
+        argv = None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise smapi.InvalidParameters("ZFSNG_NODE_COMMAND must be a JSON list of strings")
+    return argv
+
+
+def call(op, **args):
+    """Run a node op here or through ZFSNG_NODE_COMMAND; SMAPI errors cross as such."""
+    argv = command()
+    if argv is None:
+        return OPS[op](**args)
+    try:
+        p = subprocess.Popen(argv + [op], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True)
+    except OSError as e:
+        raise smapi.BackendError("Node_unreachable", "cannot run %s: %s" % (argv[0], e.strerror))
+    out, err = p.communicate(json.dumps(args) + "\n")
+    try:
+        resp = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise smapi.BackendError("Node_unreachable", "node op %s failed: %s" % (op, err.strip()))
+    if "error" in resp:
+        name, msg = resp["error"]
+        e = smapi.SmapiError(msg, name)
+        raise e
+    return resp.get("result")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in OPS:
+        sys.stderr.write("usage: python3 -m plugins.datapath.node {%s} < ARGS.json\n"
+                         % ",".join(sorted(OPS)))
+        return 2
+    try:
+        args = json.loads(sys.stdin.readline())
+        if not isinstance(args, dict):
+            raise ValueError("arguments must be a JSON object")
+        out = {"result": OPS[argv[0]](**args)}
+    except smapi.SmapiError as e:
+        out = {"error": [e.name, e.message]}
+    except (ValueError, TypeError, urimod.BadUri) as e:
+        out = {"error": ["Invalid_parameters", str(e)]}
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0 if "result" in out else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
