@@ -49,13 +49,13 @@ def run_jobs(dev, runtime, size):
     return [fio(dev, args, runtime, size) for _, args in JOBS]
 
 
-def start_target(state, sock, port, workers=1, profile=None):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+def start_target(state, sock, port, workers=1, profile=None, root=ROOT):
+    env = dict(os.environ, PYTHONPATH=root)
     t0 = time.time()
     prof = ["-m", "cProfile", "-o", profile] if profile else []
     proc = subprocess.Popen([sys.executable] + prof + ["-m", "sr_tools", "target", "serve", "--listen",
                              "127.0.0.1:%d" % port, "--state", state, "--socket", sock,
-                             "--workers", str(workers)], cwd=ROOT, env=env)
+                             "--workers", str(workers)], cwd=root, env=env)
     from nvmeof_target.control import Client, ControlError
     while True:
         try:
@@ -119,6 +119,8 @@ def main():
     ap.add_argument("--jobs", help="only the jobs whose name contains one of these (comma list)")
     ap.add_argument("--quick", action="store_true", help="1 worker only, no 100k footprint")
     ap.add_argument("--profile", help="run our 1-worker target under cProfile, print the top")
+    ap.add_argument("--base", help="also run the target of this other checkout (e.g. a git "
+                    "worktree of an older commit), 1 worker, for a before/after in one run")
     opts = ap.parse_args()
     if opts.jobs:
         JOBS[:] = [j for j in JOBS if any(k in j[0] for k in opts.jobs.split(","))]
@@ -145,11 +147,13 @@ def main():
             disconnect(kt.nqn)
             time.sleep(1)
 
-        def ours(workers):
+        def ours(workers, root=ROOT):
             state = os.path.join(tmp, "t%d.db" % workers)
             sock = os.path.join(tmp, "t%d.sock" % workers)
             prof = opts.profile if workers == 1 else None
-            proc, _ = start_target(state, sock, 4420, workers, prof)
+            if root != ROOT:
+                state, sock, prof = state + ".base", sock + ".base", None
+            proc, _ = start_target(state, sock, 4420, workers, prof, root)
             try:
                 from nvmeof_target.control import Client
                 nqn, ns_uuid = "nqn.2014-08.org.zfs-ng:bench:v%d" % workers, str(uuid.uuid4())
@@ -166,6 +170,18 @@ def main():
 
         ours1, (busy_rss, busy_fds) = ours(1)
         ours2 = ours(2)[0] if not opts.quick else [(0, 0)] * len(JOBS)
+        if opts.base:
+            base = ours(1, os.path.abspath(opts.base))[0]
+            print()
+            print("before/after, 1 worker (%s vs this checkout)" % opts.base)
+            print("| job | kernel | before | ratio | after | ratio |")
+            print("|---|---|---|---|---|---|")
+            for (name, _), k, b, o in zip(JOBS, kernel, base, ours1):
+                i = 0 if name.startswith("4K") else 1
+                fmt = "%.0f IOPS" if i == 0 else "%.1f MiB/s"
+                print("| %s | %s | %s | %.2f | %s | %.2f |" % (
+                    name, fmt % k[i], fmt % b[i], b[i] / k[i] if k[i] else 0,
+                    fmt % o[i], o[i] / k[i] if k[i] else 0))
         print()
         print("fio --direct=1 libaio, %ds per job, %s working set, zvol volblocksize 16K lz4"
               % (opts.runtime, opts.size))
