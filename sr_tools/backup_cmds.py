@@ -141,9 +141,14 @@ def restore(backup_dir, target, zvol, force, no_verify, as_json):
 @click.option("--no-chain", is_flag=True, help="Only this backup, not its parents.")
 @json_option
 def verify(backup_dir, no_chain, as_json):
-    """Recompute the checksums of BACKUP_DIR and its chain; exit 1 on damage."""
-    from sr_tools.backup import engine
-    s = _run(engine.verify, backup_dir, chain=not no_chain, progress=_Bar(not as_json))
+    """Recompute the checksums of BACKUP_DIR and its chain (or of every backup
+    of a repository) and check the chain links; exit 1 on damage."""
+    import os
+    from sr_tools.backup import engine, manifest
+    if os.path.exists(os.path.join(backup_dir, manifest.MANIFEST)):
+        s = _run(engine.verify, backup_dir, chain=not no_chain, progress=_Bar(not as_json))
+    else:       # a repository: every backup in it
+        s = _run(engine.verify_repo, backup_dir, progress=_Bar(not as_json))
     emit(s, as_json)
     if not s["ok"]:
         fail("%d problem(s) found in %s" % (len(s["bad"]), backup_dir))

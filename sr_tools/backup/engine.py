@@ -207,7 +207,8 @@ def backup(kind, volume, repo, nbd=None, bitmap=None, keep_snapshot=False, state
         anchor = {"path": source["path"], "snapshot": None, "guid": None}
     else:
         from sr_tools.backup import zvol
-        anchor = zvol.take_anchor(source["volume"], bid)
+        zvol.cleanup_orphans(source["volume"], repo)
+        anchor = zvol.take_anchor(source["volume"], bid, repo)
         try:
             size = anchor.pop("size")
             if kind == "incr":
@@ -235,7 +236,7 @@ def backup(kind, volume, repo, nbd=None, bitmap=None, keep_snapshot=False, state
     return _copy(d, m, progress, keep_snapshot, state_dir, bitmap, _stop_after)
 
 
-def _open_source(m, bitmap):
+def _open_source(d, m, bitmap):
     if m["source"].get("path"):
         src = BlockSource(m["source"]["path"])
         if src.size < m["size"]:
@@ -253,7 +254,7 @@ def _open_source(m, bitmap):
     if zvol.guids(snap).get(snap) != m["anchor"]["guid"]:
         raise BackupError("the anchor snapshot %s of this interrupted backup is gone: remove "
                           "the backup directory and start again" % snap)
-    dev = zvol.SnapshotDevice(snap, m["id"])
+    dev = zvol.SnapshotDevice(snap, m["id"], os.path.dirname(d))
     path = dev.__enter__()
     try:
         return BlockSource(path), dev
@@ -273,7 +274,7 @@ def _copy(d, m, progress, keep_snapshot, state_dir, bitmap, stop_after):
     read_b = st.get("bytes_read", 0)
     written_b = st.get("bytes_written", 0)
     zero_chunks = st.get("zero_chunks", 0)
-    src, dev = _open_source(m, bitmap)
+    src, dev = _open_source(d, m, bitmap)
     try:
         img = Backend(os.path.join(d, mf.IMAGE))
         sums = open(sums_path, "r+b")
@@ -500,3 +501,29 @@ def verify(backup_dir, chain=True, progress=None):
             img.close()
     return {"backups": [m["id"] for _d, m in items], "chunks": nchunks, "bytes": nbytes,
             "bad": bad, "ok": not bad, "seconds": round(time.time() - t0, 3)}
+
+
+def verify_repo(repo, progress=None):
+    """verify() of every backup of a repository, each image once, every chain
+    link checked.  Running (interrupted) backups are listed, not failed."""
+    t0 = time.time()
+    items = mf.backups(repo)
+    if not items:
+        raise BackupError("%s holds no backups" % repo)
+    out = {"backups": [], "running": [], "chunks": 0, "bytes": 0, "bad": []}
+    for d, m in items:
+        if m["state"] == "running":
+            out["running"].append(m["id"])
+            continue
+        try:
+            mf.chain(d)
+        except BackupError as e:
+            out["bad"].append({"backup": m["id"], "error": str(e)})
+        r = verify(d, chain=False, progress=progress)
+        out["backups"].append(m["id"])
+        out["chunks"] += r["chunks"]
+        out["bytes"] += r["bytes"]
+        out["bad"] += r["bad"]
+    out["ok"] = not out["bad"]
+    out["seconds"] = round(time.time() - t0, 3)
+    return out

@@ -83,10 +83,50 @@ def resolve(volume):
             "key": key}
 
 
-def take_anchor(ds, backup_id):
+REPO_PROP = "zfs-ng-backup:repo"
+
+
+def _repo_value(repo):
+    value = os.path.abspath(repo)
+    if len(value) > 1024 or any(c in value for c in "\t\n\r\0"):
+        raise BackupError("repository path %r cannot be recorded on a snapshot" % repo)
+    return value
+
+
+def take_anchor(ds, backup_id, repo):
+    """Snapshot V@zfsng-cbt-backup-<id>, tagged with the repository that owns
+    it (so that cleanup_orphans can recognise it after a crash)."""
     snap = "%s@%s%s" % (ds, SNAP_PREFIX, backup_id)
-    zfs("snapshot", snap)
+    zfs("snapshot", "-o", "%s=%s" % (REPO_PROP, _repo_value(repo)), snap)
     return describe(snap)
+
+
+def cleanup_orphans(ds, repo):
+    """Destroy the anchor snapshots of `ds` (and their reading clones) that
+    this repository made but holds no backup directory for: left by a crash
+    between the snapshot and the first manifest, or by an interrupted backup
+    whose directory was removed.  One zfs list of ds's snapshots (never of
+    the SR's 100k volumes).  Returns the names destroyed."""
+    mine = _repo_value(repo)
+    out = zfs("list", "-H", "-o", "name,clones,%s" % REPO_PROP, "-t", "snapshot", "-d", "1", ds)
+    gone = []
+    for line in out.splitlines():
+        fields = line.split("\t")
+        if len(fields) != 3 or fields[2] != mine:
+            continue
+        name, clones = fields[0], [c for c in fields[1].split(",") if c not in ("", "-")]
+        bid = name.split("@", 1)[1][len(SNAP_PREFIX):]
+        if not name.startswith(ds + "@" + SNAP_PREFIX) or \
+                os.path.exists(os.path.join(mine, bid, "manifest.json")):
+            continue
+        if any(CLONE_SUFFIX not in c for c in clones):
+            continue        # someone else cloned it: not ours to destroy
+        for c in clones:
+            zfs("destroy", c)
+            gone.append(c)
+        zfs("destroy", name)
+        gone.append(name)
+    return gone
 
 
 def describe(snap):
@@ -152,14 +192,16 @@ class SnapshotDevice(object):
     """Context manager: the path of a readable block device with the data of
     `snap` (a temporary read-only clone)."""
 
-    def __init__(self, snap, backup_id, timeout=60.0):
+    def __init__(self, snap, backup_id, repo, timeout=60.0):
         self.snap = snap
+        self.repo = _repo_value(repo)
         self.clone = "%s%s%s" % (snap.split("@", 1)[0], CLONE_SUFFIX, backup_id)
         self.timeout = timeout
 
     def __enter__(self):
         try:
-            zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", self.snap, self.clone)
+            zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", "-o",
+                "%s=%s" % (REPO_PROP, self.repo), self.snap, self.clone)
         except BackupError:
             # left by an interrupted run? then it is ours to reuse
             if props(self.clone, "origin").get("origin") != self.snap:

@@ -305,12 +305,16 @@ def test_chain_is_checked(nbd_points, tmp_path):
     m1 = engine.backup("incr", "d", repo, nbd=uri(1), bitmap="prev")
     d1 = os.path.join(repo, m1["id"])
     assert [m["id"] for _d, m in mf.chain(d1)] == [m0["id"], m1["id"]]
+    v = json.loads(cli("backup", "verify", repo, "--json").stdout)     # the whole repository
+    assert v["ok"] and v["backups"] == [m0["id"], m1["id"]]
     os.rename(os.path.join(repo, m0["id"]), os.path.join(repo, "elsewhere"))
     with pytest.raises(BackupError, match="parent backup .* is missing"):
         engine.restore(d1, str(tmp_path / "x.img"))
     assert not os.path.exists(str(tmp_path / "x.img"))
     p = cli("backup", "verify", d1, check=False)
     assert p.returncode == 1 and "missing" in p.stderr
+    v = json.loads(cli("backup", "verify", repo, "--json", check=False).stdout)
+    assert not v["ok"] and "missing" in v["bad"][0]["error"]
 
 
 def test_cli_over_nbd_with_qemu_img_compare(nbd_points, tmp_path):
