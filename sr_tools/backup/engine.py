@@ -186,6 +186,9 @@ def backup(kind, volume, repo, nbd=None, bitmap=None, keep_snapshot=False, state
                               % (volume, repo))
         if parent["chunk_size"] != chunk_size:
             raise BackupError("the previous backup uses %d-byte chunks" % parent["chunk_size"])
+        if not nbd and not parent["anchor"].get("snapshot"):
+            raise BackupError("the newest backup of %s (%s) was not taken from a ZFS snapshot: "
+                              "take a full backup" % (volume, parent["id"]))
     stats = {}
     bid = _new_id(repo, kind)
     d = os.path.join(repo, bid)
