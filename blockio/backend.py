@@ -30,7 +30,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _HAVE_PREADV = hasattr(os, "preadv")
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)      # Python 3.7+, Linux 4.14+
 
 
 def _fallocate(fd, mode, offset, length):
@@ -97,27 +96,6 @@ class Backend:
                 view[done:] = bytes(len(view) - done)
                 break
             done += n
-
-    def try_readinto(self, offset, buf):
-        """Fill buf from the page cache only, never sleeping on the disk
-        (preadv2 RWF_NOWAIT): True when done, False when some of it is not
-        cached (or this kernel/Python cannot tell); then use readinto, e.g.
-        in a thread.  No range check: the caller has done it."""
-        if _RWF_NOWAIT is None or not self._nowait_ok:
-            return False
-        view = memoryview(buf).cast("B")
-        try:
-            n = os.preadv(self.fd, [view], offset, _RWF_NOWAIT)  # novermin
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            self._nowait_ok = False          # not on this file: stop asking
-            return False
-        return n == len(view)
-
-    _nowait_ok = True
 
     def read(self, offset, length):
         buf = bytearray(length)

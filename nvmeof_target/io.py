@@ -1,7 +1,6 @@
 """NVM command set I/O (NVMe NVM command set spec; drivers/nvme/target/io-cmd-bdev.c),
 executed on a blockio.backend.Backend: a zvol or a regular file alike."""
 
-import logging
 import struct
 
 from . import status as st
@@ -12,7 +11,6 @@ FLUSH, WRITE, READ, WRITE_ZEROES, DSM = 0x00, 0x01, 0x02, 0x08, 0x09
 FUA = 1 << 30           # cdw12
 DEAC = 1 << 25          # cdw12, Write Zeroes: deallocate
 DSM_AD = 1 << 2         # cdw11
-log = logging.getLogger("nvmeof_target")
 SPAN_MIN = 16384         # smaller reads: one pread + the batched sendmsg is cheaper
 _RANGE = struct.Struct("<IIQ")      # cattr, nlb (1-based), slba
 
@@ -29,7 +27,6 @@ def _writable(sub):
 
 
 def execute(queue, cmd, data):
-    """A Result, or a Work (the backend I/O left to do) once all checks passed."""
     ctrl = queue.ctrl
     if not ctrl.ready:
         raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
@@ -39,34 +36,12 @@ def execute(queue, cmd, data):
         raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
     if cmd.nsid != 1 and not (op == FLUSH and cmd.nsid == 0xFFFFFFFF):
         raise st.NvmeError(st.INVALID_NS | st.DNR)
-    if op == READ and not queue.ddgst and cmd.sgl_len >= SPAN_MIN:
-        return _read_span(sub, cmd)
     try:
+        if op == READ and not queue.ddgst and cmd.sgl_len >= SPAN_MIN:
+            return _read_span(sub, cmd)
         return _OPS[op](sub, cmd, data)
-    except OSError as e:         # from the I/O done inline
+    except OSError as e:
         raise st.NvmeError(st.error_from_oserror(e, write=op != READ), msg=str(e))
-
-
-class Work(object):
-    """Backend I/O of one checked command: run() (in any thread) -> Result,
-    never raises.  sub.inflight counts it so the backend stays open."""
-    __slots__ = ("sub", "write", "fn", "args")
-
-    def __init__(self, sub, write, fn, *args):
-        self.sub = sub
-        self.write = write
-        self.fn = fn
-        self.args = args
-
-    def run(self):
-        try:
-            return self.fn(*self.args)
-        except OSError as e:
-            log.debug("backend I/O: %s", e)
-            return Result(st.error_from_oserror(e, write=self.write))
-        except Exception:       # a bug must not kill a pool thread
-            log.exception("internal error in backend I/O")
-            return Result(st.INTERNAL | st.DNR)
 
 
 def _rw_args(sub, cmd):
@@ -79,17 +54,10 @@ def _rw_args(sub, cmd):
 
 def _read(sub, cmd, data):
     offset, length = _rw_args(sub, cmd)
+    buf = bytearray(length)
+    sub.backend.readinto(offset, buf, checked=True)    # against nsze()
     sub.stats["reads"] += 1
     sub.stats["read_bytes"] += length
-    buf = bytearray(length)
-    if sub.backend.try_readinto(offset, buf):
-        return Result(data=buf)        # cached: a thread handoff costs more than it saves
-    return Work(sub, False, _do_read, sub.backend, offset, length)
-
-
-def _do_read(backend, offset, length):
-    buf = bytearray(length)
-    backend.readinto(offset, buf, checked=True)     # checked against nsze()
     return Result(data=buf)
 
 
@@ -104,28 +72,15 @@ def _read_span(sub, cmd):
 def _write(sub, cmd, data):
     _writable(sub)
     offset, length = _rw_args(sub, cmd)
+    sub.backend.write(offset, data, fua=bool(cmd.cdw12 & FUA), checked=True)
     sub.stats["writes"] += 1
     sub.stats["write_bytes"] += length
-    if not cmd.cdw12 & FUA:
-        # into the page cache: does not sleep (writeback is the kernel's), so inline
-        sub.backend.write(offset, data, checked=True)
-        return Result()
-    return Work(sub, True, _do_write, sub.backend, offset, data, True)
-
-
-def _do_write(backend, offset, data, fua):
-    backend.write(offset, data, fua=fua, checked=True)
     return Result()
 
 
 def _flush(sub, cmd, data):
-    if sub.readonly:
-        return Result()
-    return Work(sub, True, _do_call, sub.backend.flush)
-
-
-def _do_call(fn, *args):
-    fn(*args)
+    if not sub.readonly:
+        sub.backend.flush()
     return Result()
 
 
@@ -133,8 +88,8 @@ def _write_zeroes(sub, cmd, data):
     _writable(sub)
     slba = cmd.cdw10 | (cmd.cdw11 << 32)
     offset, length = _lba_range(sub, slba, (cmd.cdw12 & 0xFFFF) + 1)
-    return Work(sub, True, _do_call, sub.backend.write_zeroes, offset, length,
-                bool(cmd.cdw12 & DEAC))
+    sub.backend.write_zeroes(offset, length, unmap=bool(cmd.cdw12 & DEAC))
+    return Result()
 
 
 def _dsm(sub, cmd, data):
@@ -147,12 +102,9 @@ def _dsm(sub, cmd, data):
         return Result()
     ranges = [_RANGE.unpack_from(data, i * _RANGE.size) for i in range(nr)]
     spans = [_lba_range(sub, slba, nlb) for _, nlb, slba in ranges]   # check all first
-    return Work(sub, True, _do_discard, sub.backend, [sp for sp in spans if sp[1]])
-
-
-def _do_discard(backend, spans):
     for offset, length in spans:
-        backend.discard(offset, length)
+        if length:
+            sub.backend.discard(offset, length)
     return Result()
 
 

@@ -28,7 +28,6 @@ class Queue(object):
                                  max_h2c_data=MAXH2CDATA)
         self.out = []
         self.wakeup = _noop           # set by the server
-        self.submit_io = None         # set by the server: IoPool.submit; None = inline
         self.closing = False
         self.ctrl = None
         self.qid = None
@@ -156,8 +155,6 @@ class Queue(object):
                 res = admin.execute(self, cmd)
             else:
                 res = io.execute(self, cmd, data)
-                if type(res) is io.Work:
-                    return self._start_io(cmd, res)
         except st.NvmeError as e:
             if e.status & 0x7FF not in (st.LBA_RANGE, st.INVALID_OPCODE, st.INVALID_FIELD):
                 log.debug("%s: %r -> status %#x %s", self.peer, cmd, e.status, e)
@@ -166,23 +163,9 @@ class Queue(object):
             log.exception("%s: internal error on %r", self.peer, cmd)
             res = Result(st.INTERNAL | st.DNR)
         if res is not DEFERRED:
-            self._finish(cmd, res)
-
-    def _finish(self, cmd, res):
-        if res.data is not None and len(res.data) != cmd.sgl_len:
-            res = Result(st.INTERNAL | st.DNR)
-        self.complete(cmd.cid, res)
-
-    def _start_io(self, cmd, work):
-        if self.submit_io is None:
-            return self._finish(cmd, work.run())
-        sub = work.sub
-        sub.inflight += 1
-
-        def done(res):
-            sub.io_done()
-            self._finish(cmd, res)      # dropped by complete() if the queue is gone
-        self.submit_io(work.run, done)
+            if res.data is not None and len(res.data) != cmd.sgl_len:
+                res = Result(st.INTERNAL | st.DNR)
+            self.complete(cmd.cid, res)
 
     # ---- output -------------------------------------------------------------------
     def bind(self, ctrl, qid, sqsize, sqflow_disabled):

@@ -11,7 +11,6 @@ import socket
 
 from . import control
 from .filespan import FileSpan
-from .iopool import IoPool
 from .queue import Queue
 from .registry import Registry
 from .target import Target
@@ -20,7 +19,6 @@ log = logging.getLogger("nvmeof_target")
 
 RECV_SIZE = 1 << 18
 IOV_MAX = 512
-IO_THREADS = 4              # per event loop (per worker process)
 OUT_HIGH_WATER = 64          # buffers queued before we stop reading from that host
 DEFAULT_PORT = 4420
 MSG_MORE = getattr(socket, "MSG_MORE", 0)
@@ -51,7 +49,6 @@ class Conn(object):
         local = sock.getsockname()
         self.queue = Queue(server.target, local_addr=(local[0], local[1]), peer="%s:%s" % peer[:2])
         self.queue.wakeup = self._wakeup
-        self.queue.submit_io = server.pool.submit
         self.rbuf = bytearray(RECV_SIZE)
         self.rview = memoryview(self.rbuf)
         self.mask = selectors.EVENT_READ
@@ -141,7 +138,7 @@ class Conn(object):
 
 class Server(object):
     def __init__(self, target, listen=(("127.0.0.1", DEFAULT_PORT),), control_path=None,
-                 reuse_port=False, io_threads=IO_THREADS):
+                 reuse_port=False):
         self.target = target
         self.sel = selectors.DefaultSelector()
         self.conns = set()
@@ -152,7 +149,6 @@ class Server(object):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self)
-        self.pool = IoPool(io_threads, self._wake)
         for addr, port in listen:
             self._listen(addr, port, reuse_port)
         self.control = None
@@ -195,13 +191,9 @@ class Server(object):
     def stop(self):
         """Safe from a signal handler: wakes the loop, which then shuts down."""
         self._stop = True
-        self._wake()
-
-    def _wake(self):
-        """From a signal handler or a pool thread."""
         try:
             self._wake_w.send(b"x")
-        except OSError:       # full: a wakeup is pending anyway
+        except OSError:
             pass
 
     def _flush_dirty(self):
@@ -225,7 +217,6 @@ class Server(object):
                             self._wake_r.recv(64)
                         except OSError:
                             pass
-                        self.pool.run_completions()
                     else:
                         self._accept(key.fileobj)
                 else:
@@ -262,7 +253,6 @@ class Server(object):
         for conn in list(self.conns):
             conn.close()
         self.target.close()
-        self.pool.close()         # running I/O ends; deferred backend closes happen
         self._flush_dirty()
         self.sel.close()
         self._wake_r.close()

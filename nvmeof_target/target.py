@@ -24,7 +24,7 @@ CNTLID_MIN, CNTLID_MAX = 1, 0xFFEF
 class LiveSubsystem(object):
     """A volume some host is connected to."""
     __slots__ = ("nqn", "uuid", "uuid_bytes", "nguid", "readonly", "lbads", "backend",
-                 "stats", "controllers", "_nsze", "inflight", "_close_pending")
+                 "stats", "controllers", "_nsze")
 
     def __init__(self, vol, backend):
         self.nqn = vol.nqn
@@ -37,8 +37,6 @@ class LiveSubsystem(object):
         self.stats = {"reads": 0, "writes": 0, "read_bytes": 0, "write_bytes": 0}
         self.controllers = set()
         self._nsze = None
-        self.inflight = 0             # backend I/O running in pool threads
-        self._close_pending = False
 
     def nsze(self):
         """Namespace size in blocks; cached for the I/O path, refreshed by
@@ -49,19 +47,6 @@ class LiveSubsystem(object):
 
     def refresh(self):
         self._nsze = None
-
-    def close(self):
-        """Close the backend, once no pool thread uses its fd any more."""
-        if self.inflight:
-            self._close_pending = True
-        else:
-            self.backend.close()
-
-    def io_done(self):
-        self.inflight -= 1
-        if not self.inflight and self._close_pending:
-            self._close_pending = False
-            self.backend.close()
 
 
 class Target(object):
@@ -195,7 +180,7 @@ class Target(object):
             sub.controllers.discard(ctrl)
             if not sub.controllers:
                 del self.live[sub.nqn]
-                sub.close()
+                sub.backend.close()
 
     def expire(self):
         """Keep-alive timeout: tear down controllers that went silent."""
