@@ -314,6 +314,8 @@ def revert(sr, snapshot, key):
             # crash after any step: SR.reconcile finishes or undoes it (r-KEY)
             zfs.zfs("clone", *(props + [snap["zname"], tmp]))
             try:
+                if cbt_methods.listed_bookmarks(ds):  # keep data-destroyed snapshots
+                    raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
                 zfs.zfs("destroy", ds)
             except zfs.HasChildren:
                 hidden = "%s/%s" % (handle.root, names.hidden_name())
