@@ -247,11 +247,7 @@ class Server:
                 return sock, None, b""
 
     def _transmission(self, sock, ready, early):
-        tr = Transmission(ready)
-        parser = RequestParser()
-        parser.receive_data(early)
-        buf = bytearray(RECV_SIZE)
-        view = memoryview(buf)
+        tr, parser, view = _begin(ready, early)
         while True:
             # Answer every complete request buffered, then read more.
             pending = bytearray()
@@ -271,22 +267,11 @@ class Server:
                 sock.sendall(pending)
             if tr.closed:
                 break
-            direct = parser.payload_buffer(DIRECT_RECV)
-            n = sock.recv_into(direct if direct is not None else view)
-            if n == 0:
-                raise EOFError("client closed the connection")
-            if direct is not None:
-                parser.payload_received(n)
-            else:
-                parser.receive_data(view[:n])
+            _receive(sock, parser, view)
         log.info("export %r: client disconnected", ready.export.name)
 
     def _transmission_parallel(self, sock, ready, early):
-        tr = Transmission(ready)
-        parser = RequestParser()
-        parser.receive_data(early)
-        buf = bytearray(RECV_SIZE)
-        view = memoryview(buf)
+        tr, parser, view = _begin(ready, early)
         send_lock = threading.Lock()
         # Bounded in flight: a client cannot queue unbounded work or memory
         # (at most `workers` requests of <= 32 MiB each beyond the one parsed).
@@ -313,14 +298,7 @@ class Server:
             while not failed:
                 req = parser.next_request()
                 if req is None:
-                    direct = parser.payload_buffer(DIRECT_RECV)
-                    n = sock.recv_into(direct if direct is not None else view)
-                    if n == 0:
-                        raise EOFError("client closed the connection")
-                    if direct is not None:
-                        parser.payload_received(n)
-                    else:
-                        parser.receive_data(view[:n])
+                    _receive(sock, parser, view)
                     continue
                 if req.type == C.CMD_DISC:
                     break               # in-flight requests finish below
@@ -331,6 +309,27 @@ class Server:
         if failed and not isinstance(failed[0], OSError):
             raise failed[0]
         log.info("export %r: client disconnected", ready.export.name)
+
+
+def _begin(ready, early):
+    """A connection's transmission state, parser (fed the bytes the handshake
+    read past its end) and receive buffer."""
+    parser = RequestParser()
+    parser.receive_data(early)
+    return Transmission(ready), parser, memoryview(bytearray(RECV_SIZE))
+
+
+def _receive(sock, parser, view):
+    """One recv into the parser: straight into a write request's payload when
+    the parser is inside one (no copy), else into view."""
+    direct = parser.payload_buffer(DIRECT_RECV)
+    n = sock.recv_into(direct if direct is not None else view)
+    if n == 0:
+        raise EOFError("client closed the connection")
+    if direct is not None:
+        parser.payload_received(n)
+    else:
+        parser.receive_data(view[:n])
 
 
 class _Pool:
