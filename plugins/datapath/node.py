@@ -162,6 +162,17 @@ def command():
     return argv
 
 
+def _timeout():
+    """ZFSNG_NODE_TIMEOUT seconds (default 120) for one remote node op."""
+    try:
+        t = int(os.environ.get("ZFSNG_NODE_TIMEOUT", "120"))
+    except ValueError:
+        raise smapi.InvalidParameters("ZFSNG_NODE_TIMEOUT must be a number of seconds")
+    if t <= 0:
+        raise smapi.InvalidParameters("ZFSNG_NODE_TIMEOUT must be positive")
+    return t
+
+
 def call(op, **args):
     """Run a node op here or through ZFSNG_NODE_COMMAND; SMAPI errors cross as such."""
     argv = command()
@@ -172,7 +183,14 @@ def call(op, **args):
                              stderr=subprocess.PIPE, universal_newlines=True)
     except OSError as e:
         raise smapi.BackendError("Node_unreachable", "cannot run %s: %s" % (argv[0], e.strerror))
-    out, err = p.communicate(json.dumps(args) + "\n")
+    try:
+        out, err = p.communicate(json.dumps(args) + "\n", timeout=_timeout())
+    except subprocess.TimeoutExpired:
+        # a hung ssh or node must not hang xapi's call (and the volume's lock) forever
+        p.kill()
+        p.communicate()
+        raise smapi.BackendError("Node_unreachable", "node op %s: no answer from %s within "
+                                 "%d s" % (op, argv[0], _timeout()))
     try:
         resp = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -281,6 +281,28 @@ def test_node_command_transport_carries_errors(monkeypatch):
         node.call("unclaim", subnqn="x", hostnqn="y")
 
 
+def test_node_command_hung_or_broken_is_node_unreachable(monkeypatch):
+    import sys
+    import time
+    from plugins.datapath import node
+    monkeypatch.setenv("ZFSNG_NODE_TIMEOUT", "1")
+    monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps(
+        [sys.executable, "-c", "import time; time.sleep(60)"]))
+    t0 = time.time()
+    with pytest.raises(smapi.SmapiError) as e:
+        node.call("unclaim", subnqn="x", hostnqn="y")
+    assert e.value.name == "Node_unreachable" and "within 1 s" in e.value.message
+    assert time.time() - t0 < 10
+    monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps(
+        [sys.executable, "-c", "import sys; sys.stderr.write('ssh: no route'); sys.exit(255)"]))
+    with pytest.raises(smapi.SmapiError) as e:
+        node.call("unclaim", subnqn="x", hostnqn="y")
+    assert e.value.name == "Node_unreachable" and "ssh: no route" in e.value.message
+    monkeypatch.setenv("ZFSNG_NODE_TIMEOUT", "soon")
+    with pytest.raises(smapi.InvalidParameters):
+        node.call("unclaim", subnqn="x", hostnqn="y")
+
+
 def test_node_claims_exclude_other_hosts(monkeypatch, tmp_path):
     from plugins.datapath import node
     monkeypatch.setenv("ZFSNG_NODE_RUN_DIR", str(tmp_path / "node"))
