@@ -6,16 +6,23 @@ with the last of them.
 attach returns XenDisk(qdisk) whose params is the NBD URI qemu opens, and the
 Nbd implementation itself (`nbd:unix:<sock>:exportname=<key>`), which is what
 xapi-nbd and dom0 users (nbd-client) connect to.
+
+A snapshot's export carries its ZFS allocation map (allocmap.py), so NBD
+block status shows where it was never written; live volumes report all data.
 """
 
 import os
 
 from plugins import smapi
-from plugins.datapath import local, state, uri
+from plugins.datapath import allocmap, local, state, uri
 
 
 def socket_path(key):
     return os.path.join(state.run_dir(), "nbd", "%s.sock" % key)
+
+
+def map_path(key):
+    return os.path.join(state.run_dir(), "nbd", "%s.alloc.json" % key)
 
 
 def nbd_uri(sock, name):
@@ -49,15 +56,23 @@ class NbdDatapath(local.LocalDatapath):
         if os.path.exists(sock):
             os.unlink(sock)  # left by a server that died with its host process
         from nbd_server import run as nbd_run
+        export = {"name": u.key, "path": dev, "readonly": not writable,
+                  "description": "zfs-ng %s" % u.volume_id}
+        if not writable and not (st.data.get("open") or {}).get("clone"):
+            # a snapshot: its ZFS allocation map for base:allocation (allocmap.py
+            # says why live volumes get none)
+            amap = allocmap.for_export(u.sr, u.key, map_path(u.key))
+            if amap:
+                export["allocation"] = amap
         try:
-            pid = nbd_run.start([{"name": u.key, "path": dev, "readonly": not writable,
-                                  "description": "zfs-ng %s" % u.volume_id}],
-                                unix_path=sock, log_path=sock[:-len(".sock")] + ".log")
+            pid = nbd_run.start([export], unix_path=sock, log_path=sock[:-len(".sock")] + ".log")
         except (RuntimeError, OSError, ValueError) as e:
+            if export.get("allocation"):
+                os.unlink(export["allocation"])
             raise smapi.BackendError("NBD_server_failed", "cannot serve %s over NBD: %s"
                                      % (u.volume_id, e))
         srv = {"pid": pid, "sock": sock, "device": dev, "export": u.key,
-               "readonly": not writable}
+               "readonly": not writable, "allocation": export.get("allocation")}
         st.shared["nbd"] = srv
         return srv
 
@@ -66,6 +81,11 @@ class NbdDatapath(local.LocalDatapath):
         if srv is not None and _alive(srv["pid"]):
             from nbd_server import run as nbd_run
             nbd_run.stop(srv["pid"])
+        if srv is not None and srv.get("allocation"):
+            try:
+                os.unlink(srv["allocation"])
+            except OSError:
+                pass
 
     def _attach(self, u, st, domain, rec):
         srv = self._server(u, st)

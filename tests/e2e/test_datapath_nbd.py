@@ -2,6 +2,7 @@
 crossing paths (zvol <-> NBD), snapshots read-only over NBD."""
 
 import os
+import subprocess
 
 import nbd
 import pytest
@@ -83,4 +84,45 @@ def test_nbd_snapshot_read_only_for_several_domains(sr):
     for d in ("u0-a", "u0-b"):
         call(NBD, "Datapath.detach", uri=uri, domain=d)
     assert not zfs_exists("%s/zfs-ng/ro-%s" % (sr, snap["key"]))
+    call(RAW, "Datapath.detach", uri=raw, domain="3")
+
+
+def nbdinfo_map(link):
+    """`nbdinfo --map` over the datapath's socket: [(offset, length, type)]."""
+    sock, _, name = link[len("nbd:unix:"):].rpartition(":exportname=")
+    out = subprocess.run(["nbdinfo", "--map", "nbd+unix:///%s?socket=%s" % (name, sock)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, check=True).stdout
+    return [tuple(int(x) for x in l.split()[:3]) for l in out.splitlines() if l.strip()]
+
+
+def test_nbd_snapshot_export_has_the_zfs_allocation_map(sr):
+    vol = make_volume(sr)
+    raw = uri_of(vol, RAW)
+    dev = impl(call(RAW, "Datapath.attach", uri=raw, domain="3"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=raw, domain="3")
+    pwrite(dev, 0, pattern(14, MiB))
+    pwrite(dev, 8 * MiB, pattern(15, 2 * MiB))
+    snap = make_snapshot(sr, vol["key"])
+    pwrite(dev, 20 * MiB, pattern(16, MiB))        # after the snapshot: not in its map
+    suri = uri_of(snap, NBD)
+    link = impl(call(NBD, "Datapath.attach", uri=suri, domain="u0-backup"), "Nbd")["uri"]
+    call(NBD, "Datapath.activate_readonly", uri=suri, domain="u0-backup")
+    HOLE = 3                                       # NBD_STATE_HOLE | NBD_STATE_ZERO
+    assert nbdinfo_map(link) == [(0, MiB, 0), (MiB, 7 * MiB, HOLE), (8 * MiB, 2 * MiB, 0),
+                                 (10 * MiB, 54 * MiB, HOLE)]
+    h = nbd_handle(link)
+    assert h.pread(MiB, 8 * MiB) == pattern(15, MiB)
+    assert h.pread(MiB, 20 * MiB) == b"\0" * MiB   # the holes really read as zeros
+    h.shutdown()
+    # the live volume's export changes under the client: no map, all data
+    ldev = impl(call(NBD, "Datapath.attach", uri=uri_of(vol, NBD), domain="u0-live"),
+                "Nbd")["uri"]
+    assert nbdinfo_map(ldev) == [(0, 64 * MiB, 0)]
+    call(NBD, "Datapath.detach", uri=uri_of(vol, NBD), domain="u0-live")
+    sock = link[len("nbd:unix:"):].rpartition(":exportname=")[0]
+    amap = sock[:-len(".sock")] + ".alloc.json"
+    assert os.path.exists(amap)
+    call(NBD, "Datapath.detach", uri=suri, domain="u0-backup")
+    assert not os.path.exists(amap) and not os.path.exists(sock)
     call(RAW, "Datapath.detach", uri=raw, domain="3")

@@ -336,3 +336,17 @@ def test_cli_attachments_lists_state():
                                      "device": "/dev/zvol/tank/zfs-ng/" + KEY}]
     r = CliRunner().invoke(group, ["attachments"])
     assert "zfsng-raw" in r.output and "VOLUME" in r.output
+
+
+def test_allocmap_file_is_what_nbd_server_loads_and_only_snapshots_get_one(tmp_path):
+    from nbd_server.config import load_allocation
+    from plugins.datapath import allocmap
+    ext = [(0, 4096, 0), (4096, 8192, 3), (12288, 4096, 0)]
+    path = allocmap.write(ext, str(tmp_path / "m.json"))
+    amap = load_allocation(path)
+    assert amap(None, 0, 16384) == [(4096, 0), (8192, 3), (4096, 0)]
+    assert amap(None, 16384, 4096) == [(4096, 0)]          # past the map: data (safe)
+    assert os.listdir(str(tmp_path)) == ["m.json"]
+    # a live volume (writable) changes under the export: never a map
+    assert allocmap.snapshot_map({"readonly": False, "dataset": "p/zfs-ng/k"}) is None
+    assert allocmap.snapshot_map({"readonly": True, "dataset": "p/zfs-ng/k"}) is None
