@@ -135,7 +135,7 @@ def test_query_and_method_table():
     d = os.path.join(os.path.dirname(plugin.__file__), "org.xen.xapi.storage.zfs-ng")
     for m in ("enable_cbt", "disable_cbt", "data_destroy", "list_changed_blocks"):
         assert os.path.realpath(os.path.join(d, "Volume." + m)) == \
-            os.path.realpath(os.path.join(d, "volume.py"))
+            os.path.realpath(os.path.join(d, "entry.py"))
 
 
 def test_bad_parameters_are_clear_errors():

@@ -205,7 +205,7 @@ def test_query_and_tables():
     for f in scripts:
         target = os.path.realpath(os.path.join(d, f))
         assert os.access(target, os.X_OK)
-        assert os.path.basename(target) == f.split(".")[0].lower() + ".py"
+        assert os.path.basename(target) == "entry.py"  # one executable per plugin
 
 
 def test_health_mapping():

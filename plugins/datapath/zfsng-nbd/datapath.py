@@ -1,15 +1,15 @@
-#!/usr/bin/env python3
-"""SMAPIv3 datapath plugin for zfsng-nbd:// URIs (one symlink per method)."""
-
+#!/usr/bin/python3 -S
+"""Every method of this plugin is a symlink to this file: see plugins/entry.py."""
 import os
 import sys
-
-# plugins/datapath/<scheme>/datapath.py -> the directory holding `plugins`
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.dirname(os.path.realpath(__file__))))))
-
-from plugins import smapi  # noqa: E402
-from plugins.datapath import nbd  # noqa: E402
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.realpath(__file__)))))  # the checkout holding plugins/
+try:
+    from plugins import entry
+except ImportError:  # installed, not a checkout: the package is in site-packages
+    import site
+    site.main()
+    from plugins import entry
 
 if __name__ == "__main__":
-    sys.exit(smapi.main(nbd.methods()))
+    sys.exit(entry.main(__file__))

@@ -1,1 +1,1 @@
-plugin.py
+entry.py

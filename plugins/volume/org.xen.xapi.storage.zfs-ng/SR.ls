@@ -1,1 +1,1 @@
-sr.py
+entry.py
