@@ -46,8 +46,27 @@ def _smapi(fn, *args, **kw):
         fail("%s: %s" % (e.name, e.message))
 
 
-sr_arg = click.argument("sr")
-key_arg = click.argument("key")
+def _target(sr, key, datapath, uri):
+    """(uri, scheme) of the volume: from SR KEY (the SR is on this machine), or
+    a URI as published by the volume plugin (nvme+tcp on a host that is not
+    the storage node, which it reaches through ZFSNG_NODE_COMMAND)."""
+    if uri:
+        if sr or key:
+            fail("give either SR KEY or --uri, not both")
+        from plugins.datapath import uri as urimod
+        try:
+            return uri, urimod.parse(uri).scheme
+        except urimod.BadUri as e:
+            fail(str(e))
+    if not (sr and key):
+        fail("give SR KEY (or --uri URI)")
+    return _uri(sr, key, datapath), DATAPATHS[datapath]
+
+
+sr_arg = click.argument("sr", required=False)
+key_arg = click.argument("key", required=False)
+uri_opt = click.option("--uri", help="The volume's URI instead of SR KEY (e.g. nvme+tcp://... "
+                                     "on a host without the SR).")
 datapath_opt = click.option("--datapath", "-d", type=click.Choice(sorted(DATAPATHS)),
                             default="raw", show_default=True)
 domain_opt = click.option("--domain", default=CLI_DOMAIN, show_default=True,
@@ -62,13 +81,14 @@ domain_opt = click.option("--domain", default=CLI_DOMAIN, show_default=True,
 @domain_opt
 @click.option("--readonly", is_flag=True, help="activate_readonly (snapshots always are).")
 @click.option("--hostnqn", help="nvme: connect as this host NQN (default /etc/nvme/hostnqn).")
+@uri_opt
 @json_option
-def attach(sr, key, datapath, domain, readonly, hostnqn, as_json):
-    """Attach and activate volume KEY of SR; print where it is."""
+def attach(sr, key, datapath, domain, readonly, hostnqn, uri, as_json):
+    """Attach and activate volume KEY of SR (or --uri); print where it is."""
     from plugins.datapath import core
-    uri = _uri(sr, key, datapath)
-    dp = _datapath(DATAPATHS[datapath])
-    kw = {"hostnqn": hostnqn} if datapath == "nvme" and hostnqn else {}
+    uri, scheme = _target(sr, key, datapath, uri)
+    dp = _datapath(scheme)
+    kw = {"hostnqn": hostnqn} if scheme == DATAPATHS["nvme"] and hostnqn else {}
     res = _smapi(dp.attach, uri, domain, **kw)
     ro = readonly or not _smapi(dp.check_writable, uri)
     try:
@@ -90,18 +110,19 @@ def attach(sr, key, datapath, domain, readonly, hostnqn, as_json):
 @key_arg
 @datapath_opt
 @domain_opt
+@uri_opt
 @json_option
-def detach(sr, key, datapath, domain, as_json):
-    """Deactivate and detach volume KEY of SR (never fails)."""
-    uri = _uri(sr, key, datapath)
-    dp = _datapath(DATAPATHS[datapath])
+def detach(sr, key, datapath, domain, uri, as_json):
+    """Deactivate and detach volume KEY of SR or --uri (never fails)."""
+    uri, scheme = _target(sr, key, datapath, uri)
+    dp = _datapath(scheme)
     dp.detach(uri, domain)
     emit({"uri": uri, "domain": domain, "detached": True}, as_json)
 
 
 @click.command()
-@sr_arg
-@key_arg
+@click.argument("sr")
+@click.argument("key")
 @click.option("--to-host", "hostnqn", metavar="HOSTNQN",
               help="Grant this host NQN access over NVMe/TCP (else: serve over NBD).")
 @click.option("--stop", is_flag=True, help="Undo a previous export.")

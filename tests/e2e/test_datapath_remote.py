@@ -263,3 +263,35 @@ def test_remote_host_refused_ungranted_and_activated_on_another_host(node):
     call(NVME, "Datapath.detach", uri=uri, domain="3", env=A)
     with pytest.raises(ControlError):
         served(subnqn)
+
+
+def h2_cli(*args):
+    env = dict(os.environ)
+    for k, v in H2.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    p = subprocess.run(["ip", "netns", "exec", NS, sys.executable, "-m", "sr_tools", "vol"]
+                       + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    return json.loads(p.stdout)
+
+
+def test_remote_host_cli_attach_by_uri(node):
+    """The admin CLI on a host without the SR: `zfs-ng vol attach --uri`."""
+    vol = make_volume(node)
+    uri = uri_of(vol, NVME)
+    subnqn = uri.split("/", 3)[3]
+    got = h2_cli("attach", "--uri", uri, "--json")
+    assert got["mode"] == "rw" and got["device"].startswith("/dev/nvme")
+    assert nvme_host.controllers(subnqn, H2_NQN)
+    assert [(a["volume"], a["active"], a["datapath"]) for a in h2_cli("attachments", "--json")] \
+        == [("%s/%s" % (uri.split(":")[-2], vol["key"]), "rw", NVME)]
+    pwrite(got["device"], 0, pattern(33, MiB))
+    assert h2_cli("detach", "--uri", uri, "--json")["detached"] is True
+    assert nvme_host.controllers(subnqn, H2_NQN) == []
+    assert h2_cli("attachments", "--json") == []
+    with pytest.raises(ControlError):
+        served(subnqn)

@@ -350,3 +350,14 @@ def test_allocmap_file_is_what_nbd_server_loads_and_only_snapshots_get_one(tmp_p
     # a live volume (writable) changes under the export: never a map
     assert allocmap.snapshot_map({"readonly": False, "dataset": "p/zfs-ng/k"}) is None
     assert allocmap.snapshot_map({"readonly": True, "dataset": "p/zfs-ng/k"}) is None
+
+
+def test_cli_attach_detach_by_uri_checks_its_arguments():
+    from click.testing import CliRunner
+    from sr_tools.vol_attach_cmds import group
+    for args, msg in ((["attach"], "give SR KEY (or --uri URI)"),
+                      (["attach", "--uri", "bogus://x"], "unsupported URI"),
+                      (["attach", "p", "k", "--uri", "zfsng-raw://p/k"], "not both"),
+                      (["detach", "--uri", "nvme+tcp://h:1/nqn.bad"], "")):
+        r = CliRunner().invoke(group, args)
+        assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
