@@ -36,17 +36,83 @@ def sh(*argv, **kw):
                           universal_newlines=True, **kw).stdout
 
 
-def fio(dev, args, runtime, size):
-    out = sh("fio", "--name=b", "--filename=" + dev, "--ioengine=libaio", "--direct=1",
-             "--time_based", "--runtime=%d" % runtime, "--size=%s" % size, "--randseed=7",
-             "--output-format=json", *args)
+CPU_NOTES = []       # (label, job, text) when --cpu
+
+
+def sys_cpu():
+    """Jiffies of the whole guest: user+nice, system, irq+softirq, idle+iowait."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    return [v[0] + v[1], v[2], v[5] + v[6], v[3] + v[4]]
+
+
+def proc_cpu(pids):
+    """(utime, stime) seconds of these processes, all threads."""
+    u = s = 0
+    tick = float(os.sysconf("SC_CLK_TCK"))
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        u += int(fields[11])
+        s += int(fields[12])
+    return u / tick, s / tick
+
+
+def tree(pid):
+    """pid and its children (the workers of a --workers N target)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [pid] + [int(x) for x in f.read().split()]
+    except OSError:
+        return [pid]
+
+
+def fio(dev, args, runtime, size, pids=(), label=""):
+    import resource
+    argv = ["fio", "--name=b", "--filename=" + dev, "--ioengine=libaio", "--direct=1",
+            "--time_based", "--runtime=%d" % runtime, "--size=%s" % size, "--randseed=7",
+            "--output-format=json"] + list(args)
+    r0, s0, p0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), sys_cpu(), proc_cpu(pids), \
+        time.time()
+    out = sh(*argv)
+    r1, s1, p1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), sys_cpu(), proc_cpu(pids), \
+        time.time() - t0
     job = json.loads(out)["jobs"][0]
     side = job["read"] if job["read"]["io_bytes"] else job["write"]
+    if label:
+        tick = float(os.sysconf("SC_CLK_TCK"))
+        usr, sy, irq, idle = [(b - a) / tick for a, b in zip(s0, s1)]
+        ncpu = os.cpu_count()
+        fu, fs = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+        tu, ts = p1[0] - p0[0], p1[1] - p0[1]
+        n = side["iops"] * wall or 1
+        text = ("%.1fs wall x %d CPUs: guest user %.1fs sys %.1fs irq/softirq %.1fs idle %.1fs;"
+                " fio %.1fu+%.1fs" % (wall, ncpu, usr, sy, irq, idle, fu, fs))
+        if pids:
+            text += "; target %.1fu+%.1fs = %.0f%% of a CPU, %.0f us/cmd" % (
+                tu, ts, (tu + ts) / wall * 100, (tu + ts) / n * 1e6)
+        CPU_NOTES.append((label, text))
     return side["iops"], side["bw"] / 1024.0
 
 
-def run_jobs(dev, runtime, size):
-    return [fio(dev, args, runtime, size) for _, args in JOBS]
+def drop_caches():
+    """Each target starts on a cold page cache (the ARC stays warm), whatever ran before."""
+    subprocess.run(["sync"])
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def median(runs):
+    """Per job, the run of median IOPS (runs: one list of (iops, MiB/s) per round)."""
+    return [sorted(col)[len(col) // 2] for col in zip(*runs)]
+
+
+def run_jobs(dev, runtime, size, pids=(), label="", extra=()):
+    return [fio(dev, list(args) + list(extra), runtime, size, pids, label and label + " " + name)
+            for name, args in JOBS]
 
 
 def start_target(state, sock, port, workers=1, profile=None, root=ROOT):
@@ -119,9 +185,16 @@ def main():
     ap.add_argument("--jobs", help="only the jobs whose name contains one of these (comma list)")
     ap.add_argument("--quick", action="store_true", help="1 worker only, no 100k footprint")
     ap.add_argument("--profile", help="run our 1-worker target under cProfile, print the top")
+    ap.add_argument("--numjobs", type=int, default=1,
+                    help="fio --numjobs (the Linux host opens one I/O queue per CPU, so "
+                    "2 jobs use 2 queues, possibly served by 2 workers)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat kernel/ours (and --base) in turn; medians are reported")
+    ap.add_argument("--two", action="store_true", help="with --quick: still run 2 workers")
     ap.add_argument("--base", help="also run the target of this other checkout (e.g. a git "
                     "worktree of an older commit), 1 worker, for a before/after in one run")
     opts = ap.parse_args()
+    extra = ["--numjobs=%d" % opts.numjobs, "--group_reporting"] if opts.numjobs > 1 else []
     if opts.jobs:
         JOBS[:] = [j for j in JOBS if any(k in j[0] for k in opts.jobs.split(","))]
     tmp = tempfile.mkdtemp(prefix="nvmeof-bench-")
@@ -140,19 +213,21 @@ def main():
            "--size=" + opts.size, "--ioengine=libaio", "--direct=1", "--iodepth=4",
            "--refill_buffers", "--output-format=json")
 
-        with KernelTarget(zvol, port=4421) as kt:
-            connect(kt.nqn, 4421)
-            dev = find_namespace(kt.ns_uuid)
-            kernel = run_jobs(dev, opts.runtime, opts.size)
-            disconnect(kt.nqn)
-            time.sleep(1)
+        def kernel_run():
+            drop_caches()
+            with KernelTarget(zvol, port=4421) as kt:
+                connect(kt.nqn, 4421)
+                dev = find_namespace(kt.ns_uuid)
+                res = run_jobs(dev, opts.runtime, opts.size, label="kernel", extra=extra)
+                disconnect(kt.nqn)
+                time.sleep(1)
+            return res
 
-        def ours(workers, root=ROOT):
-            state = os.path.join(tmp, "t%d.db" % workers)
-            sock = os.path.join(tmp, "t%d.sock" % workers)
-            prof = opts.profile if workers == 1 else None
-            if root != ROOT:
-                state, sock, prof = state + ".base", sock + ".base", None
+        def ours(workers, root=ROOT, rnd=0):
+            name = "t%d-%d%s" % (workers, rnd, ".base" if root != ROOT else "")
+            state, sock = os.path.join(tmp, name + ".db"), os.path.join(tmp, name + ".sock")
+            prof = opts.profile if workers == 1 and root == ROOT and rnd == 0 else None
+            drop_caches()
             proc, _ = start_target(state, sock, 4420, workers, prof, root)
             try:
                 from nvmeof_target.control import Client
@@ -160,7 +235,8 @@ def main():
                 Client(sock).add(nqn, zvol, ns_uuid, allow_any_host=True)
                 connect(nqn, 4420)
                 dev = find_namespace(ns_uuid)
-                res = run_jobs(dev, opts.runtime, opts.size)
+                label = "zfs-ng %d worker(s)%s" % (workers, " (base)" if root != ROOT else "")
+                res = run_jobs(dev, opts.runtime, opts.size, tree(proc.pid), label, extra)
                 fp = footprint(proc.pid)
                 disconnect(nqn)
                 time.sleep(1)
@@ -168,10 +244,28 @@ def main():
             finally:
                 stop(proc)
 
-        ours1, (busy_rss, busy_fds) = ours(1)
-        ours2 = ours(2)[0] if not opts.quick else [(0, 0)] * len(JOBS)
+        # Rounds interleave the targets so that load from outside the VM (TCG
+        # vCPUs share the host) hits all of them alike; the median is printed.
+        rounds = {"kernel": [], "ours1": [], "ours2": [], "base": []}
+        for rnd in range(opts.rounds):
+            rounds["kernel"].append(kernel_run())
+            if opts.base:
+                rounds["base"].append(ours(1, os.path.abspath(opts.base), rnd)[0])
+            res, (busy_rss, busy_fds) = ours(1, rnd=rnd)
+            rounds["ours1"].append(res)
+            if not opts.quick or opts.two:
+                rounds["ours2"].append(ours(2, rnd=rnd)[0])
+        kernel, ours1 = median(rounds["kernel"]), median(rounds["ours1"])
+        ours2 = median(rounds["ours2"]) if rounds["ours2"] else [(0, 0)] * len(JOBS)
+        if opts.rounds > 1:
+            print()
+            print("each round (4K: IOPS, 128K: MiB/s):")
+            for key, runs in sorted(rounds.items()):
+                for (name, _), *vals in zip(JOBS, *runs) if runs else ():
+                    i = 0 if name.startswith("4K") else 1
+                    print("  %-6s %-18s %s" % (key, name, " ".join("%.0f" % v[i] for v in vals)))
         if opts.base:
-            base = ours(1, os.path.abspath(opts.base))[0]
+            base = median(rounds["base"])
             print()
             print("before/after, 1 worker (%s vs this checkout)" % opts.base)
             print("| job | kernel | before | ratio | after | ratio |")
@@ -183,8 +277,12 @@ def main():
                     name, fmt % k[i], fmt % b[i], b[i] / k[i] if k[i] else 0,
                     fmt % o[i], o[i] / k[i] if k[i] else 0))
         print()
-        print("fio --direct=1 libaio, %ds per job, %s working set, zvol volblocksize 16K lz4"
-              % (opts.runtime, opts.size))
+        print("CPU while each job ran (jiffies of the guest, %d vCPUs):" % os.cpu_count())
+        for label, text in CPU_NOTES:
+            print("  %s: %s" % (label, text))
+        print()
+        print("fio --direct=1 libaio, %ds per job, %s working set, zvol volblocksize 16K lz4%s"
+              % (opts.runtime, opts.size, ", numjobs=%d" % opts.numjobs if extra else ""))
         print("| job | kernel nvmet-tcp | zfs-ng, 1 worker | ratio | zfs-ng, 2 workers | ratio |")
         print("|---|---|---|---|---|---|")
         for (name, _), k, o1, o2 in zip(JOBS, kernel, ours1, ours2):
