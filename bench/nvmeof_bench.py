@@ -238,6 +238,12 @@ def main():
                 label = "zfs-ng %d worker(s)%s" % (workers, " (base)" if root != ROOT else "")
                 res = run_jobs(dev, opts.runtime, opts.size, tree(proc.pid), label, extra)
                 fp = footprint(proc.pid)
+                if workers == 1:
+                    st = Client(sock).stats()
+                    if st.get("aio_reads"):
+                        CPU_NOTES.append((label, "AIO: %(aio_reads)d reads, %(aio_submits)d "
+                                          "io_submit, %(aio_wakeups)d wakeups, %(aio_redone)d "
+                                          "redone synchronously" % st))
                 disconnect(nqn)
                 time.sleep(1)
                 return res, fp

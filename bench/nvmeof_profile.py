@@ -160,10 +160,12 @@ def main():
     ap.add_argument("--rw", default="randread", choices=("randread", "randwrite", "read", "write"))
     ap.add_argument("--size", type=int, default=128 << 20)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--dir", help="where the backing file goes (e.g. /dev/shm: tmpfs takes "
+                    "O_DIRECT AIO and completes it at once, so the target's own CPU cost shows)")
     ap.add_argument("--profile", help="cProfile output file (target process)")
     opts = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="nvmeof-prof-")
-    path = os.path.join(tmp, "vol.img")
+    path = os.path.join(opts.dir or tmp, "vol-%d.img" % os.getpid())
     with open(path, "wb") as f:          # real data, so reads copy real pages
         chunk = os.urandom(1 << 20)
         for _ in range(opts.size >> 20):
@@ -192,6 +194,7 @@ def main():
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        os.unlink(path)
     if opts.profile:
         pstats.Stats(opts.profile).sort_stats("tottime").print_stats(25)
 

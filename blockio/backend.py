@@ -43,6 +43,7 @@ class Backend:
         self.path = path
         self.readonly = readonly
         self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        self._dfd = None           # O_DIRECT read descriptor, opened on first use
         try:
             st = os.fstat(self.fd)
             self.is_block = stat.S_ISBLK(st.st_mode)
@@ -97,6 +98,21 @@ class Backend:
                 break
             done += n
 
+    def direct_fd(self):
+        """A second, read-only O_DIRECT descriptor on the same volume (reads
+        that bypass the page cache, for async I/O; the kernel writes dirty cached
+        pages of the range back first, so it reads what write() wrote), or -1
+        where O_DIRECT is refused.  Opened on first use, closed by close().
+        Its I/O must be aligned to logical_block_size."""
+        if self._dfd is None:
+            if self.fd < 0:
+                return -1
+            try:
+                self._dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                self._dfd = -1
+        return self._dfd
+
     def read(self, offset, length):
         buf = bytearray(length)
         self.readinto(offset, buf)
@@ -142,6 +158,9 @@ class Backend:
             _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def close(self):
+        if self._dfd is not None and self._dfd >= 0:
+            os.close(self._dfd)
+        self._dfd = -1
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -4,7 +4,8 @@ executed on a blockio.backend.Backend: a zvol or a regular file alike."""
 import struct
 
 from . import status as st
-from .command import Result
+from .aio import SLOT
+from .command import DEFERRED, Result
 from .filespan import FileSpan
 
 FLUSH, WRITE, READ, WRITE_ZEROES, DSM = 0x00, 0x01, 0x02, 0x08, 0x09
@@ -37,8 +38,13 @@ def execute(queue, cmd, data):
     if cmd.nsid != 1 and not (op == FLUSH and cmd.nsid == 0xFFFFFFFF):
         raise st.NvmeError(st.INVALID_NS | st.DNR)
     try:
-        if op == READ and not queue.ddgst and cmd.sgl_len >= SPAN_MIN:
-            return _read_span(sub, cmd)
+        if op == READ:
+            if cmd.sgl_len >= SPAN_MIN and not queue.ddgst:
+                return _read_span(sub, cmd)
+            if queue.aio is not None and cmd.sgl_len <= SLOT:
+                res = _read_async(queue, sub, cmd)
+                if res is not None:
+                    return res
         return _OPS[op](sub, cmd, data)
     except OSError as e:
         raise st.NvmeError(st.error_from_oserror(e, write=op != READ), msg=str(e))
@@ -59,6 +65,34 @@ def _read(sub, cmd, data):
     sub.stats["reads"] += 1
     sub.stats["read_bytes"] += length
     return Result(data=buf)
+
+
+def _read_async(queue, sub, cmd):
+    """Queue the read on the loop's AIO (aio.py); None: read it synchronously."""
+    offset, length = _rw_args(sub, cmd)
+    be = sub.backend
+    if (offset | length) & (be.logical_block_size - 1):
+        return None              # O_DIRECT alignment
+    fd = be.direct_fd()
+    if fd < 0 or not queue.aio.submit(fd, offset, length, (queue, cmd.cid, sub, offset, length)):
+        return None
+    sub.stats["reads"] += 1
+    sub.stats["read_bytes"] += length
+    return DEFERRED
+
+
+def read_done(token, data):
+    """AIO completion (AioReads.done): data, or None to redo it synchronously."""
+    queue, cid, sub, offset, length = token
+    if queue.closing:
+        return
+    if data is None:
+        try:
+            data = bytearray(length)
+            sub.backend.readinto(offset, data, checked=True)
+        except OSError as e:
+            return queue.complete(cid, Result(st.error_from_oserror(e)))
+    queue.complete(cid, Result(data=data))
 
 
 def _read_span(sub, cmd):

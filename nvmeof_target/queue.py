@@ -28,6 +28,7 @@ class Queue(object):
                                  max_h2c_data=MAXH2CDATA)
         self.out = []
         self.wakeup = _noop           # set by the server
+        self.aio = None               # the server's aio.AioReads, if any
         self.closing = False
         self.ctrl = None
         self.qid = None

@@ -9,7 +9,8 @@ import selectors
 import signal
 import socket
 
-from . import control
+from . import control, io
+from .aio import AioReads
 from .filespan import FileSpan
 from .queue import Queue
 from .registry import Registry
@@ -49,6 +50,7 @@ class Conn(object):
         local = sock.getsockname()
         self.queue = Queue(server.target, local_addr=(local[0], local[1]), peer="%s:%s" % peer[:2])
         self.queue.wakeup = self._wakeup
+        self.queue.aio = server.aio
         self.rbuf = bytearray(RECV_SIZE)
         self.rview = memoryview(self.rbuf)
         self.mask = selectors.EVENT_READ
@@ -149,6 +151,8 @@ class Server(object):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self)
+        self.aio = AioReads(self.sel, io.read_done)
+        target.io_stats = self.aio.stats
         for addr, port in listen:
             self._listen(addr, port, reuse_port)
         self.control = None
@@ -197,6 +201,8 @@ class Server(object):
             pass
 
     def _flush_dirty(self):
+        if self.aio.queued:
+            self.aio.flush()
         while self.dirty:
             batch, self.dirty = self.dirty, set()
             for conn in batch:
@@ -252,6 +258,7 @@ class Server(object):
             self.control.close()
         for conn in list(self.conns):
             conn.close()
+        self.aio.close()
         self.target.close()
         self._flush_dirty()
         self.sel.close()

@@ -55,6 +55,7 @@ class Target(object):
         self.registry = registry
         self.now = clock
         self.open_backend = open_backend
+        self.io_stats = None            # the server's I/O counters (a callable -> dict)
         self.live = {}              # nqn -> LiveSubsystem
         self.controllers = {}       # cntlid -> Controller (owned here)
         self.remote = {}            # cntlid -> Controller stand-in for I/O queues of a
@@ -273,7 +274,8 @@ class Target(object):
     def stats(self):
         return {"volumes": self.registry.count(), "live_subsystems": len(self.live),
                 "controllers": len(self.controllers),
-                "queues": sum(len(c.io_queues) + 1 for c in self.controllers.values())}
+                "queues": sum(len(c.io_queues) + 1 for c in self.controllers.values()),
+                **(self.io_stats() if self.io_stats else {})}
 
     def close(self):
         for ctrl in list(self.controllers.values()) + list(self.remote.values()):

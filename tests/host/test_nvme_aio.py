@@ -1,0 +1,145 @@
+"""Small reads by Linux native AIO (nvmeof_target/aio.py) on the host's real
+kernel: O_DIRECT reads in flight side by side, what the kernel refuses handed
+back to the synchronous path, and the target over TCP serving pipelined small
+reads this way (right after buffered writes of the same blocks, and with the
+connection dropped while reads are in flight)."""
+
+import os
+import random
+import selectors
+import socket
+import time
+import uuid
+
+import pytest
+
+from blockio.backend import Backend
+from nvmeof_target import aio
+from nvmeof_target.control import Client
+from test_nvme_fastpath import _cmd, _collect, _fill, _io_queue
+from test_nvme_server import NQN, sparse, target  # noqa: F401  (fixture)
+
+
+def _run(sel, reader, want, timeout=10):
+    deadline = time.time() + timeout
+    while len(reader.got) < want:
+        assert time.time() < deadline, "AIO completions never came"
+        for key, mask in sel.select(1):
+            key.data.on_event(mask)
+
+
+class Reader(object):
+    def __init__(self, nslots=aio.NSLOTS):
+        self.sel = selectors.DefaultSelector()
+        self.got = {}
+        self.aio = aio.AioReads(self.sel, self.done, nslots)
+
+    def done(self, token, data):
+        self.got[token] = data
+
+
+@pytest.fixture
+def volume(tmp_path):
+    path = sparse(tmp_path, size=4 << 20)
+    data = _fill(path, 4 << 20)
+    be = Backend(path)
+    if be.direct_fd() < 0:
+        be.close()
+        pytest.skip("O_DIRECT refused by the filesystem of %s" % tmp_path)
+    yield be, data
+    be.close()
+
+
+@pytest.mark.parametrize("reap", ["ring", "io_getevents"])
+def test_reads_in_flight_return_the_file_bytes(volume, reap):
+    be, data = volume
+    r = Reader()
+    r.aio._setup()
+    if reap == "ring":
+        assert r.aio.ring is not None or os.uname().machine != "x86_64"
+    else:
+        r.aio.ring = None
+    rnd = random.Random(3)
+    spans = [(rnd.randrange(0, (4 << 20) // 4096) * 4096, 4096) for _ in range(100)]
+    spans += [(512 * 7, 512), (0, aio.SLOT), ((4 << 20) - aio.SLOT, aio.SLOT)]
+    for i, (off, n) in enumerate(spans):
+        assert r.aio.submit(be.direct_fd(), off, n, i)
+    assert r.aio.ok
+    r.aio.flush()
+    _run(r.sel, r, len(spans))
+    for i, (off, n) in enumerate(spans):
+        assert r.got[i] == data[off:off + n]
+    st = r.aio.stats()
+    assert st["aio"] and st["aio_reads"] == len(spans) and st["aio_redone"] == 0
+    assert st["aio_submits"] == 1 and 1 <= st["aio_wakeups"] <= len(spans)
+    assert len(r.aio.free) == aio.NSLOTS           # every slot back
+    r.aio.close()
+
+
+def test_what_the_kernel_refuses_comes_back_for_the_synchronous_path(volume, tmp_path):
+    be, data = volume
+    r = Reader(nslots=4)
+    assert r.aio.submit(be.direct_fd(), 100, 512, "unaligned")         # O_DIRECT: EINVAL
+    assert r.aio.submit(be.direct_fd(), 4096, 4096, "good")
+    fd = os.open(str(tmp_path / "gone"), os.O_CREAT | os.O_RDWR)
+    os.close(fd)
+    assert r.aio.submit(fd, 0, 512, "closed fd")                       # EBADF
+    assert r.aio.submit(be.direct_fd(), 0, 512, "fourth")
+    assert not r.aio.submit(be.direct_fd(), 0, 512, "no slot left")    # 4 slots in flight
+    assert not r.aio.submit(be.direct_fd(), 0, aio.SLOT + 512, "too big")
+    r.aio.flush()
+    _run(r.sel, r, 4)
+    assert r.got["unaligned"] is None and r.got["closed fd"] is None
+    assert r.got["good"] == data[4096:8192] and r.got["fourth"] == data[:512]
+    assert r.aio.stats()["aio_redone"] == 2
+    r.aio.close()
+    assert not r.aio.submit(be.direct_fd(), 0, 512, "after close")
+
+
+def test_target_serves_small_reads_by_aio_after_buffered_writes(target, tmp_path):  # noqa: F811
+    path = sparse(tmp_path)
+    data = bytearray(_fill(path, 16 << 20))
+    admin, io = _io_queue(target, path)
+    sock = io.t.sock
+    rnd = random.Random(5)
+    cmds, cid, reads = [], 0, {}
+    for i in range(24):                         # buffered writes, not yet on disk
+        new = os.urandom(4096)
+        data[i * 65536:i * 65536 + 4096] = new
+        cid += 1
+        cmds.append(_cmd(0x01, cid, i * 128, data=new))
+    sock.sendall(b"".join(cmds))
+    assert all(s == 0 for s, _ in _collect(io, set(range(1, cid + 1))).values())
+    cmds = []
+    for i in range(96):                         # those blocks and others, in flight together
+        slba = i * 128 if i < 24 else rnd.randrange(0, (16 << 20) // 512 - 16)
+        nbytes = 512 * rnd.choice((1, 8, 8, 8, 31))
+        cid += 1
+        reads[cid] = (slba * 512, nbytes)
+        cmds.append(_cmd(0x02, cid, slba, nbytes))
+    sock.sendall(b"".join(cmds))
+    res = _collect(io, set(reads))
+    for c, (off, n) in reads.items():
+        assert res[c] == (0, bytes(data[off:off + n])), c
+    stats = Client(target.sock).stats()
+    assert stats["aio"] and stats["aio_reads"] >= len(reads)
+    io.t.close()
+    admin.t.close()
+
+
+def test_connection_dropped_with_reads_in_flight(target, tmp_path):  # noqa: F811
+    path = sparse(tmp_path)
+    data = _fill(path, 16 << 20)
+    admin, io = _io_queue(target, path)
+    io.t.sock.sendall(b"".join(_cmd(0x02, c, c * 64, 4096) for c in range(1, 101)))
+    io.t.sock.shutdown(socket.SHUT_RDWR)
+    io.t.close()
+    admin.t.close()
+    time.sleep(0.3)
+    assert target.proc.poll() is None
+    assert Client(target.sock).stats()["controllers"] == 0
+    Client(target.sock).remove(NQN)
+    admin, io = _io_queue(target, path)               # a fresh volume, new backend
+    assert io.read(64, 8) == data[64 * 512:72 * 512]
+    io.t.close()
+    admin.t.close()
