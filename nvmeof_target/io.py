@@ -41,10 +41,8 @@ def execute(queue, cmd, data):
         if op == READ:
             if cmd.sgl_len >= SPAN_MIN and not queue.ddgst:
                 return _read_span(sub, cmd)
-            if queue.aio is not None and cmd.sgl_len <= SLOT:
-                res = _read_async(queue, sub, cmd)
-                if res is not None:
-                    return res
+            if queue.aio is not None and cmd.sgl_len <= SLOT and _read_async(queue, sub, cmd):
+                return DEFERRED
         return _OPS[op](sub, cmd, data)
     except OSError as e:
         raise st.NvmeError(st.error_from_oserror(e, write=op != READ), msg=str(e))
@@ -68,31 +66,30 @@ def _read(sub, cmd, data):
 
 
 def _read_async(queue, sub, cmd):
-    """Queue the read on the loop's AIO (aio.py); None: read it synchronously."""
+    """Queue the read on the loop's AIO (aio.py); False: read it synchronously."""
     offset, length = _rw_args(sub, cmd)
     be = sub.backend
     if (offset | length) & (be.logical_block_size - 1):
-        return None              # O_DIRECT alignment
+        return False             # O_DIRECT alignment
     fd = be.direct_fd()
     if fd < 0 or not queue.aio.submit(fd, offset, length, (queue, cmd.cid, sub, offset, length)):
-        return None
-    sub.stats["reads"] += 1
-    sub.stats["read_bytes"] += length
-    return DEFERRED
+        return False
+    stats = sub.stats
+    stats["reads"] += 1
+    stats["read_bytes"] += length
+    return True
 
 
 def read_done(token, data):
     """AIO completion (AioReads.done): data, or None to redo it synchronously."""
     queue, cid, sub, offset, length = token
-    if queue.closing:
-        return
-    if data is None:
+    if data is None and not queue.closing:
         try:
             data = bytearray(length)
             sub.backend.readinto(offset, data, checked=True)
         except OSError as e:
             return queue.complete(cid, Result(st.error_from_oserror(e)))
-    queue.complete(cid, Result(data=data))
+    queue.complete_read(cid, data)
 
 
 def _read_span(sub, cmd):

@@ -208,6 +208,11 @@ class Parser(object):
     def next_pdu(self):
         return self._ready.pop(0) if self._ready else None
 
+    def take(self):
+        """All complete PDUs so far, in order (the queue's batch)."""
+        ready, self._ready = self._ready, []
+        return ready
+
     def pending(self):
         return len(self._ready)
 
