@@ -239,6 +239,10 @@ def test_remote_host_refused_ungranted_and_activated_on_another_host(node):
     assert p.returncode != 0, p.stdout
     assert nvme_host.controllers(subnqn, H2_NQN) == []
 
+    # non-persistent sessions over nvme+tcp are not implemented: said, not faked
+    with pytest.raises(PluginError) as e:
+        h2("Datapath.open", uri=uri, persistent=False)
+    assert e.value.name == "Unimplemented"
     dev_h2 = impl(h2("Datapath.attach", uri=uri, domain="4"), "BlockDevice")["path"]
     assert sorted(served(subnqn)["allowed_hosts"]) == sorted([HOST_A, H2_NQN])
     for m in ("Datapath.activate", "Datapath.activate_readonly"):
