@@ -259,10 +259,24 @@ def test_remote_host_refused_ungranted_and_activated_on_another_host(node):
     assert e.value.name == "Activated_on_another_host"
     assert e.value.params[1] == H2_NQN
 
-    h2("Datapath.detach", uri=uri, domain="4")
+    # h2 dies holding it read-write (controller gone, its /run lost): its claim
+    # stays on the node until the admin revokes it there
+    for c in nvme_host.controllers(subnqn, H2_NQN):
+        assert nvme_host.disconnect(c)
+    shutil.rmtree(H2["ZFSNG_RUN_DIR"])
+    with pytest.raises(PluginError) as e:
+        call(NVME, "Datapath.activate", uri=uri, domain="3", env=A)
+    assert e.value.params[1] == H2_NQN
+    p = subprocess.run([sys.executable, "-m", "sr_tools", "vol", "export", node, vol["key"],
+                        "--to-host", H2_NQN, "--stop", "--json"], cwd=ROOT,
+                       env=dict(os.environ, ZFSNG_TARGET_SOCKET=SOCK), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True)
+    assert p.returncode == 0 and json.loads(p.stdout)["exported"] is False, p.stderr
     # h2 is revoked while host A keeps the volume
     assert served(subnqn)["allowed_hosts"] == [HOST_A]
     assert plain_connect(subnqn).returncode != 0
+    call(NVME, "Datapath.activate", uri=uri, domain="3", env=A)
+    assert pread(dev_a, 0, 64 * 1024) == pattern(32, 64 * 1024)
     assert nvme_host.controllers(subnqn, HOST_A)
     call(NVME, "Datapath.detach", uri=uri, domain="3", env=A)
     with pytest.raises(ControlError):
