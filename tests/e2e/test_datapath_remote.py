@@ -222,7 +222,9 @@ def test_remote_host_in_netns_attach_fio_detach_revoke(node):
     try:
         call(RAW, "Datapath.activate_readonly", uri=raw, domain="u0-check")
         assert pread(rdev, 40 * MiB, MiB) == pattern(31, MiB)
-        fio(rdev, "--verify_only")             # fio's blocks, checked on the node
+        # fio's blocks, checked on the node (verify_only rereads all 4 MiB)
+        job = json.loads(fio(rdev, "--verify_only", "--output-format=json").stdout)["jobs"][0]
+        assert job["read"]["io_bytes"] == 4 * MiB and job["error"] == 0
     finally:
         call(RAW, "Datapath.detach", uri=raw, domain="u0-check")
 
