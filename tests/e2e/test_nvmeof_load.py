@@ -11,7 +11,8 @@ import subprocess
 import time
 
 from conftest import run
-from test_nvmeof import FIO, Vol, cli, fio, pool, target  # noqa: F401  (fixtures)
+from nvmeof_target.control import Client
+from test_nvmeof import FIO, SOCK, Vol, cli, fio, pool, target  # noqa: F401  (fixtures)
 
 
 def test_fio_verify_random_and_sequential_with_digests(pool, target):
@@ -27,6 +28,9 @@ def test_fio_verify_random_and_sequential_with_digests(pool, target):
             "--runtime=2", "--time_based")
     finally:
         v.disconnect()
+    # the 4K reads went by O_DIRECT AIO on the zvol (aio.py), none redone synchronously
+    st = Client(SOCK).stats()
+    assert st["aio"] and st["aio_reads"] >= 2048 and st["aio_redone"] == 0, st
     # same volume again with header and data digests
     dev = v.connect("--hdr-digest", "--data-digest")
     try:
