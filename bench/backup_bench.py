@@ -19,7 +19,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,25 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plugins.volume import cbt  # noqa: E402
 from sr_tools.backup import engine  # noqa: E402
+from bench._vm import GiB, pool as bench_pool, sh, zvol  # noqa: E402
 
 K64 = 65536
-GiB = 1 << 30
-DISKS = ["/dev/disk/by-id/virtio-zfsng-d%d" % i for i in range(4)]
-
-
-def sh(*argv):
-    return subprocess.run(list(argv), check=True, stdout=subprocess.PIPE,
-                          universal_newlines=True).stdout
-
-
-def wait(path, timeout=60):
-    t = time.time() + timeout
-    while not os.path.exists(path):
-        if time.time() > t:
-            raise SystemExit("%s did not appear" % path)
-        subprocess.run(["udevadm", "settle", "--timeout=5"])
-        time.sleep(0.2)
-    return path
 
 
 def scribble(path, blocks):
@@ -61,9 +44,7 @@ def scribble(path, blocks):
 
 def one(pool, gib, seed, workdir):
     size = gib * GiB
-    ds = "%s/v%d" % (pool, gib)
-    sh("zfs", "create", "-s", "-V", str(size), "-o", "volblocksize=16K", ds)
-    path = wait("/dev/zvol/" + ds)
+    ds, path = zvol(pool, "v%d" % gib, size)
     rnd = random.Random(seed)
     n = size // K64
     scribble(path, rnd.sample(range(n), n // 100))
@@ -107,32 +88,27 @@ def main():
     ap.add_argument("--sizes", default="1,10", help="GiB, comma-separated")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if os.environ.get("ZFSNG_IN_VM") != "1":
-        raise SystemExit("run it in the test VM: python3 tests/vm/vm.py run -- "
-                         "python3 bench/backup_bench.py")
-    pool = "backupbench"
-    disks = [d for d in DISKS[:2] if os.path.exists(d)]
-    sh("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", pool, *disks)
-    workdir = tempfile.mkdtemp(prefix="backup-bench-", dir="/var/tmp")
     results = []
-    try:
-        for i, g in enumerate(int(x) for x in args.sizes.split(",")):
-            r = one(pool, g, i + 1, workdir)
-            results.append(r)
-            if not args.json:
-                print("%2d GiB, 1%% changed (%d MiB): bitmap %s in %.2f s (%.1f MiB of zfs send "
-                      "stream); incr %.2f s, read %.1f MiB (%.2f%% of the volume), wrote %.1f MiB, "
-                      "%d extents; full %.2f s read %.1f MiB; restore %.2f s read %.1f MiB"
-                      % (g, r["changed_bytes"] >> 20, "correct" if r["bitmap_correct"]
-                         else "WRONG", r["bitmap_s"], r["bitmap_stream_bytes"] / 2.0 ** 20,
-                         r["incr_s"], r["incr_bytes_read"] / 2.0 ** 20,
-                         100.0 * r["incr_bytes_read"] / (g * GiB),
-                         r["incr_bytes_written"] / 2.0 ** 20, r["incr_extents"], r["full_s"],
-                         r["full_bytes_read"] / 2.0 ** 20, r["restore_s"],
-                         r["restore_bytes_read"] / 2.0 ** 20), flush=True)
-    finally:
-        subprocess.run(["zpool", "destroy", "-f", pool])
-        shutil.rmtree(workdir, ignore_errors=True)
+    with bench_pool("backupbench", "backup_bench.py") as pool:
+        workdir = tempfile.mkdtemp(prefix="backup-bench-", dir="/var/tmp")
+        try:
+            for i, g in enumerate(int(x) for x in args.sizes.split(",")):
+                r = one(pool, g, i + 1, workdir)
+                results.append(r)
+                if not args.json:
+                    print("%2d GiB, 1%% changed (%d MiB): bitmap %s in %.2f s (%.1f MiB of zfs "
+                          "send stream); incr %.2f s, read %.1f MiB (%.2f%% of the volume), "
+                          "wrote %.1f MiB, %d extents; full %.2f s read %.1f MiB; restore %.2f s "
+                          "read %.1f MiB"
+                          % (g, r["changed_bytes"] >> 20, "correct" if r["bitmap_correct"]
+                             else "WRONG", r["bitmap_s"], r["bitmap_stream_bytes"] / 2.0 ** 20,
+                             r["incr_s"], r["incr_bytes_read"] / 2.0 ** 20,
+                             100.0 * r["incr_bytes_read"] / (g * GiB),
+                             r["incr_bytes_written"] / 2.0 ** 20, r["incr_extents"], r["full_s"],
+                             r["full_bytes_read"] / 2.0 ** 20, r["restore_s"],
+                             r["restore_bytes_read"] / 2.0 ** 20), flush=True)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         print(json.dumps(results, indent=1))
 

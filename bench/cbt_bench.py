@@ -28,32 +28,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from plugins.volume import cbt  # noqa: E402
+from bench._vm import GiB, pool as bench_pool, sh, zvol  # noqa: E402
 
 K64 = 65536
-GiB = 1 << 30
-DISKS = ["/dev/disk/by-id/virtio-zfsng-d%d" % i for i in range(4)]
-
-
-def sh(*argv):
-    return subprocess.run(list(argv), check=True, stdout=subprocess.PIPE,
-                          universal_newlines=True).stdout
-
-
-def wait(path, timeout=60):
-    t = time.time() + timeout
-    while not os.path.exists(path):
-        if time.time() > t:
-            raise SystemExit("%s did not appear" % path)
-        subprocess.run(["udevadm", "settle", "--timeout=5"])
-        time.sleep(0.2)
-    return path
 
 
 def one(pool, gib, seed):
     size = gib * GiB
-    ds = "%s/v%d" % (pool, gib)
-    sh("zfs", "create", "-s", "-V", str(size), "-o", "volblocksize=16K", ds)
-    path = wait("/dev/zvol/" + ds)
+    ds, path = zvol(pool, "v%d" % gib, size)
     cbt.enable(ds)
     rnd = random.Random(seed)
     n = size // K64
@@ -123,14 +105,8 @@ def main():
     ap.add_argument("--sizes", default="1,10", help="GiB, comma-separated")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if os.environ.get("ZFSNG_IN_VM") != "1":
-        raise SystemExit("run it in the test VM: python3 tests/vm/vm.py run -- "
-                         "python3 bench/cbt_bench.py")
-    pool = "cbtbench"
-    disks = [d for d in DISKS[:2] if os.path.exists(d)]
-    sh("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", pool, *disks)
     results = []
-    try:
+    with bench_pool("cbtbench", "cbt_bench.py") as pool:
         for i, g in enumerate(int(x) for x in args.sizes.split(",")):
             r = one(pool, g, i + 1)
             results.append(r)
@@ -148,8 +124,6 @@ def main():
                          r["zfs_send_nvP_estimate"] / 2.0 ** 20,
                          r["naive_false_bits"], r["naive_bits"], r["fast_path_s"],
                          r["build_map_of_A_s"]), flush=True)
-    finally:
-        subprocess.run(["zpool", "destroy", "-f", pool])
     if args.json:
         print(json.dumps(results, indent=1))
 

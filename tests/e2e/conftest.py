@@ -79,3 +79,34 @@ def wait_for_path(path, timeout=30.0):
         subprocess.run(["udevadm", "settle", "--timeout=5"])
         time.sleep(0.2)
     return path
+
+
+def make_vol(pool, name, size, bs="16K"):
+    """A sparse test zvol POOL/NAME with visible snapshot devices: (dataset, device)."""
+    ds = "%s/%s" % (pool, name)
+    run("zfs", "create", "-s", "-V", str(size), "-o", "volblocksize=" + bs,
+        "-o", "snapdev=visible", ds)
+    return ds, wait_for_path("/dev/zvol/" + ds)
+
+
+class Dev(object):
+    """A zvol opened for writing: pwrite, discard (blkdiscard after an fsync so
+    the writes before it are ordered), sync, close (synced)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, off, data):
+        assert os.pwrite(self.fd, data, off) == len(data)
+
+    def discard(self, off, length):
+        os.fsync(self.fd)
+        run("blkdiscard", "-o", str(off), "-l", str(length), self.path)
+
+    def sync(self):
+        os.fsync(self.fd)
+
+    def close(self):
+        os.fsync(self.fd)
+        os.close(self.fd)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import run, wait_for_path
+from conftest import Dev, make_vol, run, wait_for_path
 from sr_tools.backup import engine
 
 K = 1024
@@ -37,30 +37,6 @@ def ok(*args):
         pytest.fail("zfs-ng %s: %d\n%s%s" % (" ".join(args), p.returncode, p.stdout, p.stderr))
     assert "Traceback" not in p.stderr
     return json.loads(p.stdout) if "--json" in args else p
-
-
-def make_vol(pool, name, size):
-    ds = "%s/%s" % (pool, name)
-    run("zfs", "create", "-s", "-V", str(size), "-o", "volblocksize=16K", "-o",
-        "snapdev=visible", ds)
-    return ds, wait_for_path("/dev/zvol/" + ds)
-
-
-class Dev(object):
-    def __init__(self, path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR)
-
-    def write(self, off, data):
-        assert os.pwrite(self.fd, data, off) == len(data)
-
-    def discard(self, off, length):
-        os.fsync(self.fd)
-        run("blkdiscard", "-o", str(off), "-l", str(length), self.path)
-
-    def close(self):
-        os.fsync(self.fd)
-        os.close(self.fd)
 
 
 def point(ds, name):

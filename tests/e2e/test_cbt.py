@@ -11,39 +11,13 @@ import subprocess
 
 import pytest
 
-from conftest import TEST_DIR, run, wait_for_path
+from conftest import TEST_DIR, Dev, make_vol, run, wait_for_path
 from plugins.volume import cbt
 from plugins.volume import sendstream as ss
 
 K = 1024
 K64 = 64 * K
 MiB = 1 << 20
-
-
-def make_vol(pool, name, size, bs="16K"):
-    ds = "%s/%s" % (pool, name)
-    run("zfs", "create", "-s", "-V", str(size), "-o", "volblocksize=" + bs,
-        "-o", "snapdev=visible", ds)
-    return ds, wait_for_path("/dev/zvol/" + ds)
-
-
-class Dev(object):
-    def __init__(self, path):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR)
-
-    def write(self, off, data):
-        assert os.pwrite(self.fd, data, off) == len(data)
-
-    def discard(self, off, length):
-        os.fsync(self.fd)
-        run("blkdiscard", "-o", str(off), "-l", str(length), self.path)
-
-    def sync(self):
-        os.fsync(self.fd)
-
-    def close(self):
-        os.close(self.fd)
 
 
 def snap(ds, name, dev):

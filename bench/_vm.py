@@ -1,0 +1,49 @@
+"""What the ZFS benchmarks share in the test VM: commands, a scratch pool on
+the VM's virtio disks, sparse zvols.  Benchmarks import it after putting the
+checkout on sys.path (`from bench._vm import ...`)."""
+
+import contextlib
+import os
+import subprocess
+import time
+
+GiB = 1 << 30
+DISKS = ["/dev/disk/by-id/virtio-zfsng-d%d" % i for i in range(4)]
+
+
+def sh(*argv):
+    return subprocess.run(list(argv), check=True, stdout=subprocess.PIPE,
+                          universal_newlines=True).stdout
+
+
+def wait(path, timeout=60):
+    """A device node, once udev has made it."""
+    t = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > t:
+            raise SystemExit("%s did not appear" % path)
+        subprocess.run(["udevadm", "settle", "--timeout=5"])
+        time.sleep(0.2)
+    return path
+
+
+@contextlib.contextmanager
+def pool(name, script):
+    """A striped lz4 pool (ashift 12) on the first two VM disks, destroyed
+    afterwards; refuses to run outside the VM (it takes whole disks)."""
+    if os.environ.get("ZFSNG_IN_VM") != "1":
+        raise SystemExit("run it in the test VM: python3 tests/vm/vm.py run -- "
+                         "python3 bench/%s" % script)
+    disks = [d for d in DISKS[:2] if os.path.exists(d)]
+    sh("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", name, *disks)
+    try:
+        yield name
+    finally:
+        subprocess.run(["zpool", "destroy", "-f", name])
+
+
+def zvol(pool_name, name, size):
+    """A sparse zvol (volblocksize 16K): (dataset, device)."""
+    ds = "%s/%s" % (pool_name, name)
+    sh("zfs", "create", "-s", "-V", str(size), "-o", "volblocksize=16K", ds)
+    return ds, wait("/dev/zvol/" + ds)
