@@ -34,13 +34,27 @@ def _lib():
     return volume
 
 
+def _options(*decorators):
+    """One decorator applying click decorators in the order written."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+sr_arg = click.argument("sr")
+volume_args = _options(sr_arg, click.argument("key"))   # SR KEY
+one_volume = _options(volume_args, json_option)         # SR KEY [--json]
+
+
 @click.group()
 def group():
     """Volumes (zvols) of an SR: create, snapshot, clone, resize, destroy."""
 
 
 @group.command()
-@click.argument("sr")
+@sr_arg
 @click.option("--size", type=Size(), required=True, help="e.g. 10G (rounded up to 16 KiB).")
 @click.option("--name", default="", help="Volume name.")
 @click.option("--description", default="")
@@ -52,25 +66,21 @@ def create(sr, size, name, description, sharable, as_json):
 
 
 @group.command()
-@click.argument("sr")
-@click.argument("key")
-@json_option
+@one_volume
 def snapshot(sr, key, as_json):
     """Snapshot volume KEY (read-only; of a snapshot: the same data)."""
     emit(call(_lib().snapshot, sr, key), as_json)
 
 
 @group.command()
-@click.argument("sr")
-@click.argument("key")
-@json_option
+@one_volume
 def clone(sr, key, as_json):
     """A writable clone of KEY (a snapshot or a live volume)."""
     emit(call(_lib().clone, sr, key), as_json)
 
 
 @group.command()
-@click.argument("sr")
+@sr_arg
 @click.argument("keys", nargs=-1, required=True)
 def destroy(sr, keys):
     """Destroy volumes or snapshots."""
@@ -86,8 +96,7 @@ def destroy(sr, keys):
 
 
 @group.command()
-@click.argument("sr")
-@click.argument("key")
+@volume_args
 @click.argument("size", type=Size())
 def resize(sr, key, size):
     """Grow volume KEY to SIZE (shrinking is refused)."""
@@ -95,7 +104,7 @@ def resize(sr, key, size):
 
 
 @group.command("ls")
-@click.argument("sr")
+@sr_arg
 @json_option
 def ls(sr, as_json):
     """Volumes and snapshots of SR."""
@@ -103,17 +112,14 @@ def ls(sr, as_json):
 
 
 @group.command()
-@click.argument("sr")
-@click.argument("key")
-@json_option
+@one_volume
 def stat(sr, key, as_json):
     """One volume."""
     emit(call(_lib().stat, sr, key), as_json)
 
 
 @group.command("set")
-@click.argument("sr")
-@click.argument("key")
+@volume_args
 @click.option("--name", default=None)
 @click.option("--description", default=None)
 @click.option("--key", "pairs", multiple=True, metavar="K=V", help="Set a key (repeatable).")
