@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from test_volume_calls import call
+from volume_calls import call
 
 
 def cli(*args, check=True):

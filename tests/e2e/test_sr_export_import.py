@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import uuid
 
-from test_volume_calls import PLUGIN_DIR, call, check_volume
+from volume_calls import PLUGIN_DIR, call, check_volume
 
 
 def pools():

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from conftest import VIRTIO_DISKS, run
-from test_volume_calls import call, fails
+from volume_calls import call, fails
 
 GiB = 1 << 30
 

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from conftest import run
-from test_volume_calls import PLUGIN_DIR, call, fails
+from volume_calls import PLUGIN_DIR, call, fails
 from plugins import smapi
 from plugins.volume import volume as volumes
 

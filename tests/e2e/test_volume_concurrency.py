@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from test_volume_calls import call, finish, start, zfs_names
+from volume_calls import call, finish, start, zfs_names
 
 MiB = 1 << 20
 

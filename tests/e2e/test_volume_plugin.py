@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from conftest import run
-from test_volume_calls import call, check_volume, fails, zfs_names, zget
+from volume_calls import call, check_volume, fails, zfs_names, zget
 
 GiB = 1 << 30
 MiB = 1 << 20
