@@ -364,7 +364,8 @@ def attach(configuration):
     pool = _pool_of(configuration)
     want_uuid = configuration.get("sr-uuid")
     with lock.sr_lock(pool):
-        if pool not in zfs.pools():
+        imported = pool not in zfs.pools()
+        if imported:
             argv = [zfs.ZPOOL, "import", "-N"]
             for d in search_paths(_devices(configuration)):
                 argv += ["-d", d]
@@ -386,7 +387,29 @@ def attach(configuration):
         collect_garbage(handle)
         if handle.index().generation() != handle.generation:
             handle.reconcile()
+        marker = _attached_marker(pool)
+        if imported or not os.path.exists(marker):
+            # A fresh import, or the first attach since boot (the pool may be
+            # imported at boot): devices left active by a crash.  Other
+            # attaches leave devices alone: not every user is recorded
+            # (Volume.compare, a restore into a volume).
+            from plugins.volume import volume  # it imports this module
+            volume.reset_stale_devices(handle)
+            with open(marker, "w"):
+                pass
     return pool
+
+
+def _attached_marker(pool):
+    """/run/zfs-ng/POOL.attached: SR.attach ran since boot, SR.detach not since."""
+    return os.path.join(lock.RUN_DIR, "%s.attached" % pool)
+
+
+def _forget_attached(pool):
+    try:
+        os.unlink(_attached_marker(pool))
+    except OSError:
+        pass
 
 
 def collect_garbage(handle):
@@ -430,9 +453,10 @@ def detach(sr):
     if pool is None or pool not in zfs.pools():
         return None  # already detached
     props = read_root_props(pool)
-    if props is not None and props.get("created-pool"):
-        with lock.sr_lock(pool):
+    with lock.sr_lock(pool):
+        if props is not None and props.get("created-pool"):
             zfs.zpool("export", pool)
+        _forget_attached(pool)
     return None
 
 
@@ -443,6 +467,7 @@ def destroy(sr):
             zfs.zpool("destroy", handle.pool)
         else:
             zfs.zfs("destroy", "-r", handle.root)
+        _forget_attached(handle.pool)
         path = handle.index().path
         handle.index().close()
         for suffix in ("", "-wal", "-shm"):

@@ -508,6 +508,59 @@ def activate_device(sr, key, timeout=60.0):
     return loc
 
 
+def reset_stale_devices(handle):
+    """Deactivate what a host crash left active: zvols with volmode=dev and
+    snapshots' read-only clones come back with their device nodes at the next
+    import, and no deactivate_device would ever come for them.  Whatever no
+    datapath on this host records as its own (the records live on tmpfs: after
+    a reboot there are none) is reset: volumes inherit the SR's volmode=none,
+    read-only clones are destroyed.  One `zfs get` for the whole SR.  Returns
+    the datasets reset.  Caller holds the SR lock."""
+    out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
+                   "-o", "name,value", "volmode", handle.root])
+    used = _recorded_keys(handle.pool)
+    volumes, clones = [], []
+    for r in zfs.rows(out):
+        kind, key = names.classify(r[0], handle.pool)
+        if len(r) < 2 or r[1] != "dev" or key is None or key in used:
+            continue
+        if kind == "volume":
+            volumes.append(r[0])
+        elif kind == "readonly":
+            clones.append(r[0])
+    if volumes:
+        zfs.zfs("inherit", "volmode", *volumes)
+    destroyed = []
+    for ro in clones:
+        try:
+            zfs.zfs("destroy", ro)
+        except zfs.NotFound:
+            continue
+        except zfs.Busy:   # opened since the import: leave it to its user
+            smapi.log.info("%s is open, left active", ro)
+            continue
+        destroyed.append(ro)
+    if volumes or destroyed:
+        smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
+                       "records (left by a crash)", handle.pool, len(volumes), len(destroyed))
+    return volumes + destroyed
+
+
+def _recorded_keys(pool):
+    """Keys of POOL that a datapath on this host records: device users
+    (plugins/datapath/devices.py, ids device:POOL/KEY) and attachments
+    (plugins/datapath/state.py, ids POOL/KEY)."""
+    from plugins.datapath import state
+    keys = set()
+    for d, prefix in ((state.node_state_dir(), "device:%s/" % pool),
+                      (state.state_dir(), "%s/" % pool)):
+        for st in state.list_states(d):
+            vid = st.get("volume", "")
+            if vid.startswith(prefix):
+                keys.add(vid[len(prefix):])
+    return keys
+
+
 def deactivate_device(sr, key):
     """Undo activate_device (idempotent).  Fails with Volume_in_use while the
     snapshot's read-only device is open."""

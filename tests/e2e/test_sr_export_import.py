@@ -1,13 +1,19 @@
 """An SR moved to another host (zpool export, then import with a fresh local
-index) keeps every volume, name, key, snapshot relation and URI."""
+index) keeps every volume, name, key, snapshot relation and URI; imported
+again after a crash, it comes back without the devices the crash left."""
 
 import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 
+import dp_helpers as dp
+from conftest import wait_for_path
 from volume_calls import PLUGIN_DIR, call, check_volume
+
+RAW = "zfsng-raw"
 
 
 def pools():
@@ -63,3 +69,84 @@ def call_env(env, method, **params):
                        stderr=subprocess.PIPE, universal_newlines=True, env=env)
     assert p.returncode == 0, (method, p.stdout, p.stderr)
     return json.loads(p.stdout)
+
+
+def test_attach_after_a_crash_resets_devices_nobody_uses(file_vdevs, tmp_path, monkeypatch):
+    """A host crash leaves zvols activated (volmode=dev) and snapshots' read-only
+    clones behind, with /run (the datapaths' records) empty.  SR.attach that
+    imports the pool resets what no record names: volumes back to the SR's
+    volmode=none (no device node), read-only clones destroyed; a volume still
+    recorded as attached keeps its device.  A later attach touches nothing."""
+    run_dir = tmp_path / "run"            # this "host's" /run/zfs-ng
+    monkeypatch.setenv("ZFSNG_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("ZFSNG_NODE_RUN_DIR", str(run_dir))
+    devs = file_vdevs(1, 512 << 20)
+    conf = call("SR.create", uuid=str(uuid.uuid4()), configuration={"device": devs[0]},
+                name="crash", description="")
+    pool = call("SR.attach", configuration=conf)
+    try:
+        a, b = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
+                     sharable=False) for n in ("a", "b")]
+        s = call("Volume.snapshot", sr=pool, key=a["key"])
+        for v in (a, b, s):
+            dp.call(RAW, "Datapath.attach", uri=dp.uri_of(v, RAW), domain="3")
+        ds_a = "%s/zfs-ng/%s" % (pool, a["key"])
+        ds_b = "%s/zfs-ng/%s" % (pool, b["key"])
+        ro = "%s/zfs-ng/ro-%s" % (pool, s["key"])
+        assert dp.volmode_local(ds_a) == dp.volmode_local(ds_b) == "dev"
+        assert dp.zfs_exists(ro)
+
+        # the crash: the pool goes with its devices active; /run loses every
+        # record but b's (as if b alone had been attached again since)
+        export(pool)
+        kept = 0
+        for path in run_dir.rglob("*.json"):
+            if json.loads(path.read_text())["volume"].endswith("/" + b["key"]):
+                kept += 1
+            else:
+                path.unlink()
+        assert kept == 2                  # b's attachment and its device user
+
+        assert call("SR.attach", configuration=conf) == pool
+        assert dp.volmode_local(ds_a) is None and not dp.zfs_exists(ro)
+        wait_gone("/dev/zvol/" + ds_a)
+        assert dp.volmode_local(ds_b) == "dev"
+        wait_for_path("/dev/zvol/" + ds_b)
+        assert {v["key"] for v in call("SR.ls", sr=pool)} == {a["key"], b["key"], s["key"]}
+
+        # an attach of the imported pool leaves unrecorded devices alone (a
+        # restore into a volume or Volume.compare records nobody)
+        subprocess.run(["zfs", "set", "volmode=dev", ds_a], check=True)
+        call("SR.attach", configuration=conf)
+        assert dp.volmode_local(ds_a) == "dev"
+        subprocess.run(["zfs", "inherit", "volmode", ds_a], check=True)
+
+        # and everything still attaches and detaches as usual
+        for v in (a, s):
+            res = dp.call(RAW, "Datapath.attach", uri=dp.uri_of(v, RAW), domain="4")
+            wait_for_path(dp.impl(res, "BlockDevice")["path"])
+            dp.call(RAW, "Datapath.detach", uri=dp.uri_of(v, RAW), domain="4")
+        dp.call(RAW, "Datapath.detach", uri=dp.uri_of(b, RAW), domain="3")
+        assert dp.volmode_local(ds_b) is None and not dp.zfs_exists(ro)
+    finally:
+        dp.destroy_pool(pool)
+
+
+def wait_gone(path, timeout=30.0):
+    """A device node removed (udev removes zvol links asynchronously)."""
+    deadline = time.time() + timeout
+    while os.path.exists(path):
+        assert time.time() < deadline, "%s still exists after %.0f s" % (path, timeout)
+        subprocess.run(["udevadm", "settle", "--timeout=5"])
+        time.sleep(0.2)
+
+
+def export(pool):
+    """zpool export, retried while udev still holds a just-made device."""
+    for _ in range(20):
+        p = subprocess.run(["zpool", "export", pool], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, universal_newlines=True)
+        if p.returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("zpool export %s: %s" % (pool, p.stdout))
