@@ -22,6 +22,7 @@ arguments on stdin and prints one JSON line of result or error.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -173,24 +174,38 @@ def _timeout():
     return t
 
 
+def _kill_group(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        p.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass    # the pipes die with the group; never wait on them forever
+
+
 def call(op, **args):
     """Run a node op here or through ZFSNG_NODE_COMMAND; SMAPI errors cross as such."""
     argv = command()
     if argv is None:
         return OPS[op](**args)
+    timeout = _timeout()          # checked before anything runs
     try:
+        # its own session: a timeout kills the whole group (ssh, sudo, wrappers),
+        # not just the child while a grandchild keeps the pipes open
         p = subprocess.Popen(argv + [op], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, universal_newlines=True)
+                             stderr=subprocess.PIPE, universal_newlines=True,
+                             start_new_session=True)
     except OSError as e:
         raise smapi.BackendError("Node_unreachable", "cannot run %s: %s" % (argv[0], e.strerror))
     try:
-        out, err = p.communicate(json.dumps(args) + "\n", timeout=_timeout())
+        out, err = p.communicate(json.dumps(args) + "\n", timeout=timeout)
     except subprocess.TimeoutExpired:
         # a hung ssh or node must not hang xapi's call (and the volume's lock) forever
-        p.kill()
-        p.communicate()
+        _kill_group(p)
         raise smapi.BackendError("Node_unreachable", "node op %s: no answer from %s within "
-                                 "%d s" % (op, argv[0], _timeout()))
+                                 "%d s" % (op, argv[0], timeout))
     try:
         resp = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):

@@ -293,6 +293,12 @@ def test_node_command_hung_or_broken_is_node_unreachable(monkeypatch):
         node.call("unclaim", subnqn="x", hostnqn="y")
     assert e.value.name == "Node_unreachable" and "within 1 s" in e.value.message
     assert time.time() - t0 < 10
+    # a wrapper whose grandchild holds the pipes (sh -c, sudo, ssh's helpers)
+    monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps(["sh", "-c", "sleep 30; true"]))
+    t0 = time.time()
+    with pytest.raises(smapi.SmapiError) as e:
+        node.call("unclaim", subnqn="x", hostnqn="y")
+    assert e.value.name == "Node_unreachable" and time.time() - t0 < 10
     monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps(
         [sys.executable, "-c", "import sys; sys.stderr.write('ssh: no route'); sys.exit(255)"]))
     with pytest.raises(smapi.SmapiError) as e:
