@@ -107,10 +107,18 @@ class Backend:
         if self._dfd is None:
             if self.fd < 0:
                 return -1
+            # through our own fd, not the path: the same device even if the
+            # path (a /dev/zvol link) now names another volume
             try:
-                self._dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                fd = os.open("/proc/self/fd/%d" % self.fd, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
-                self._dfd = -1
+                fd = -1
+            if fd >= 0:
+                a, b = os.fstat(self.fd), os.fstat(fd)
+                if (a.st_dev, a.st_ino, a.st_rdev) != (b.st_dev, b.st_ino, b.st_rdev):
+                    os.close(fd)
+                    fd = -1
+            self._dfd = fd
         return self._dfd
 
     def read(self, offset, length):

@@ -143,3 +143,26 @@ def test_connection_dropped_with_reads_in_flight(target, tmp_path):  # noqa: F81
     assert io.read(64, 8) == data[64 * 512:72 * 512]
     io.t.close()
     admin.t.close()
+
+
+def test_direct_fd_is_the_open_volume_even_if_its_path_moved(tmp_path):
+    path = sparse(tmp_path, size=1 << 20)
+    data = _fill(path, 1 << 20)
+    be = Backend(path)
+    try:
+        os.rename(path, path + ".old")               # another volume takes the name
+        with open(path, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+        fd = be.direct_fd()
+        if fd < 0:
+            pytest.skip("O_DIRECT refused by the filesystem of %s" % tmp_path)
+        assert os.fstat(fd).st_ino == os.fstat(be.fd).st_ino != os.stat(path).st_ino
+        r = Reader()
+        assert r.aio.submit(fd, 8192, 4096, "x")
+        r.aio.flush()
+        _run(r.sel, r, 1)
+        assert r.got["x"] == data[8192:12288]
+        r.aio.close()
+    finally:
+        be.close()
+    assert be.direct_fd() == -1
