@@ -56,13 +56,6 @@ def _lib():
     return _libc
 
 
-def _check(ret):
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
-
-
 class AioReads(object):
     """One per event loop.  submit() queues a read, flush() hands the queued
     ones to the kernel (one io_submit per loop turn), and done(token, data)
