@@ -394,9 +394,13 @@ def attach(configuration):
             # attaches leave devices alone: not every user is recorded
             # (Volume.compare, a restore into a volume).
             from plugins.volume import volume  # it imports this module
-            volume.reset_stale_devices(handle)
-            with open(marker, "w"):
-                pass
+            try:
+                volume.reset_stale_devices(handle)
+            except zfs.ZfsError as e:   # a cleanup: the SR is usable, retried next attach
+                smapi.log.error("%s: devices left active stay so: %s", pool, e.message)
+            else:
+                with open(marker, "w"):
+                    pass
     return pool
 
 

@@ -528,8 +528,8 @@ def reset_stale_devices(handle):
             volumes.append(r[0])
         elif kind == "readonly":
             clones.append(r[0])
-    if volumes:
-        zfs.zfs("inherit", "volmode", *volumes)
+    for i in range(0, len(volumes), 512):    # a node may have 100k: bounded argv
+        zfs.zfs("inherit", "volmode", *volumes[i:i + 512])
     destroyed = []
     for ro in clones:
         try:
