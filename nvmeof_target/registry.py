@@ -7,6 +7,7 @@ host NQN (index), so startup does not depend on how many volumes there are."""
 import os
 import sqlite3
 import uuid as uuidlib
+from urllib.parse import quote as urlquote
 
 from .nqn import DISCOVERY_NQN, check_nqn
 
@@ -28,6 +29,29 @@ CREATE INDEX IF NOT EXISTS host_by_hostnqn ON host(hostnqn);
 """
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)
+
+
+def default_path():
+    return os.environ.get("ZFSNG_TARGET_STATE", "/var/lib/zfs-ng/target.db")
+
+
+def served_nqns(path=None):
+    """The subsystem NQNs in a registry file, read-only and without the
+    target running (the volume plugin asks at boot which zvols the target
+    will serve again); [] when there is no registry."""
+    path = path or default_path()
+    if not os.path.exists(path):
+        return []
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % urlquote(os.path.abspath(path)), uri=True)
+    except sqlite3.Error:
+        return []
+    try:
+        return [r[0] for r in db.execute("SELECT nqn FROM subsystem")]
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
 
 
 class Volume(object):

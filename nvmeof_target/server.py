@@ -286,5 +286,5 @@ def serve(listen, state, control_path, reuse_port=False, workers=1):
 
 
 def default_paths():
-    return (os.environ.get("ZFSNG_TARGET_STATE", "/var/lib/zfs-ng/target.db"),
+    return (registry.default_path(),
             os.environ.get("ZFSNG_TARGET_SOCKET", control.DEFAULT_SOCKET))

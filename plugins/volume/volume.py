@@ -518,7 +518,7 @@ def reset_stale_devices(handle):
     the datasets reset.  Caller holds the SR lock."""
     out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
                    "-o", "name,value", "volmode", handle.root])
-    used = _recorded_keys(handle.pool)
+    used = _recorded_keys(handle.pool) | _served_keys(handle.uuid)
     volumes, clones = [], []
     for r in zfs.rows(out):
         kind, key = names.classify(r[0], handle.pool)
@@ -558,6 +558,23 @@ def _recorded_keys(pool):
             vid = st.get("volume", "")
             if vid.startswith(prefix):
                 keys.add(vid[len(prefix):])
+    return keys
+
+
+def _served_keys(sr_uuid):
+    """Keys of this SR that the NVMe/TCP target's registry (persistent, unlike
+    /run) will serve again after a reboot: remote hosts reconnect to them
+    (ctrl_loss_tmo) and need the device back."""
+    from nvmeof_target import registry
+    from plugins.datapath import uri
+    keys = set()
+    for nqn in registry.served_nqns():
+        try:
+            sr, key = uri.split_subnqn(nqn)
+        except uri.BadUri:
+            continue
+        if sr == sr_uuid:
+            keys.add(key)
     return keys
 
 

@@ -11,6 +11,7 @@ import uuid
 
 import dp_helpers as dp
 from conftest import wait_for_path
+from nvmeof_target.registry import Registry
 from volume_calls import PLUGIN_DIR, call, check_volume
 
 RAW = "zfsng-raw"
@@ -80,19 +81,28 @@ def test_attach_after_a_crash_resets_devices_nobody_uses(file_vdevs, tmp_path, m
     run_dir = tmp_path / "run"            # this "host's" /run/zfs-ng
     monkeypatch.setenv("ZFSNG_RUN_DIR", str(run_dir))
     monkeypatch.setenv("ZFSNG_NODE_RUN_DIR", str(run_dir))
+    # the NVMe/TCP target's registry survives reboots (it is not in /run)
+    monkeypatch.setenv("ZFSNG_TARGET_STATE", str(tmp_path / "target.db"))
     devs = file_vdevs(1, 512 << 20)
-    conf = call("SR.create", uuid=str(uuid.uuid4()), configuration={"device": devs[0]},
+    sr_uuid = str(uuid.uuid4())
+    conf = call("SR.create", uuid=sr_uuid, configuration={"device": devs[0]},
                 name="crash", description="")
     pool = call("SR.attach", configuration=conf)
     try:
-        a, b = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
-                     sharable=False) for n in ("a", "b")]
+        a, b, c = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
+                        sharable=False) for n in ("a", "b", "c")]
         s = call("Volume.snapshot", sr=pool, key=a["key"])
-        for v in (a, b, s):
+        for v in (a, b, c, s):
             dp.call(RAW, "Datapath.attach", uri=dp.uri_of(v, RAW), domain="3")
         ds_a = "%s/zfs-ng/%s" % (pool, a["key"])
         ds_b = "%s/zfs-ng/%s" % (pool, b["key"])
+        ds_c = "%s/zfs-ng/%s" % (pool, c["key"])
         ro = "%s/zfs-ng/ro-%s" % (pool, s["key"])
+        # c is exported over NVMe/TCP: the target will serve it again at boot
+        reg = Registry(str(tmp_path / "target.db"))
+        reg.add("nqn.2014-08.org.zfs-ng:%s:%s" % (sr_uuid, c["key"]), "/dev/zvol/" + ds_c,
+                str(uuid.uuid4()))
+        reg.close()
         assert dp.volmode_local(ds_a) == dp.volmode_local(ds_b) == "dev"
         assert dp.zfs_exists(ro)
 
@@ -110,9 +120,10 @@ def test_attach_after_a_crash_resets_devices_nobody_uses(file_vdevs, tmp_path, m
         assert call("SR.attach", configuration=conf) == pool
         assert dp.volmode_local(ds_a) is None and not dp.zfs_exists(ro)
         wait_gone("/dev/zvol/" + ds_a)
-        assert dp.volmode_local(ds_b) == "dev"
+        assert dp.volmode_local(ds_b) == dp.volmode_local(ds_c) == "dev"
         wait_for_path("/dev/zvol/" + ds_b)
-        assert {v["key"] for v in call("SR.ls", sr=pool)} == {a["key"], b["key"], s["key"]}
+        assert {v["key"] for v in call("SR.ls", sr=pool)} == {a["key"], b["key"], c["key"],
+                                                               s["key"]}
 
         # an attach of the imported pool leaves unrecorded devices alone (a
         # restore into a volume or Volume.compare records nobody)
