@@ -80,9 +80,17 @@ class AioReads(object):
 
     def _setup(self):
         self.ok = False
-        nr = _NR.get(platform.machine())
+        # a 32-bit Python on a 64-bit kernel also says x86_64: other syscall numbers
+        nr = _NR.get(platform.machine()) if struct.calcsize("P") == 8 else None
         if nr is None:
             return
+        try:
+            self._setup_ctx(nr)
+        except (OSError, ValueError, MemoryError) as e:   # mmap, selector: stay synchronous
+            log.info("no Linux AIO (%s): synchronous reads", e)
+            self._teardown()
+
+    def _setup_ctx(self, nr):
         lib = _lib()
         ctx = ctypes.c_ulong(0)
         if lib.syscall(_L(nr[0]), _L(self.nslots), ctypes.byref(ctx)) < 0:
@@ -94,6 +102,7 @@ class AioReads(object):
             return
         self._nr = [_L(x) for x in nr]
         self._lib, self.ctx, self.efd = lib, ctx, efd
+        self._ctx_live = True
         self.mm = mmap.mmap(-1, self.nslots * SLOT)
         self._mm_ref = ctypes.c_char.from_buffer(self.mm)
         self.base = ctypes.addressof(self._mm_ref)
@@ -153,6 +162,10 @@ class AioReads(object):
                 continue
             err = ctypes.get_errno() if sent < 0 else errno.EAGAIN
             log.debug("io_submit: %s", os.strerror(err))
+            if err in (errno.ENOSYS, errno.EPERM):   # refused for good (seccomp...)
+                log.info("io_submit refused (%s): synchronous reads", os.strerror(err))
+                self.ok = False
+                err = errno.EAGAIN                  # every read left: synchronous
             for i in q[pos:] if err == errno.EAGAIN else q[pos:pos + 1]:
                 self.redone += 1
                 self._finish(i, None)
@@ -213,19 +226,29 @@ class AioReads(object):
 
     def close(self):
         """Wait for reads in flight (io_destroy does), then free everything."""
-        if not self.ok:
-            self.ok = False
-            return
         self.ok = False
-        try:
-            self.sel.unregister(self.efd)
-        except (KeyError, ValueError):
-            pass
+        self._teardown()
+
+    def _teardown(self):
+        """Free what _setup_ctx got, however far it went."""
+        efd = getattr(self, "efd", None)
+        if efd is not None:
+            try:
+                self.sel.unregister(efd)
+            except (KeyError, ValueError):
+                pass
         self.ring = None                  # io_destroy unmaps it
-        self._lib.syscall(self._nr[1], self.ctx)
-        os.close(self.efd)
-        del self._mm_ref
-        self.mm.close()
+        if getattr(self, "_ctx_live", False):
+            self._lib.syscall(self._nr[1], self.ctx)
+            self._ctx_live = False
+        if efd is not None:
+            os.close(efd)
+            self.efd = None
+        if getattr(self, "_mm_ref", None) is not None:
+            self._mm_ref = None
+        if getattr(self, "mm", None) is not None:
+            self.mm.close()
+            self.mm = None
         self.queued = []
         self.tokens = [None] * self.nslots
         self.inflight = 0

@@ -128,6 +128,10 @@ class Conn(object):
         if self.closed:
             return
         self.closed = True
+        # reads queued this turn name the backend's fd by number: hand them to
+        # the kernel (which then holds the file) before anything can close it
+        if self.server.aio.queued:
+            self.server.aio.flush()
         if self.mask:
             self.server.sel.unregister(self.sock)
         self.mask = 0

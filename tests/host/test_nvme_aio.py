@@ -166,3 +166,17 @@ def test_direct_fd_is_the_open_volume_even_if_its_path_moved(tmp_path):
     finally:
         be.close()
     assert be.direct_fd() == -1
+
+
+def test_setup_failure_leaves_reads_synchronous_and_nothing_open():
+    class Refusing(selectors.DefaultSelector):
+        def register(self, *a, **k):
+            raise ValueError("refused")
+
+    sel = Refusing()
+    before = set(os.listdir("/proc/self/fd"))
+    a = aio.AioReads(sel, lambda token, data: None)
+    assert a.submit(0, 0, 4096, None) is False and a.ok is False
+    assert set(os.listdir("/proc/self/fd")) == before    # eventfd closed, context destroyed
+    a.close()
+    sel.close()
