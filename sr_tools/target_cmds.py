@@ -32,13 +32,15 @@ def group():
 
 
 @group.command()
-@click.option("--listen", "listen", multiple=True, metavar="ADDR:PORT",
-              help="Address to serve NVMe/TCP on (repeatable). Default 127.0.0.1:4420.")
+@click.option("--listen", "listen", multiple=True, metavar="ADDR:PORT", envvar="ZFSNG_TARGET_LISTEN",
+              help="Address to serve NVMe/TCP on (repeatable; the variable: space-separated). "
+              "Default 127.0.0.1:4420.")
 @click.option("--state", metavar="PATH", envvar="ZFSNG_TARGET_STATE",
               default="/var/lib/zfs-ng/target.db", show_default=True,
               help="Registry of served volumes (sqlite), kept across restarts.")
 @socket_option
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              envvar="ZFSNG_TARGET_WORKERS",
               help="Worker processes sharing the port (SO_REUSEPORT), e.g. one per core.")
 @click.option("--reuse-port", is_flag=True, help="SO_REUSEPORT: several targets share the port.")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every error status.")
