@@ -4,7 +4,6 @@ tick for keep-alive timeouts.  Shuts down cleanly on SIGTERM/SIGINT."""
 
 import errno
 import logging
-import os
 import selectors
 import signal
 import socket
@@ -287,8 +286,3 @@ def serve(listen, state, control_path, reuse_port=False, workers=1):
         registry.close()
         log.info("stopped")
     return 0
-
-
-def default_paths():
-    return (registry.default_path(),
-            os.environ.get("ZFSNG_TARGET_SOCKET", control.DEFAULT_SOCKET))

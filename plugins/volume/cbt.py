@@ -64,7 +64,6 @@ import base64
 import binascii
 import os
 import re
-import struct
 import subprocess
 import tempfile
 import time

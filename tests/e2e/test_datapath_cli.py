@@ -6,7 +6,7 @@ import nbd
 import pytest
 from click.testing import CliRunner
 
-from dp_helpers import destroy_pool, make_snapshot, make_sr, make_volume, pattern, pread, pwrite
+from dp_helpers import destroy_pool, make_snapshot, make_sr, make_volume, pattern, pwrite
 from sr_tools.vol_attach_cmds import group
 
 MiB = 1 << 20

@@ -8,7 +8,6 @@ newer one."""
 import hashlib
 import json
 import os
-import subprocess
 
 import nbd
 import pytest

@@ -2,7 +2,6 @@
 as xapi-storage-script runs it, checked against the contract and the ZFS state
 behind it."""
 
-import os
 import subprocess
 import uuid
 

@@ -4,7 +4,6 @@ through our NBD server over a unix socket (base:allocation, dirty bitmaps),
 resume after an interruption, restore and verify, checked with cmp and
 qemu-img compare."""
 
-import base64
 import hashlib
 import json
 import os

@@ -9,7 +9,6 @@ import random
 import selectors
 import socket
 import time
-import uuid
 
 import pytest
 

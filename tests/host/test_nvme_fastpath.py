@@ -4,7 +4,6 @@ several commands in flight (uncached reads, FUA writes, flushes mixed), and a
 volume removed under a pending read."""
 
 import os
-import socket
 import time
 import uuid
 
