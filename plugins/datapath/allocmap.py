@@ -26,11 +26,15 @@ def snapshot_map(loc):
     volume.locate()'s dict, or None for a writable volume."""
     if not loc.get("readonly") or "@" not in loc.get("dataset", ""):
         return None
-    from plugins.volume import cbt, lock, metadata
+    from plugins.volume import cbt, metadata
     state_dir = os.path.join(metadata.STATE_DIR, "cbt", loc["sr_uuid"])
-    # the SR lock, like every CBT call of the volume plugin (maps are stored on the zvol)
-    with lock.sr_lock(loc["sr"]):
-        return cbt.allocation_extents(loc["dataset"], 0, int(loc["size"]), state_dir=state_dir)
+    # Not under the SR lock: the first map of a large snapshot is a full
+    # `zfs send` scan, and holding the lock would stall every SR operation
+    # (other VMs' attaches too) for that long.  The scan only reads; the map
+    # it stores is keyed by the snapshot's guid (a racing destroy fails the
+    # call, which then serves without a map; cbt.gc drops orphans), and two
+    # scans at once only duplicate work (cbt.py).
+    return cbt.allocation_extents(loc["dataset"], 0, int(loc["size"]), state_dir=state_dir)
 
 
 def write(extents, path):
