@@ -2,9 +2,13 @@
 xapi-storage-script does (`<dir>/<Interface>.<method> --json`, one JSON line on
 stdin, result or error JSON on stdout)."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,3 +128,29 @@ def pread(path, offset, length):
 def zfs_exists(name):
     return subprocess.run(["zfs", "list", "-H", "-o", "name", name], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL).returncode == 0
+
+
+@contextlib.contextmanager
+def serving_target(listen, state, sock):
+    """`zfs-ng target serve` on listen (ADDR:PORT) with its control socket at
+    sock, for the node side of nvme+tcp tests; stopped by SIGTERM after."""
+    log = open(state + ".log", "a")
+    proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
+                             listen, "--state", state, "--socket", sock],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
+                            stderr=log)
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError("target did not start:\n" + open(state + ".log").read())
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -4,16 +4,12 @@ host has its own host NQN (and host id) and its own attachment state
 (ZFSNG_RUN_DIR), the node keeps its own (/run/zfs-ng/node)."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from conftest import make_file_vdevs, run
 from dp_helpers import (PluginError, call, destroy_pool, impl, make_snapshot, make_sr,
-                        make_volume, pattern, pread, pwrite, uri_of)
+                        make_volume, pattern, pread, pwrite, serving_target, uri_of)
 from plugins.datapath import nvme_host
 
 NVME = "nvme+tcp"
@@ -42,23 +38,9 @@ def node():
     vdev = make_file_vdevs(1, 1 << 30)[0]
     pool = make_sr(vdev, **{"nvme-node": "127.0.0.1:%d" % PORT, "datapath": "nvme"})
     state = "/var/lib/zfsng-test/dp-target.db"
-    log = open(state + ".log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
-                             "127.0.0.1:%d" % PORT, "--state", state, "--socket", SOCK],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
-                            stderr=log)
-    deadline = time.time() + 60
-    while not os.path.exists(SOCK):
-        if proc.poll() is not None or time.time() > deadline:
-            pytest.fail("target did not start:\n" + open(state + ".log").read())
-        time.sleep(0.1)
-    os.environ["ZFSNG_TARGET_SOCKET"] = SOCK   # for the node ops run in this process
-    yield pool
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serving_target("127.0.0.1:%d" % PORT, state, SOCK):
+        os.environ["ZFSNG_TARGET_SOCKET"] = SOCK   # for the node ops run in this process
+        yield pool
     destroy_pool(pool)
     os.unlink(vdev)
 

@@ -28,16 +28,14 @@ process reads the namespace and the zvol directly to check the data.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import make_file_vdevs, run
 from dp_helpers import (PluginError, call, destroy_pool, impl, make_sr, make_volume, pattern,
-                        pread, pwrite, uri_of)
+                        pread, pwrite, serving_target, uri_of)
 from nvmeof_target.control import Client, ControlError
 from plugins.datapath import nvme_host
 
@@ -124,26 +122,14 @@ def node(netns):
     vdev = make_file_vdevs(1, 1 << 30)[0]
     pool = make_sr(vdev, **{"nvme-node": "%s:%d" % (NODE_IP, PORT), "datapath": "nvme"})
     state = "/var/lib/zfsng-test/dp-remote-target.db"
-    log = open(state + ".log", "a")
-    proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
-                             "%s:%d" % (NODE_IP, PORT), "--state", state, "--socket", SOCK],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
-                            stderr=log)
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(SOCK):
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail("target did not start:\n" + open(state + ".log").read())
-            time.sleep(0.1)
-        yield pool
+        with serving_target("%s:%d" % (NODE_IP, PORT), state, SOCK):
+            try:
+                yield pool
+            finally:
+                _disconnect_all(H2_NQN)     # before the target goes
+                _disconnect_all(HOST_A)
     finally:
-        _disconnect_all(H2_NQN)
-        _disconnect_all(HOST_A)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         destroy_pool(pool)
         os.unlink(vdev)
 
