@@ -51,10 +51,7 @@ class Queue(object):
             for p in self.parser.take():
                 if self.closing:
                     break
-                if p.type == pdu.CMD:
-                    self._capsule(p)
-                else:
-                    self._dispatch(p)
+                self._dispatch(p)
         except pdu.PduError as e:
             self.fatal(e.fes, e.fei, e.header, str(e))
 
