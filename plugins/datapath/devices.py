@@ -13,8 +13,26 @@ directory (the machine that owns the pool).
 from plugins.datapath import state
 
 
+def _device_id(pool, key):
+    return "device:%s/%s" % (pool, key)
+
+
 def _lock(pool, key):
-    return state.locked("device:%s/%s" % (pool, key), state.node_state_dir())
+    return state.locked(_device_id(pool, key), state.node_state_dir())
+
+
+def recorded_keys(pool):
+    """Keys of POOL that a datapath on this host records: device users (here)
+    and attachments (state.py, ids POOL/KEY as uri.VolumeUri.volume_id).
+    Read without locks: a snapshot in time, for the crash reset at SR.attach."""
+    keys = set()
+    for d, prefix in ((state.node_state_dir(), _device_id(pool, "")),
+                      (state.state_dir(), "%s/" % pool)):
+        for st in state.list_states(d):
+            vid = st.get("volume", "")
+            if vid.startswith(prefix):
+                keys.add(vid[len(prefix):])
+    return keys
 
 
 def acquire(pool, key, user):

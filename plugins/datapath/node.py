@@ -56,6 +56,22 @@ def _lock(subnqn):
     return state.locked("nvme:" + subnqn, state.node_state_dir())
 
 
+def served_keys(sr_uuid):
+    """Keys of SR sr_uuid that the NVMe/TCP target's registry (persistent,
+    unlike /run) will serve again after a reboot: remote hosts reconnect to
+    them (ctrl_loss_tmo) and need the device back."""
+    from nvmeof_target import registry
+    keys = set()
+    for nqn in registry.served_nqns():
+        try:
+            sr, key = urimod.split_subnqn(nqn)
+        except urimod.BadUri:
+            continue
+        if sr == sr_uuid:
+            keys.add(key)
+    return keys
+
+
 def grant(subnqn, hostnqn):
     from nvmeof_target.control import ControlError
     sr_uuid, key = urimod.split_subnqn(subnqn)

@@ -518,7 +518,8 @@ def reset_stale_devices(handle):
     the datasets reset.  Caller holds the SR lock."""
     out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
                    "-o", "name,value", "volmode", handle.root])
-    used = _recorded_keys(handle.pool) | _served_keys(handle.uuid)
+    from plugins.datapath import devices, node
+    used = devices.recorded_keys(handle.pool) | node.served_keys(handle.uuid)
     volumes, clones = [], []
     for r in zfs.rows(out):
         kind, key = names.classify(r[0], handle.pool)
@@ -544,38 +545,6 @@ def reset_stale_devices(handle):
         smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
                        "records (left by a crash)", handle.pool, len(volumes), len(destroyed))
     return volumes + destroyed
-
-
-def _recorded_keys(pool):
-    """Keys of POOL that a datapath on this host records: device users
-    (plugins/datapath/devices.py, ids device:POOL/KEY) and attachments
-    (plugins/datapath/state.py, ids POOL/KEY)."""
-    from plugins.datapath import state
-    keys = set()
-    for d, prefix in ((state.node_state_dir(), "device:%s/" % pool),
-                      (state.state_dir(), "%s/" % pool)):
-        for st in state.list_states(d):
-            vid = st.get("volume", "")
-            if vid.startswith(prefix):
-                keys.add(vid[len(prefix):])
-    return keys
-
-
-def _served_keys(sr_uuid):
-    """Keys of this SR that the NVMe/TCP target's registry (persistent, unlike
-    /run) will serve again after a reboot: remote hosts reconnect to them
-    (ctrl_loss_tmo) and need the device back."""
-    from nvmeof_target import registry
-    from plugins.datapath import uri
-    keys = set()
-    for nqn in registry.served_nqns():
-        try:
-            sr, key = uri.split_subnqn(nqn)
-        except uri.BadUri:
-            continue
-        if sr == sr_uuid:
-            keys.add(key)
-    return keys
 
 
 def deactivate_device(sr, key):
