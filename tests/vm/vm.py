@@ -55,7 +55,8 @@ def image_dir():
 class Guest:
     """One QEMU process on a run folder; kill() is safe to call twice."""
 
-    def __init__(self, image, rundir, accel, mem, smp, disks, disk_size):
+    def __init__(self, image, rundir, accel, mem, smp, disks, disk_size,
+                 init="/sbin/zfsng-init"):
         self.rundir = rundir
         self.console = os.path.join(rundir, "console.log")
         overlay = os.path.join(rundir, "root.qcow2")
@@ -70,8 +71,8 @@ class Guest:
                 "-m", str(mem), "-smp", str(smp)] + machine + [
             "-kernel", os.path.join(image, "vmlinuz"),
             "-initrd", os.path.join(image, "initrd.img"),
-            "-append", "root=LABEL=zfsng-root rw console=ttyS0 panic=-1 init=/sbin/zfsng-init "
-                       "loglevel=4 net.ifnames=0",
+            "-append", "root=LABEL=zfsng-root rw console=ttyS0 panic=-1 init=%s "
+                       "loglevel=4 net.ifnames=0" % init,
             # The root disk first and by label: device order is not a name.
             "-drive", "file=%s,if=none,id=root,format=qcow2,cache=unsafe" % overlay,
             "-device", "virtio-blk-pci,drive=root,serial=zfsng-root",
@@ -138,6 +139,67 @@ def choose_accel(image):
     return accel
 
 
+BOOT_ATTEMPTS = int(os.environ.get("ZFSNG_VM_BOOT_ATTEMPTS", 4))
+# Under TCG on a loaded 2-core machine a boot to the command takes 30-90 s.
+BOOT_SECONDS = int(os.environ.get("ZFSNG_VM_BOOT_TIMEOUT", 420))
+PANIC_MARKERS = ("Kernel panic", "Oops:", "BUG: ", "general protection fault")
+
+
+def boot_failure(console):
+    """The first kernel-panic-like line of a console log, or None."""
+    for line in console.splitlines():
+        if any(m in line for m in PANIC_MARKERS):
+            return line.strip()
+    return None
+
+
+def start_guest(image, rundir, accel, mem, smp, disks, disk_size, out_path,
+                attempts=None, boot_seconds=None):
+    """Boot a guest until it starts the command (its output file exists).
+
+    Returns the running Guest.
+
+    A guest that dies or hangs before that point ran nothing, so booting again
+    is safe: multi-threaded TCG occasionally panics the guest kernel early
+    (an int3 Oops from kernel text patching).  Each failed boot's console is
+    kept as console.bootN.log; after `attempts` failures HarnessError says so.
+    """
+    attempts = attempts or BOOT_ATTEMPTS
+    boot_seconds = boot_seconds or BOOT_SECONDS
+    # Harness self-test (tests/vm/test_vm_harness.py): the first N boots run
+    # /bin/false as init, which panics the kernel ("Attempted to kill init").
+    fail_boots = int(os.environ.get("ZFSNG_VM_FAIL_BOOTS", 0))
+    failures = []
+    for attempt in range(1, attempts + 1):
+        t0 = time.time()
+        init = "/bin/false" if attempt <= fail_boots else "/sbin/zfsng-init"
+        guest = Guest(image, rundir, accel, mem, smp, disks, disk_size, init=init)
+        while not os.path.exists(out_path):
+            if not guest.alive():
+                why = "QEMU exited"
+                break
+            if time.time() - t0 > boot_seconds:
+                why = "not started after %d s" % boot_seconds
+                break
+            time.sleep(0.5)
+        else:
+            if attempt > 1:
+                log("boot %d of %d reached the command" % (attempt, attempts))
+            return guest
+        guest.kill()
+        console = guest.console_text()
+        kept = os.path.join(rundir, "console.boot%d.log" % attempt)
+        if os.path.exists(guest.console):
+            shutil.copyfile(guest.console, kept)
+        panic = boot_failure(console)
+        reason = "%s%s" % (why, ": " + panic if panic else "")
+        failures.append(reason)
+        log("boot %d of %d failed before the command started (%s); console kept in %s"
+            % (attempt, attempts, reason, kept))
+    raise HarnessError("the guest failed to boot %d times in a row: %s"
+                       % (attempts, "; ".join(failures)))
+
+
 def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep=False):
     """Run argv in a fresh guest; stream its output; return its exit code."""
     image = image_dir()
@@ -148,12 +210,18 @@ def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep
         json.dump(argv, f)
     t0 = time.time()
     log("booting (%s, %d vCPU, %d MiB): %s" % (accel, smp, mem, " ".join(argv)))
-    guest = Guest(image, rundir, accel, mem, smp, disks, disk_size)
-    rc = 125
     out_path = os.path.join(rundir, "output")
     rc_path = os.path.join(rundir, "rc")
+    rc = 125
+    guest = None
     pos = 0
     try:
+        try:
+            guest = start_guest(image, rundir, accel, mem, smp, disks, disk_size, out_path)
+        except HarnessError as e:
+            log(str(e))
+            keep = True
+            return rc
         while True:
             if os.path.exists(out_path):
                 with open(out_path, "rb") as f:
@@ -167,7 +235,9 @@ def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep
                 rc = int(open(rc_path).read().strip() or 125)
                 break
             if not guest.alive():
-                log("QEMU exited before the command finished")
+                panic = boot_failure(guest.console_text())
+                log("QEMU exited before the command finished"
+                    + (" (guest kernel: %s)" % panic if panic else ""))
                 break
             if time.time() - t0 > timeout:
                 log("timeout after %d s" % timeout)
@@ -181,22 +251,27 @@ def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep
                 sys.stdout.write(f.read().decode("utf-8", "replace"))
                 sys.stdout.flush()
     finally:
-        deadline = time.time() + 20
-        while guest.alive() and time.time() < deadline and os.path.exists(rc_path):
-            time.sleep(0.2)
-        guest.kill()
-    log("guest finished rc=%d in %.0f s" % (rc, time.time() - t0))
-    if rc != 0 or keep:
-        if rc != 0:
-            tail = guest.console_text().splitlines()[-40:]
-            log("kernel console (last lines):\n    " + "\n    ".join(tail))
-        log("logs kept in " + rundir)
-        for name in os.listdir(rundir):
-            if name.endswith((".raw", ".qcow2")):
-                os.unlink(os.path.join(rundir, name))
-    else:
-        shutil.rmtree(rundir, ignore_errors=True)
+        if guest is not None:
+            deadline = time.time() + 20
+            while guest.alive() and time.time() < deadline and os.path.exists(rc_path):
+                time.sleep(0.2)
+            guest.kill()
+        log("guest finished rc=%d in %.0f s" % (rc, time.time() - t0))
+        _keep_or_clean(rundir, rc, keep, guest)
     return rc
+
+
+def _keep_or_clean(rundir, rc, keep, guest):
+    if rc == 0 and not keep:
+        shutil.rmtree(rundir, ignore_errors=True)
+        return
+    if rc != 0 and guest is not None:
+        tail = guest.console_text().splitlines()[-40:]
+        log("kernel console (last lines):\n    " + "\n    ".join(tail))
+    log("logs kept in " + rundir)
+    for name in os.listdir(rundir):
+        if name.endswith((".raw", ".qcow2")):
+            os.unlink(os.path.join(rundir, name))
 
 
 def main():
