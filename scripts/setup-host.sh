@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES="qemu-system-x86 qemu-utils debootstrap e2fsprogs libnbd-bin nbdkit python3-libnbd nbdkit-plugin-python
-  python3-venv python3-pip ca-certificates systemd"
+  python3-venv python3-pip ca-certificates systemd rpm rpm2cpio cpio"
 missing=$(for p in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
 done)
