@@ -19,6 +19,7 @@ waits; SIGKILL after the timeout.
 """
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -30,34 +31,34 @@ import time
 
 def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_required=False,
          max_connections=None, workers=None, verbose=1):
-    """The command line of a server for these exports (a list, no shell)."""
-    cmd = [sys.executable, "-m", "nbd_server", "serve"]
+    """The command line of a server for these exports (a list, no shell):
+    `python3 -m nbd_server --json OPTIONS` (nbd_server.service.serve)."""
+    opts = {"exports": [], "bitmaps": [], "allocations": [], "descriptions": [],
+            "verbose": int(verbose or 0)}
     if unix_path:
-        cmd += ["--unix", unix_path]
+        opts["unix_path"] = unix_path
     if tcp:
-        cmd += ["--tcp", tcp if isinstance(tcp, str) else "%s:%d" % tuple(tcp)]
+        opts["tcp"] = tcp if isinstance(tcp, str) else "%s:%d" % tuple(tcp)
     for e in exports:
         name, path = e["name"], e["path"]
         if "=" in name:
             raise ValueError("export name %r contains '='" % name)
-        cmd += ["--export", "%s=%s%s" % (name, path, ":ro" if e.get("readonly") else "")]
+        opts["exports"].append("%s=%s%s" % (name, path, ":ro" if e.get("readonly") else ""))
         for bname, bpath in sorted((e.get("bitmaps") or {}).items()):
-            cmd += ["--bitmap", name, bname, bpath]
+            opts["bitmaps"].append([name, bname, bpath])
         if e.get("allocation"):
-            cmd += ["--allocation", name, e["allocation"]]
+            opts["allocations"].append([name, e["allocation"]])
         if e.get("description"):
-            cmd += ["--description", name, e["description"]]
+            opts["descriptions"].append([name, e["description"]])
     if tls_cert:
-        cmd += ["--tls-cert", tls_cert, "--tls-key", tls_key]
+        opts["tls_cert"], opts["tls_key"] = tls_cert, tls_key
     if tls_required:
-        cmd += ["--tls-required"]
+        opts["tls_required"] = True
     if max_connections:
-        cmd += ["--max-connections", str(int(max_connections))]
+        opts["max_connections"] = int(max_connections)
     if workers:
-        cmd += ["--workers", str(int(workers))]
-    if verbose:
-        cmd += ["-" + "v" * verbose]
-    return cmd
+        opts["workers"] = int(workers)
+    return [sys.executable, "-m", "nbd_server", "--json", json.dumps(opts, sort_keys=True)]
 
 
 def _accepting(unix_path, tcp):

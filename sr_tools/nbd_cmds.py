@@ -1,8 +1,5 @@
 """`zfs-ng nbd ...`: run zfs-ng's NBD server."""
 
-import logging
-import ssl
-
 import click
 
 from sr_tools.output import emit, fail, json_option
@@ -38,34 +35,14 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
     --export vol1=/dev/zvol/tank/vol1 --export snap1=/dev/zvol/tank/vol1@s1:ro
     --bitmap snap1 since-s0 /run/zfs-ng/s0-s1.cbt
     """
-    # Imported here so `zfs-ng --help` stays fast.
-    from nbd_server.config import build_exports
-    from nbd_server.exports import ExportTable
-    from nbd_server.server import Server, parse_tcp
-
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
-                        format="nbd_server[%(process)d] %(levelname)s %(message)s")
-    if not unix_path and not tcp:
-        fail("give --unix PATH and/or --tcp ADDR:PORT")
-    if bool(tls_cert) != bool(tls_key):
-        fail("--tls-cert and --tls-key go together")
-    if tls_required and not tls_cert:
-        fail("--tls-required needs --tls-cert and --tls-key")
+    from nbd_server import service  # imported here so `zfs-ng --help` stays fast
     try:
-        table = ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
-        address = parse_tcp(tcp) if tcp else None
-        ctx = None
-        if tls_cert:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(tls_cert, tls_key)
-        server = Server(table, unix_path=unix_path, tcp=address, tls_context=ctx,
-                        tls_required=tls_required, max_connections=max_connections,
-                        workers=workers)
-        server.listen()
-    except (ValueError, OSError, ssl.SSLError) as e:
+        service.serve(unix_path=unix_path, tcp=tcp, exports=exports, bitmaps=bitmaps,
+                      allocations=allocations, descriptions=descriptions, tls_cert=tls_cert,
+                      tls_key=tls_key, tls_required=tls_required,
+                      max_connections=max_connections, workers=workers, verbose=verbose)
+    except service.UsageError as e:
         fail(str(e))
-    server.install_signal_handlers()
-    server.serve_forever()
 
 
 @group.command("ls")

@@ -411,7 +411,8 @@ def test_connection_limit(tmp_path):
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
-    base = [sys.executable, "-m", "nbd_server", "serve", "--unix", str(tmp_path / "s.sock")]
+    cli = os.path.join(os.path.dirname(sys.executable), "zfs-ng")
+    base = [cli, "nbd", "serve", "--unix", str(tmp_path / "s.sock")]
     img = tmp_path / "d.img"
     img.write_bytes(bytes(4096))
     cases = [
@@ -430,6 +431,11 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     with pytest.raises(RuntimeError, match="does not exist"):
         nbd_run.start([{"name": "x", "path": "/nonexistent"}], unix_path=str(tmp_path / "t.sock"))
+    # the JSON front end the datapaths spawn: same checks, a message, no traceback
+    for opts, message in (('{"exports": ["x=%s"]}' % img, "give --unix PATH"),
+                          ('{"bogus": 1}', "unknown options: bogus"), ('[1]', "JSON object")):
+        r = sh(sys.executable, "-m", "nbd_server", "--json", opts, check=False)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # -- TLS -------------------------------------------------------------------------------
@@ -550,14 +556,15 @@ def test_client_vanishing_during_go_leaks_no_backend(tmp_path):
 
 
 def test_zfs_ng_nbd_ls(served, tmp_path):
-    r = sh(sys.executable, "-m", "nbd_server", "ls", "--unix", served.sock, "--json")
+    cli = os.path.join(os.path.dirname(sys.executable), "zfs-ng")
+    r = sh(cli, "nbd", "ls", "--unix", served.sock, "--json")
     rows = {e["name"]: e for e in json.loads(r.stdout)}
     assert rows["disk"] == {"name": "disk", "description": "test disk", "size": SIZE,
                             "readonly": False, "multi_conn": True,
                             "contexts": ["base:allocation"]}
     assert rows["snap"]["readonly"] is True
     assert rows["snap"]["contexts"] == ["base:allocation", "qemu:dirty-bitmap:since-s0"]
-    table = sh(sys.executable, "-m", "nbd_server", "ls", "--tcp", "127.0.0.1:%d" % served.port)
+    table = sh(cli, "nbd", "ls", "--tcp", "127.0.0.1:%d" % served.port)
     assert table.stdout.splitlines()[0].split() == ["NAME", "SIZE", "READONLY", "MULTI_CONN",
                                                     "CONTEXTS", "DESCRIPTION"]
     # The same client against another server: qemu-nbd.
@@ -568,11 +575,11 @@ def test_zfs_ng_nbd_ls(served, tmp_path):
         deadline = time.time() + 20
         while not os.path.exists(sock) and time.time() < deadline:
             time.sleep(0.05)
-        r = sh(sys.executable, "-m", "nbd_server", "ls", "--unix", sock, "--json")
+        r = sh(cli, "nbd", "ls", "--unix", sock, "--json")
         (row,) = json.loads(r.stdout)
         assert row["name"] == "qx" and row["size"] == SIZE and row["readonly"] is True
     finally:
         q.terminate()
         q.wait(10)
-    r = sh(sys.executable, "-m", "nbd_server", "ls", "--unix", str(tmp_path / "none"), check=False)
+    r = sh(cli, "nbd", "ls", "--unix", str(tmp_path / "none"), check=False)
     assert r.returncode == 1 and "No such file" in r.stderr and "Traceback" not in r.stderr

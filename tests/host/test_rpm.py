@@ -376,9 +376,6 @@ run.stop(pid)
 '''
 
 
-@pytest.mark.xfail(strict=False, reason="the NBD server child (python3 -m nbd_server, what "
-                   "the zfsng-nbd datapath starts) imports click, which is only on the CLI's "
-                   "sys.path; see packaging/README.md")
 def test_nbd_server_child_from_the_unpacked_tree(py36, tree, cwd, tmp_path):
     """What Datapath.attach of zfsng-nbd does (nbd_server.run.start) on dom0:
     no PYTHONPATH but site-packages, no locale."""

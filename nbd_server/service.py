@@ -1,0 +1,69 @@
+"""One NBD server process: its options checked, its exports built, served
+until SIGTERM.  Two front ends call serve(): the admin CLI (`zfs-ng nbd serve`,
+click) and `python3 -m nbd_server --json OPTIONS` (what nbd_server.run spawns
+for the datapath plugins: no click, so a dom0 that has click only vendored for
+the CLI, and Python 3.6's C locale, do not matter to it)."""
+
+import logging
+import ssl
+
+# serve()'s options and their defaults: the JSON front end accepts these only.
+DEFAULTS = {
+    "unix_path": None, "tcp": None, "exports": (), "bitmaps": (), "allocations": (),
+    "descriptions": (), "tls_cert": None, "tls_key": None, "tls_required": False,
+    "max_connections": 256, "workers": 1, "verbose": 0,
+}
+
+
+class UsageError(ValueError):
+    """Options that cannot work together, or exports that cannot be served."""
+
+
+def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), descriptions=(),
+          tls_cert=None, tls_key=None, tls_required=False, max_connections=256, workers=1,
+          verbose=0):
+    """Listen, then serve until SIGTERM.  Raises UsageError before listening
+    when the options or exports are wrong."""
+    from nbd_server.config import build_exports
+    from nbd_server.exports import ExportTable
+    from nbd_server.server import Server, parse_tcp
+
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+                        format="nbd_server[%(process)d] %(levelname)s %(message)s")
+    if not unix_path and not tcp:
+        raise UsageError("give --unix PATH and/or --tcp ADDR:PORT")
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if tls_required and not tls_cert:
+        raise UsageError("--tls-required needs --tls-cert and --tls-key")
+    if not 1 <= int(max_connections) <= 65536 or not 1 <= int(workers) <= 64:
+        raise UsageError("max_connections must be 1..65536 and workers 1..64")
+    try:
+        table = ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
+        address = parse_tcp(tcp) if tcp else None
+        ctx = None
+        if tls_cert:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(tls_cert, tls_key)
+        server = Server(table, unix_path=unix_path, tcp=address, tls_context=ctx,
+                        tls_required=tls_required, max_connections=int(max_connections),
+                        workers=int(workers))
+        server.listen()
+    except (ValueError, OSError, ssl.SSLError) as e:
+        raise UsageError(str(e))
+    server.install_signal_handlers()
+    server.serve_forever()
+
+
+def options_from_json(doc):
+    """serve()'s keyword arguments from the JSON front end's object."""
+    if not isinstance(doc, dict):
+        raise UsageError("--json takes a JSON object")
+    unknown = sorted(set(doc) - set(DEFAULTS))
+    if unknown:
+        raise UsageError("unknown options: %s" % ", ".join(unknown))
+    out = dict(DEFAULTS)
+    out.update(doc)
+    for k in ("bitmaps", "allocations", "descriptions"):
+        out[k] = [tuple(x) for x in out[k]]
+    return out
