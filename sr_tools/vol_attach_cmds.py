@@ -14,7 +14,7 @@ import click
 from sr_tools.output import emit, fail, json_option
 
 DATAPATHS = {"raw": "zfsng-raw", "nbd": "zfsng-nbd", "nvme": "nvme+tcp"}
-CLI_DOMAIN = "u0-cli"
+CLI_DOMAIN = "u0_cli"
 
 
 def _datapath(scheme):
@@ -70,7 +70,7 @@ uri_opt = click.option("--uri", help="The volume's URI instead of SR KEY (e.g. n
 datapath_opt = click.option("--datapath", "-d", type=click.Choice(sorted(DATAPATHS)),
                             default="raw", show_default=True)
 domain_opt = click.option("--domain", default=CLI_DOMAIN, show_default=True,
-                          help="Domain the attachment is made for (xapi uses domids, u0-... "
+                          help="Domain the attachment is made for (xapi uses domids, u0_... "
                                "for dom0).")
 
 
@@ -144,12 +144,12 @@ def export(sr, key, hostnqn, stop, as_json):
         return
     uri = _uri(sr, key, "nbd")
     dp = _datapath("zfsng-nbd")
-    domain = "u0-export"
+    domain = "u0_export"
     if stop:
         dp.detach(uri, domain)
         emit({"uri": uri, "exported": False}, as_json)
         return
-    res = _smapi(dp.attach, uri, domain)
+    res = _smapi(dp.attach, uri, domain, kernel_device=False)
     nbd = [p["uri"] for k, p in res["implementations"] if k == "Nbd"][0]
     emit({"uri": uri, "nbd": nbd, "exported": True}, as_json)
 

@@ -21,7 +21,9 @@ from plugins.datapath import state, uri as urimod
 
 log = logging.getLogger("zfs-ng")
 
-# xapi passes a guest domid ("3") or "u0-<dp>" style names for dom0 users.
+# xapi passes a guest's domid ("3"); for dom0 users "u0_" + the datapath id with
+# '-' and '/' turned into '_' (xapi-storage-script main.ml, domain_of, since
+# xapi v24.40.0; "0" before).
 _DOMAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/+-]{0,127}$")
 
 RW = "rw"
@@ -46,6 +48,13 @@ def parse_uri(uri, scheme):
 
 class Datapath(object):
     scheme = None
+    # What Plugin.Query declares.  xapi-storage-script reads two datapath
+    # features (main.ml, Datapath_plugins.supports_feature): NONPERSISTENT makes
+    # it call Datapath.open(uri, persistent) at every VM start (epoch_begin) and
+    # Datapath.close at every stop (epoch_end), and prefer this scheme for
+    # on-boot=reset disks (choose_datapath); without it xapi resets such disks
+    # itself (Volume.clone + the clone-on-boot key).  VDI_MIRROR_IN: not ours.
+    features = ()
 
     # -- the SMAPIv3 calls ---------------------------------------------------------
 
@@ -258,7 +267,7 @@ def _word(mode):
 
 # -- the entry point shared by the three plugin directories ---------------------------
 
-def plugin_query(scheme, description):
+def plugin_query(scheme, description, features=()):
     def query():
         return {
             "plugin": scheme,
@@ -268,7 +277,7 @@ def plugin_query(scheme, description):
             "copyright": "zfs-ng contributors, GPL-2.0-or-later",
             "version": "0.1.0",
             "required_api_version": smapi.API_VERSION,
-            "features": [],
+            "features": list(features),
             "configuration": {},
             "required_cluster_stack": [],
         }
@@ -279,11 +288,11 @@ def methods(dp, description, extra_params=()):
     """The SMAPIv3 method table of a datapath instance."""
     P = smapi.Param
     U = P("uri", str, "a volume URI published by the zfs-ng volume plugin")
-    D = P("domain", str, "the domain (a domid, or u0-... for dom0)")
+    D = P("domain", str, "the domain (a domid, or u0_<dp> for dom0)")
     M = smapi.Method
     x = list(extra_params)
     return [
-        M("Plugin", "Query", plugin_query(dp.scheme, description)),
+        M("Plugin", "Query", plugin_query(dp.scheme, description, dp.features)),
         M("Plugin", "diagnostics", lambda: "zfs-ng %s datapath" % dp.scheme),
         M("Datapath", "open", dp.open, [U, P("persistent", bool, "false: discard writes at close")]),
         M("Datapath", "close", dp.close, [U]),

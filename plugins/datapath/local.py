@@ -28,6 +28,9 @@ def _volumes():
 
 
 class LocalDatapath(core.Datapath):
+    # Non-persistent sessions are ours (Datapath.open persistent=false: a ZFS
+    # clone discarded at close), as XCP-ng's tapdisk datapath declares them too.
+    features = ("NONPERSISTENT",)
 
     def device(self, u, st):
         """(writable, device path) of this volume's attachments; the device exists."""

@@ -3,9 +3,14 @@ a unix socket by the project's own server (nbd_server), one background
 process per attached volume, shared by all its NBD attachments and stopped
 with the last of them.
 
-attach returns XenDisk(qdisk) whose params is the NBD URI qemu opens, and the
-Nbd implementation itself (`nbd:unix:<sock>:exportname=<key>`), which is what
-xapi-nbd and dom0 users (nbd-client) connect to.
+Each attachment gets its own kernel NBD device connected to that server
+(nbd_client.py, as xapi's nbd_client_manager does), and attach returns
+XenDisk(vbd) + BlockDevice naming it, for blkback, and the Nbd implementation
+(`nbd:unix:<sock>:exportname=<key>`) for NBD users.  xenopsd hands the backend
+the BlockDevice path (xenops_server_xen.ml, params_of_backend); XCP-ng 8.3 has
+no qdisk backend for guests (qemuback is disabled in xcp-ng-xapi-storage's
+spec), so a qdisk XenDisk or an Nbd alone would serve no VM and no dom0 plug.
+A host without nbd-client or the nbd module gets Nbd_client_unavailable.
 
 A snapshot's export carries its ZFS allocation map (allocmap.py), so NBD
 block status shows where it was never written; live volumes report all data.
@@ -14,7 +19,7 @@ block status shows where it was never written; live volumes report all data.
 import os
 
 from plugins import smapi
-from plugins.datapath import allocmap, local, state, uri
+from plugins.datapath import allocmap, local, nbd_client, state, uri
 
 
 def socket_path(key):
@@ -40,6 +45,12 @@ def _alive(pid):
 
 class NbdDatapath(local.LocalDatapath):
     scheme = uri.NBD
+
+    def attach(self, uri, domain, kernel_device=True):
+        """kernel_device=False (the admin CLI's `vol export`, not SMAPI): the
+        server only, for NBD clients; no /dev/nbdN, no block implementations."""
+        self._kernel_device = kernel_device
+        return local.LocalDatapath.attach(self, uri, domain)
 
     def _server(self, u, st):
         """The running server of this volume, started if needed."""
@@ -91,12 +102,32 @@ class NbdDatapath(local.LocalDatapath):
         srv = self._server(u, st)
         rec["sock"] = srv["sock"]
         link = nbd_uri(srv["sock"], srv["export"])
-        return [["XenDisk", {"backend_type": "qdisk", "params": link, "extra": {}}],
+        if not getattr(self, "_kernel_device", True):
+            return [["Nbd", {"uri": link}]]
+        try:
+            dev = nbd_client.connect(srv["sock"], srv["export"], state.run_dir())
+        except nbd_client.Unavailable as e:
+            raise smapi.BackendError(
+                "Nbd_client_unavailable", "%s: this host cannot attach a volume over NBD "
+                "(%s); use the zfsng-raw datapath (SR datapath=raw)" % (u.volume_id, e))
+        except nbd_client.NbdClientError as e:
+            raise smapi.BackendError("NBD_client_failed", "%s: %s" % (u.volume_id, e))
+        rec["nbd_device"] = dev
+        return [["XenDisk", {"backend_type": "vbd", "params": dev, "extra": {}}],
+                ["BlockDevice", {"path": dev}],
                 ["Nbd", {"uri": link}]]
 
     def _still_attached(self, u, st, domain, rec):
         srv = st.shared.get("nbd")
-        return srv is not None and _alive(srv["pid"]) and os.path.exists(srv["sock"])
+        if srv is None or not _alive(srv["pid"]) or not os.path.exists(srv["sock"]):
+            return False
+        dev = rec.get("nbd_device")
+        if dev is None:
+            return True   # a server-only attachment (vol export)
+        try:
+            return nbd_client.connected(dev)
+        except nbd_client.NbdClientError:
+            return False
 
     def _reactivate(self, u, st, domain, rec, mode):
         if not self._still_attached(u, st, domain, rec):
@@ -104,6 +135,9 @@ class NbdDatapath(local.LocalDatapath):
                                      "detach and attach again" % u.volume_id)
 
     def _detach(self, u, st, domain, rec):
+        dev = rec.get("nbd_device")
+        if dev is not None and not nbd_client.disconnect(dev):
+            smapi.log.error("detach %s %s: %s is still connected", u.volume_id, domain, dev)
         # the server is shared by the NBD attachments only: raw ones may remain
         if not [d for d, r in st.attached.items()
                 if d != domain and r.get("scheme") == self.scheme]:

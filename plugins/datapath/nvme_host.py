@@ -9,6 +9,7 @@ NQN, which would also drop other host NQNs connected to the same subsystem.
 """
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -19,6 +20,9 @@ SYS_NVME = "/sys/class/nvme"
 SYS_BLOCK = "/sys/class/block"
 HOSTNQN_FILE = "/etc/nvme/hostnqn"
 HOSTID_FILE = "/etc/nvme/hostid"
+# DH-HMAC-CHAP secrets of this host's NQNs, mode 0600 (ZFSNG_DHCHAP_KEYS):
+# {"HOSTNQN": {"secret": "DHHC-1:..", "ctrl_secret": "DHHC-1:.." (optional)}}
+DHCHAP_KEYS_FILE = "/etc/zfs-ng/dhchap-keys.json"
 _CTRL = re.compile(r"^nvme[0-9]+$")
 _NSDEV = re.compile(r"^nvme[0-9]+n[0-9]+$")  # heads and plain namespaces, not nvmeXcYnZ paths
 _HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -52,6 +56,38 @@ def hostid_for(hostnqn):
         if hid:
             return hid
     return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, "zfs-ng-hostnqn:" + hostnqn))
+
+
+def dhchap_keys(hostnqn, path=None):
+    """(secret, ctrl_secret) of hostnqn from the host's key file, (None, None)
+    when it has none.  A file others can read is refused, not used."""
+    path = path or os.environ.get("ZFSNG_DHCHAP_KEYS", DHCHAP_KEYS_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        raise NvmeError("cannot read the DH-HMAC-CHAP key file %s: %s" % (path, e.strerror))
+    with os.fdopen(fd) as f:
+        if os.fstat(f.fileno()).st_mode & 0o077:
+            raise NvmeError("%s holds secrets but others may read it: chmod 600 it" % path)
+        try:
+            doc = json.load(f)
+        except ValueError as e:
+            raise NvmeError("%s is not JSON: %s" % (path, e))
+    ent = doc.get(hostnqn) if isinstance(doc, dict) else None
+    if ent is None:
+        return None, None
+    if isinstance(ent, str):
+        ent = {"secret": ent}
+    secret, ctrl = (ent.get("secret"), ent.get("ctrl_secret")) if isinstance(ent, dict) else (
+        None, None)
+    for v in (secret, ctrl):
+        if v is not None and not (isinstance(v, str) and v.startswith("DHHC-1:")):
+            raise NvmeError("%s: the key of %s is not a DHHC-1 secret" % (path, hostnqn))
+    if secret is None:
+        raise NvmeError("%s: %s has no \"secret\"" % (path, hostnqn))
+    return secret, ctrl
 
 
 def parse_address(text):
@@ -156,6 +192,11 @@ def connect(host, port, subnqn, hostnqn, timeout=30.0, nvme="nvme"):
             "--hostnqn", hostnqn, "--hostid", hostid_for(hostnqn),
             # fail fast rather than retrying forever behind xapi's back
             "--ctrl-loss-tmo", "30", "--reconnect-delay", "2"]
+    secret, ctrl_secret = dhchap_keys(hostnqn)
+    if secret:                  # NVMe in-band authentication (the node has this key)
+        argv.append("--dhchap-secret=" + secret)
+    if ctrl_secret:             # ... and this host checks the node back
+        argv.append("--dhchap-ctrl-secret=" + ctrl_secret)
     rc, out, err = _run(argv)
     if rc != 0:
         # A concurrent call of ours may have won the race.

@@ -1,9 +1,14 @@
 """zfsng-raw: a local zvol for tapdisk.
 
 With tap-ctl (an XCP-ng dom0), each attachment gets its own tapdisk as in
-XCP-ng's tapdisk datapath: XenDisk vbd3 whose params is the tapdev tapback
-serves, plus BlockDevice for the zvol itself; activate opens the zvol in the
-tapdisk (aio, read-only with -R), deactivate closes it.
+XCP-ng's tapdisk datapath (xcp-ng-xapi-storage plugins/datapath/tapdisk,
+attach_internal): XenDisk vbd3 and BlockDevice both name the tapdev.  Both
+matter: xenopsd writes the BlockDevice path, not XenDisk.params, as the VBD's
+params (xenops_server_xen.ml, params_of_backend), the block hotplug script
+turns it into physical-device (major:minor), and tapback serves the tapdisk
+whose minor that is (blktap tapback/backend.c).  Handing it the zvol would
+find the wrong tapdisk or none.  activate opens the zvol in the tapdisk (aio,
+read-only with -R), deactivate closes it.
 
 Without tap-ctl (not a Xen host: the test VM, a storage node) the documented
 fallback is blkback on the zvol: XenDisk `vbd` with params = the zvol device,
@@ -42,9 +47,9 @@ class RawDatapath(local.LocalDatapath):
             return [["XenDisk", {"backend_type": "vbd", "params": dev, "extra": {}}],
                     ["BlockDevice", {"path": dev}]]
         rec["tap"] = tc.create()
-        return [["XenDisk", {"backend_type": "vbd3", "params": rec["tap"]["device"],
-                             "extra": {}}],
-                ["BlockDevice", {"path": dev}]]
+        tapdev = rec["tap"]["device"]
+        return [["XenDisk", {"backend_type": "vbd3", "params": tapdev, "extra": {}}],
+                ["BlockDevice", {"path": tapdev}]]
 
     def _still_attached(self, u, st, domain, rec):
         if not os.path.exists(rec.get("device", "")):

@@ -26,6 +26,7 @@ another host) makes it stale and it is rebuilt from the pool under the SR lock.
 import json
 import os
 import sqlite3
+import time
 
 from plugins.volume import cbt
 from plugins.volume import names
@@ -57,7 +58,13 @@ CREATE TABLE IF NOT EXISTS volumes (
     createtxg INTEGER NOT NULL,
     cbt_enabled INTEGER NOT NULL DEFAULT 0
 );
+-- keys this host destroyed, so a repeated Volume.destroy succeeds (xapi
+-- repeats calls; VDI.destroy of a clone-on-boot VDI calls it twice)
+CREATE TABLE IF NOT EXISTS destroyed (key TEXT PRIMARY KEY, at INTEGER NOT NULL);
 """
+
+# How long a destroyed key is remembered.
+DESTROYED_TTL = 7 * 86400
 
 COLUMNS = ["key", "zname", "kind", "name", "description", "keys", "sharable", "virtual_size",
            "physical_utilisation", "volblocksize", "origin", "createtxg", "cbt_enabled"]
@@ -169,6 +176,10 @@ class Index(object):
     def count(self):
         return self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]
 
+    def was_destroyed(self, key):
+        """Did Volume.destroy remove this key (within DESTROYED_TTL)?"""
+        return self.db.execute("SELECT 1 FROM destroyed WHERE key=?", (key,)).fetchone() is not None
+
     def by_dataset(self, dataset):
         """Snapshots whose parent dataset is `dataset`, and the volume itself."""
         like = dataset.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
@@ -192,13 +203,19 @@ class Index(object):
         self.db.execute("INSERT OR REPLACE INTO volumes (%s) VALUES (%s)"
                         % (",".join(COLUMNS), ",".join("?" * len(COLUMNS))), vals)
 
-    def commit(self, generation, upsert=(), delete=(), rename=()):
+    def commit(self, generation, upsert=(), delete=(), rename=(), destroyed=()):
         """Apply changes and record `generation` atomically.  rename is a list of
-        (old dataset, new dataset) moving the snapshots under it."""
+        (old dataset, new dataset) moving the snapshots under it; destroyed are
+        deleted keys remembered for was_destroyed()."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             for key in delete:
                 self.db.execute("DELETE FROM volumes WHERE key=?", (key,))
+            if destroyed:
+                now = int(time.time())
+                self.db.execute("DELETE FROM destroyed WHERE at < ?", (now - DESTROYED_TTL,))
+                self.db.executemany("INSERT OR REPLACE INTO destroyed (key, at) VALUES (?, ?)",
+                                    [(k, now) for k in destroyed])
             for old, new in rename:
                 n = len(old)
                 like = old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"

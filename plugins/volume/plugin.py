@@ -7,9 +7,12 @@ from plugins.volume import zfs
 
 VERSION = "0.1.0"
 
-# The daemon adds SR_* and VDI_CREATE/CLONE/SNAPSHOT/RESIZE/DELETE/UPDATE from the
-# scripts present; these are the ones it cannot infer.  Only what works:
-# no VDI_COMPOSE, no VDI_MIRROR_IN.
+# xapi-storage-script passes these through verbatim (main.ml, QueryImpl.query_impl)
+# and adds SR_ATTACH/DETACH/CREATE/DELETE/SCAN/PROBE/UPDATE and VDI_CREATE/
+# CLONE/SNAPSHOT/RESIZE/DELETE/UPDATE from the scripts present, VDI_ATTACH/
+# DETACH/ACTIVATE/DEACTIVATE/INTRODUCE always, and VDI_RESET_ON_BOOT/2 with
+# VDI_CLONE.  What only the plugin can say (xapi's capability table is
+# ocaml/xapi/smint.ml; an unknown name is dropped there with a warning):
 FEATURES = [
     "SR_PROBE",
     "SR_UPDATE",
@@ -19,10 +22,14 @@ FEATURES = [
     "VDI_CLONE",
     "VDI_RESIZE",
     "VDI_UPDATE",
-    "VDI_REVERT",
-    "VDI_CONFIG_CBT",
-    "THIN_PROVISIONING",
-    "LARGE_VDI",
+    # storage_mux.ml activate3: a read-only plug (snapshots, vdi-export/copy,
+    # xapi-nbd's dom0 VBD per NBD connection) calls Datapath.activate_readonly
+    # only if the SR declares this; otherwise Datapath.activate, read-write
+    "VDI_ACTIVATE_READONLY",
+    "VDI_REVERT",           # Volume.revert (xapi_vdi.ml feature_of_op: vdi_revert)
+    "VDI_CONFIG_CBT",       # enable/disable_cbt, data_destroy, list_changed_blocks
+    "THIN_PROVISIONING",    # every zvol is sparse
+    "LARGE_VDI",            # zvols up to the pool's size, no 2 TiB limit
 ]
 
 

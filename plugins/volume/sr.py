@@ -36,6 +36,27 @@ CONFIGURATION = {
 }
 _CREATE_ONLY = ("device", "file-uri", "vdev", "ashift", "autotrim")
 
+# Keys SR.create and SR.probe add to the configuration (xapi stores SR.create's
+# result as every PBD's device_config and passes it back to SR.attach).
+# xapi-storage-script reads the SR uuid of a probe result as "sr_uuid"
+# (main.ml, SRImpl.sr_probe_impl: a result with an SR stat and no sr_uuid fails
+# the whole probe); "sr-uuid" is what PBDs made before 0.2 carry.
+SR_UUID = "sr_uuid"
+_OLD_SR_UUID = "sr-uuid"
+_ADDED = ("pool", SR_UUID, _OLD_SR_UUID)
+
+
+def configured_uuid(configuration):
+    """The SR uuid a configuration names (either spelling), or None."""
+    return configuration.get(SR_UUID) or configuration.get(_OLD_SR_UUID) or None
+
+
+def sr_configuration(pool, sr_uuid, **more):
+    """The configuration of an SR as SR.create and SR.probe hand it to xapi."""
+    out = {"pool": pool, SR_UUID: sr_uuid}
+    out.update(more)
+    return out
+
 
 # -- the handle -----------------------------------------------------------------
 
@@ -46,6 +67,7 @@ class Txn(object):
         self.refresh = []   # ZFS names to (re)read into the index
         self.entries = []   # index entries known without reading ZFS
         self.delete = []    # keys gone
+        self.destroyed = []  # keys Volume.destroy removed (a repeat succeeds)
         self.rename = []    # (old dataset, new dataset)
 
 
@@ -131,7 +153,8 @@ class SR(object):
         upsert = list(txn.entries)
         if txn.refresh:
             upsert += metadata.read_entries(self.pool, txn.refresh)
-        idx.commit(gen, upsert=upsert, delete=txn.delete, rename=txn.rename)
+        idx.commit(gen, upsert=upsert, delete=txn.delete, rename=txn.rename,
+                   destroyed=txn.destroyed)
 
     def find(self, key, what="key"):
         """Index lookup without a freshness check (inside mutate)."""
@@ -279,15 +302,19 @@ def create(uuid, configuration, name, description):
     sr_uuid = names.check_uuid(uuid)
     names.check_text(name, "name")
     names.check_text(description, "description")
-    unknown = sorted(set(configuration) - set(CONFIGURATION) - {"pool", "sr-uuid"})
+    unknown = sorted(set(configuration) - set(CONFIGURATION) - set(_ADDED))
     if unknown:
         raise InvalidParameters("unknown configuration keys: %s" % ", ".join(unknown))
     names.check_compression(configuration.get("compression", "lz4"))
     names.check_datapath(configuration.get("datapath", "raw"))
     if configuration.get("nvme-node"):
         names.check_nvme_node(configuration["nvme-node"])
+    given = configured_uuid(configuration)
+    if given and given != sr_uuid:
+        raise InvalidParameters("configuration names SR %s, not %s" % (given, sr_uuid))
     out = dict(configuration)
-    out["sr-uuid"] = sr_uuid
+    out.pop(_OLD_SR_UUID, None)
+    out[SR_UUID] = sr_uuid
 
     if configuration.get("zpool"):
         pool = names.check_pool(configuration["zpool"])
@@ -362,7 +389,7 @@ def _pool_of(configuration):
 
 def attach(configuration):
     pool = _pool_of(configuration)
-    want_uuid = configuration.get("sr-uuid")
+    want_uuid = configured_uuid(configuration)
     with lock.sr_lock(pool):
         imported = pool not in zfs.pools()
         if imported:
@@ -493,8 +520,15 @@ def health(pool):
 
 
 def health_from(pool, state, status):
-    """ONLINE -> Healthy; DEGRADED or resilvering -> Recovering; FAULTED,
-    UNAVAIL, SUSPENDED, REMOVED, OFFLINE -> Unavailable; with zpool's reason."""
+    """ONLINE -> Healthy; DEGRADED or resilvering -> Healthy with the reason;
+    FAULTED, UNAVAIL, SUSPENDED, REMOVED, OFFLINE -> Unavailable.
+
+    A pool that still serves every block is Healthy to xapi: xapi-storage-script
+    fails SR.scan with SR_UNHEALTHY for anything else (main.ml, sr_scan2_impl,
+    stat_with_retry), so "Recovering" would stop sr-scan (and Xen Orchestra's
+    periodic scans) for as long as a mirror is degraded or resilvering.  The
+    message says what zpool says; `zfs-ng sr stat` and Plugin.diagnostics show
+    the full status."""
     reason = ""
     for line in status.splitlines():
         s = line.strip()
@@ -504,7 +538,7 @@ def health_from(pool, state, status):
     if state == "ONLINE" and not resilvering:
         return ["Healthy", ""]
     if state in ("ONLINE", "DEGRADED"):
-        return ["Recovering", "pool %s is %s%s%s" % (
+        return ["Healthy", "pool %s is %s%s%s" % (
             pool, state, ", resilvering" if resilvering else "",
             ": " + reason if reason else "")]
     return ["Unavailable", "pool %s is %s%s" % (pool, state, ": " + reason if reason else "")]
@@ -575,7 +609,7 @@ def probe(configuration):
             continue
         if real and not real & set(disk_of(d) for d in zfs.pool_devices(pool)):
             continue
-        conf = {"pool": pool, "sr-uuid": props["sr-uuid"]}
+        conf = sr_configuration(pool, props["sr-uuid"])
         results.append({"configuration": conf, "complete": True, "sr": stat(pool),
                          "extra_info": {"imported": "true"}})
     if devs:
@@ -586,8 +620,7 @@ def probe(configuration):
             props = _peek(found, devs)
             if props is None:
                 continue
-            conf = {"pool": pool, "sr-uuid": props["sr-uuid"],
-                    "device": ",".join(devs)}
+            conf = sr_configuration(pool, props["sr-uuid"], device=",".join(devs))
             results.append({"configuration": conf, "complete": True,
                             "extra_info": {"imported": "false", "state": found.get("state", ""),
                                            "name": str(props.get("sr-name", "")),

@@ -193,26 +193,71 @@ def clone(sr, key):
         return record(handle, handle.index().get(new))
 
 
+# The key xapi-storage-script records a volume's on-boot=reset transient under
+# (main.ml, _clone_on_boot_key; set in vdi_epoch_begin_impl).
+CLONE_ON_BOOT = "clone-on-boot"
+
+
 def destroy(sr, key):
+    """Destroy a volume, snapshot or data-destroyed snapshot.
+
+    Idempotent: destroying a key this host destroyed succeeds (xapi repeats
+    calls, and VDI.destroy of a VDI still carrying a clone-on-boot key calls
+    Volume.destroy on the original twice: main.ml, vdi_destroy_impl).  A volume
+    carrying clone-on-boot (a reset-on-boot VM that never reached epoch_end)
+    takes its transient clone along, which xapi would otherwise leave behind as
+    a new VDI at the next scan."""
     names.check_key(key)
     with sr_mod.locked(sr) as handle:
-        e = handle.find(key)
+        try:
+            e = handle.find(key)
+        except smapi.VolumeDoesNotExist:
+            if handle.index().was_destroyed(key):
+                return None
+            raise
         if e["kind"] == "volume":
+            transient = _clone_on_boot_of(handle, e)
             _check_idle(handle, e)
+            if transient is not None:
+                _check_idle(handle, transient)
             with handle.mutate() as txn:
+                if transient is not None:
+                    _destroy_volume(handle, transient, txn)
+                    txn.delete.append(transient["key"])
+                    txn.destroyed.append(transient["key"])
                 _destroy_volume(handle, e, txn)
                 txn.delete.append(key)
+                txn.destroyed.append(key)
         elif e["kind"] == "bookmark":
             with handle.mutate() as txn:
                 cbt_methods.destroy_bookmark(e)
                 _collect_from(handle, e["zname"].split("#", 1)[0])
                 txn.delete.append(key)
+                txn.destroyed.append(key)
         else:
             _release_readonly(handle, e)
             with handle.mutate() as txn:
                 _destroy_snapshot(handle, e, txn)
                 txn.delete.append(key)
+                txn.destroyed.append(key)
     return None
+
+
+def _clone_on_boot_of(handle, e):
+    """The index entry of e's clone-on-boot transient, if it still exists and
+    really is a clone of e (never trust a key to name what to destroy)."""
+    t = e["keys"].get(CLONE_ON_BOOT)
+    if not t or t == e["key"]:
+        return None
+    try:
+        names.check_key(t)
+        te = handle.find(t)
+    except smapi.SmapiError:
+        return None
+    if te["kind"] != "volume" or te["origin"].split("@", 1)[0] != e["zname"]:
+        smapi.log.warning("volume %s: clone-on-boot %s is not its clone; left alone", e["key"], t)
+        return None
+    return te
 
 
 def _check_idle(handle, e):

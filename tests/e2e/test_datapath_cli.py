@@ -33,11 +33,11 @@ def test_cli_attach_export_detach(sr):
     assert got["mode"] == "rw" and got["device"] == "/dev/zvol/%s/zfs-ng/%s" % (sr, key)
     pwrite(got["device"], 0, pattern(30, MiB))
     rc, out = cli("attachments", "--json")
-    assert [(a["domain"], a["active"]) for a in json.loads(out)] == [("u0-cli", "rw")]
+    assert [(a["domain"], a["active"]) for a in json.loads(out)] == [("u0_cli", "rw")]
     # a second read-write attach elsewhere is refused with a clear message
-    rc, out = cli("attach", sr, key, "--domain", "u0-other")
+    rc, out = cli("attach", sr, key, "--domain", "u0_other")
     assert rc == 1 and "Volume_in_use" in out and "Traceback" not in out
-    cli("detach", sr, key, "--domain", "u0-other")
+    cli("detach", sr, key, "--domain", "u0_other")
 
     snap = make_snapshot(sr, key)
     rc, out = cli("export", sr, snap["key"], "--json")

@@ -1,5 +1,7 @@
-"""zfsng-nbd in the VM: the project's NBD server per attached volume, data
-crossing paths (zvol <-> NBD), snapshots read-only over NBD."""
+"""zfsng-nbd in the VM: the project's NBD server per attached volume, each
+attachment a kernel NBD device for blkback (XCP-ng 8.3 has no qdisk backend:
+xenopsd hands the backend the BlockDevice path, xenops_server_xen.ml
+params_of_backend), data crossing paths (zvol <-> NBD), snapshots read-only."""
 
 import os
 import subprocess
@@ -36,15 +38,20 @@ def test_nbd_attach_cross_path_and_detach(sr):
     vol = make_volume(sr)
     uri, raw = uri_of(vol, NBD), uri_of(vol, RAW)
     assert vol["uri"][0] == uri                        # the SR's datapath=nbd comes first
-    dev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0-raw"), "BlockDevice")["path"]
-    call(RAW, "Datapath.activate", uri=raw, domain="u0-raw")
+    dev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0_raw"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=raw, domain="u0_raw")
     pwrite(dev, 0, pattern(10, MiB))                   # written on the zvol...
-    call(RAW, "Datapath.deactivate", uri=raw, domain="u0-raw")
+    call(RAW, "Datapath.deactivate", uri=raw, domain="u0_raw")
     res = call(NBD, "Datapath.attach", uri=uri, domain="4")
     link = impl(res, "Nbd")["uri"]
-    assert impl(res, "XenDisk") == {"backend_type": "qdisk", "params": link, "extra": {}}
+    kdev = impl(res, "BlockDevice")["path"]
+    assert kdev.startswith("/dev/nbd")
+    assert impl(res, "XenDisk") == {"backend_type": "vbd", "params": kdev, "extra": {}}
     assert call(NBD, "Datapath.attach", uri=uri, domain="4") == res
     call(NBD, "Datapath.activate", uri=uri, domain="4")
+    assert pread(kdev, 0, MiB) == pattern(10, MiB)    # the kernel client reads the zvol
+    pwrite(kdev, 7 * MiB, pattern(17, MiB))
+    assert pread(dev, 7 * MiB, MiB) == pattern(17, MiB)
     h = nbd_handle(link)
     assert h.get_size() == 64 * MiB
     assert h.pread(MiB, 0) == pattern(10, MiB)        # ...read over NBD
@@ -55,7 +62,8 @@ def test_nbd_attach_cross_path_and_detach(sr):
     sock = link[len("nbd:unix:"):].rpartition(":exportname=")[0]
     call(NBD, "Datapath.detach", uri=uri, domain="4")
     assert not os.path.exists(sock)    # server stopped with the last NBD detach (raw remains)
-    call(RAW, "Datapath.detach", uri=raw, domain="u0-raw")
+    assert subprocess.run(["nbd-client", "-check", kdev]).returncode == 1   # disconnected
+    call(RAW, "Datapath.detach", uri=raw, domain="u0_raw")
 
 
 def test_nbd_snapshot_read_only_for_several_domains(sr):
@@ -67,11 +75,18 @@ def test_nbd_snapshot_read_only_for_several_domains(sr):
     snap = make_snapshot(sr, vol["key"])
     pwrite(dev, 0, pattern(13, MiB))
     uri = uri_of(snap, NBD)
-    links = set()
-    for d in ("u0-a", "u0-b"):
-        links.add(impl(call(NBD, "Datapath.attach", uri=uri, domain=d), "Nbd")["uri"])
+    links, kdevs = set(), set()
+    for d in ("u0_a", "u0_b"):
+        res = call(NBD, "Datapath.attach", uri=uri, domain=d)
+        links.add(impl(res, "Nbd")["uri"])
+        kdevs.add(impl(res, "BlockDevice")["path"])
         call(NBD, "Datapath.activate_readonly", uri=uri, domain=d)
     assert len(links) == 1                             # one server for the volume
+    assert len(kdevs) == 2                             # a kernel device per attachment
+    for kdev in kdevs:
+        assert pread(kdev, 0, MiB) == pattern(12, MiB)
+        with pytest.raises(OSError):
+            pwrite(kdev, 0, b"x" * 4096)               # read-only device
     h = nbd_handle(links.pop())
     assert h.is_read_only()
     assert h.pread(MiB, 0) == pattern(12, MiB)
@@ -79,9 +94,9 @@ def test_nbd_snapshot_read_only_for_several_domains(sr):
         h.pwrite(b"x" * 4096, 0)
     h.shutdown()
     with pytest.raises(PluginError) as e:
-        call(NBD, "Datapath.activate", uri=uri, domain="u0-a")
+        call(NBD, "Datapath.activate", uri=uri, domain="u0_a")
     assert e.value.name == "Activation_mode_conflict"
-    for d in ("u0-a", "u0-b"):
+    for d in ("u0_a", "u0_b"):
         call(NBD, "Datapath.detach", uri=uri, domain=d)
     assert not zfs_exists("%s/zfs-ng/ro-%s" % (sr, snap["key"]))
     call(RAW, "Datapath.detach", uri=raw, domain="3")
@@ -106,8 +121,8 @@ def test_nbd_snapshot_export_has_the_zfs_allocation_map(sr):
     snap = make_snapshot(sr, vol["key"])
     pwrite(dev, 20 * MiB, pattern(16, MiB))        # after the snapshot: not in its map
     suri = uri_of(snap, NBD)
-    link = impl(call(NBD, "Datapath.attach", uri=suri, domain="u0-backup"), "Nbd")["uri"]
-    call(NBD, "Datapath.activate_readonly", uri=suri, domain="u0-backup")
+    link = impl(call(NBD, "Datapath.attach", uri=suri, domain="u0_backup"), "Nbd")["uri"]
+    call(NBD, "Datapath.activate_readonly", uri=suri, domain="u0_backup")
     HOLE = 3                                       # NBD_STATE_HOLE | NBD_STATE_ZERO
     assert nbdinfo_map(link) == [(0, MiB, 0), (MiB, 7 * MiB, HOLE), (8 * MiB, 2 * MiB, 0),
                                  (10 * MiB, 54 * MiB, HOLE)]
@@ -116,13 +131,13 @@ def test_nbd_snapshot_export_has_the_zfs_allocation_map(sr):
     assert h.pread(MiB, 20 * MiB) == b"\0" * MiB   # the holes really read as zeros
     h.shutdown()
     # the live volume's export changes under the client: no map, all data
-    ldev = impl(call(NBD, "Datapath.attach", uri=uri_of(vol, NBD), domain="u0-live"),
+    ldev = impl(call(NBD, "Datapath.attach", uri=uri_of(vol, NBD), domain="u0_live"),
                 "Nbd")["uri"]
     assert nbdinfo_map(ldev) == [(0, 64 * MiB, 0)]
-    call(NBD, "Datapath.detach", uri=uri_of(vol, NBD), domain="u0-live")
+    call(NBD, "Datapath.detach", uri=uri_of(vol, NBD), domain="u0_live")
     sock = link[len("nbd:unix:"):].rpartition(":exportname=")[0]
     amap = sock[:-len(".sock")] + ".alloc.json"
     assert os.path.exists(amap)
-    call(NBD, "Datapath.detach", uri=suri, domain="u0-backup")
+    call(NBD, "Datapath.detach", uri=suri, domain="u0_backup")
     assert not os.path.exists(amap) and not os.path.exists(sock)
     call(RAW, "Datapath.detach", uri=raw, domain="3")

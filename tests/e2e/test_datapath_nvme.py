@@ -59,10 +59,10 @@ def test_remote_attach_fio_verify_cross_paths_and_revoke(node):
     subnqn = uri.split("/", 3)[3]
     # data written locally on the node (raw datapath)...
     raw = uri_of(vol, RAW)
-    rdev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0-local"), "BlockDevice")["path"]
-    call(RAW, "Datapath.activate", uri=raw, domain="u0-local")
+    rdev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0_local"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=raw, domain="u0_local")
     pwrite(rdev, 0, pattern(20, MiB))
-    call(RAW, "Datapath.detach", uri=raw, domain="u0-local")
+    call(RAW, "Datapath.detach", uri=raw, domain="u0_local")
 
     res = call(NVME, "Datapath.attach", uri=uri, domain="7", env=A)
     dev = impl(res, "BlockDevice")["path"]
@@ -87,14 +87,14 @@ def test_remote_attach_fio_verify_cross_paths_and_revoke(node):
     assert nvme_host.controllers(subnqn, HOST_A) == []
     # ...read on the node over NBD
     import nbd
-    link = impl(call(NBD, "Datapath.attach", uri=uri_of(vol, NBD), domain="u0-n"), "Nbd")["uri"]
+    link = impl(call(NBD, "Datapath.attach", uri=uri_of(vol, NBD), domain="u0_n"), "Nbd")["uri"]
     sock, _, name = link[len("nbd:unix:"):].rpartition(":exportname=")
     h = nbd.NBD()
     h.set_export_name(name)
     h.connect_unix(sock)
     assert h.pread(MiB, 40 * MiB) == pattern(21, MiB)
     h.shutdown()
-    call(NBD, "Datapath.detach", uri=uri_of(vol, NBD), domain="u0-n")
+    call(NBD, "Datapath.detach", uri=uri_of(vol, NBD), domain="u0_n")
     # host A was revoked with its detach: connecting by hand is refused now
     with pytest.raises(nvme_host.NvmeError):
         nvme_host.connect("127.0.0.1", PORT, subnqn, HOST_A)
@@ -125,15 +125,15 @@ def test_snapshot_read_only_on_two_hosts(node):
     vol = make_volume(node)
     snap = make_snapshot(node, vol["key"])
     suri = uri_of(snap, NVME)
-    da = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0-a", env=A), "BlockDevice")["path"]
-    db = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0-b", env=B), "BlockDevice")["path"]
-    call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0-a", env=A)
-    call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0-b", env=B)
+    da = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0_a", env=A), "BlockDevice")["path"]
+    db = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0_b", env=B), "BlockDevice")["path"]
+    call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0_a", env=A)
+    call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0_b", env=B)
     assert pread(da, 0, 4096) == pread(db, 0, 4096) == b"\0" * 4096
     with pytest.raises(PluginError) as e:
-        call(NVME, "Datapath.activate", uri=suri, domain="u0-a", env=A)
+        call(NVME, "Datapath.activate", uri=suri, domain="u0_a", env=A)
     assert e.value.name in ("Activation_mode_conflict", "Volume_read_only")
-    call(NVME, "Datapath.detach", uri=suri, domain="u0-a", env=A)
-    call(NVME, "Datapath.detach", uri=suri, domain="u0-b", env=B)
+    call(NVME, "Datapath.detach", uri=suri, domain="u0_a", env=A)
+    call(NVME, "Datapath.detach", uri=suri, domain="u0_b", env=B)
     out = run("zfs", "list", "-H", "-o", "name", "-t", "volume", "-r", node).stdout
     assert "ro-" + snap["key"] not in out

@@ -37,11 +37,11 @@ def test_attach_activate_write_detach(sr):
     pwrite(dev, 3 * MiB, pattern(1, MiB))
     assert pread(dev, 3 * MiB, MiB) == pattern(1, MiB)
     # no read-only user while it is active read-write elsewhere
-    call(RAW, "Datapath.attach", uri=uri, domain="u0-backup")
+    call(RAW, "Datapath.attach", uri=uri, domain="u0_backup")
     with pytest.raises(PluginError) as e:
-        call(RAW, "Datapath.activate_readonly", uri=uri, domain="u0-backup")
+        call(RAW, "Datapath.activate_readonly", uri=uri, domain="u0_backup")
     assert e.value.name == "Volume_in_use"
-    call(RAW, "Datapath.detach", uri=uri, domain="u0-backup")
+    call(RAW, "Datapath.detach", uri=uri, domain="u0_backup")
     assert volmode_local(ds) == "dev"                 # domain 3 still has it
     call(RAW, "Datapath.deactivate", uri=uri, domain="3")
     call(RAW, "Datapath.detach", uri=uri, domain="3")
@@ -76,7 +76,7 @@ def test_snapshot_many_concurrent_readonly_attaches(sr):
     snap = make_snapshot(sr, vol["key"])               # of a live, attached volume
     pwrite(dev, 0, pattern(3, MiB))                    # the snapshot must not see this
     suri = uri_of(snap, RAW)
-    domains = ["u0-nbd%d" % i for i in range(4)]
+    domains = ["u0_nbd%d" % i for i in range(4)]
 
     def attach_activate(d):
         res = call(RAW, "Datapath.attach", uri=suri, domain=d)

@@ -204,15 +204,15 @@ def test_remote_host_in_netns_attach_fio_detach_revoke(node):
     assert plain_connect(subnqn).returncode != 0
     # the data is on the zvol: read back on the node through the raw datapath
     raw = uri_of(vol, RAW)
-    rdev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0-check"), "BlockDevice")["path"]
+    rdev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0_check"), "BlockDevice")["path"]
     try:
-        call(RAW, "Datapath.activate_readonly", uri=raw, domain="u0-check")
+        call(RAW, "Datapath.activate_readonly", uri=raw, domain="u0_check")
         assert pread(rdev, 40 * MiB, MiB) == pattern(31, MiB)
         # fio's blocks, checked on the node (verify_only rereads all 4 MiB)
         job = json.loads(fio(rdev, "--verify_only", "--output-format=json").stdout)["jobs"][0]
         assert job["read"]["io_bytes"] == 4 * MiB and job["error"] == 0
     finally:
-        call(RAW, "Datapath.detach", uri=raw, domain="u0-check")
+        call(RAW, "Datapath.detach", uri=raw, domain="u0_check")
 
 
 def test_remote_host_refused_ungranted_and_activated_on_another_host(node):

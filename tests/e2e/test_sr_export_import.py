@@ -49,6 +49,7 @@ def test_export_import_keeps_everything(file_vdevs, tmp_path):
     assert pool not in pools()
     other = str(tmp_path / "other-host")
     env = dict(os.environ, ZFSNG_STATE_DIR=other)
+    # "sr-uuid": the spelling of PBDs made before 0.2 (now "sr_uuid") still attaches
     doc = call_env(env, "SR.attach", configuration={"pool": pool, "device": ",".join(devs),
                                                     "sr-uuid": sr_uuid})
     assert doc == pool

@@ -144,7 +144,8 @@ def test_volume_lifecycle(sr):
     assert call("SR.ls", sr=pool) == []
     # nothing leaked: no hidden dataset or snapshot is left behind
     assert zfs_names(pool) == set()
-    e = fails("Volume.destroy", sr=pool, key=key)
+    call("Volume.destroy", sr=pool, key=key)   # a repeated destroy succeeds (idempotent)
+    e = fails("Volume.stat", sr=pool, key=key)
     assert e["params"] == ["Volume_does_not_exist", key]
 
 
@@ -172,3 +173,33 @@ def test_bad_keys_and_names(sr):
     e = fails("Volume.create", sr=pool, name="n", size=1, sharable=False)
     assert "description" in e["params"][1]
     assert zfs_names(pool) == set()
+
+
+def test_destroy_is_idempotent_and_takes_a_clone_on_boot_transient(sr):
+    """xapi-storage-script's VDI.destroy (main.ml, vdi_destroy_impl) calls
+    Volume.destroy on the original twice when the VDI still carries the
+    clone-on-boot key (a reset-on-boot VM whose epoch_end never ran), and never
+    on the transient it made in vdi_epoch_begin_impl (Volume.clone + Volume.set
+    clone-on-boot).  Both calls must succeed and the transient must go too, or
+    it shows up as a new VDI at the next SR.scan."""
+    pool = sr
+    v = call("Volume.create", sr=pool, name="reset-on-boot", description="", size=16 * MiB,
+             sharable=False)
+    t = call("Volume.clone", sr=pool, key=v["key"])                      # epoch_begin
+    call("Volume.set", sr=pool, key=v["key"], k="clone-on-boot", v=t["key"])
+    other = call("Volume.create", sr=pool, name="bystander", description="", size=MiB,
+                 sharable=False)
+    call("Volume.destroy", sr=pool, key=v["key"])                          # vdi_destroy_impl
+    call("Volume.destroy", sr=pool, key=v["key"])                          # ... twice
+    assert [x["key"] for x in call("SR.ls", sr=pool)] == [other["key"]]
+    assert not [n for n in zfs_names(pool) if v["key"] in n or t["key"] in n]
+    call("Volume.destroy", sr=pool, key=t["key"])    # the transient's key: destroyed already
+    # a key never seen is still an error
+    e = fails("Volume.destroy", sr=pool, key=str(uuid.uuid4()))
+    assert e["params"][0] == "Volume_does_not_exist"
+
+    # a clone-on-boot key naming a volume that is not this one's clone is left alone
+    a = call("Volume.create", sr=pool, name="a", description="", size=MiB, sharable=False)
+    call("Volume.set", sr=pool, key=a["key"], k="clone-on-boot", v=other["key"])
+    call("Volume.destroy", sr=pool, key=a["key"])
+    assert [x["key"] for x in call("SR.ls", sr=pool)] == [other["key"]]

@@ -146,21 +146,21 @@ def test_attach_activate_idempotent():
 
 def test_rw_and_ro_exclusive():
     dp = Recorder()
-    for d in ("u0-a", "u0-b", "7"):
+    for d in ("u0_vbd_0_xvda", "u0_vbd_0_xvdb", "7"):
         dp.attach(URI, d)
-    dp.activate_readonly(URI, "u0-a")
-    dp.activate_readonly(URI, "u0-b")
+    dp.activate_readonly(URI, "u0_vbd_0_xvda")
+    dp.activate_readonly(URI, "u0_vbd_0_xvdb")
     with pytest.raises(smapi.BackendError) as e:
         dp.activate(URI, "7")
     assert err_name(e) == "Volume_in_use"
     with pytest.raises(smapi.BackendError) as e:
-        dp.activate(URI, "u0-a")  # same domain, other mode
+        dp.activate(URI, "u0_vbd_0_xvda")  # same domain, other mode
     assert err_name(e) == "Activation_mode_conflict"
-    dp.deactivate(URI, "u0-a")
-    dp.detach(URI, "u0-b")  # detach deactivates
+    dp.deactivate(URI, "u0_vbd_0_xvda")
+    dp.detach(URI, "u0_vbd_0_xvdb")  # detach deactivates
     dp.activate(URI, "7")
     with pytest.raises(smapi.BackendError) as e:
-        dp.activate_readonly(URI, "u0-a")
+        dp.activate_readonly(URI, "u0_vbd_0_xvda")
     assert err_name(e) == "Volume_in_use"
 
 

@@ -213,9 +213,9 @@ def test_health_mapping():
     assert health_from("p", "ONLINE", "  pool: p\n state: ONLINE\n") == ["Healthy", ""]
     deg = health_from("p", "DEGRADED", " state: DEGRADED\nstatus: One or more devices has "
                       "been taken offline by the administrator.\n")
-    assert deg[0] == "Recovering" and "taken offline" in deg[1]
+    assert deg[0] == "Healthy" and "DEGRADED" in deg[1] and "taken offline" in deg[1]
     res = health_from("p", "ONLINE", "  scan: resilver in progress since Tue\n")
-    assert res[0] == "Recovering" and "resilvering" in res[1]
+    assert res[0] == "Healthy" and "resilvering" in res[1]
     for state in ("FAULTED", "UNAVAIL", "SUSPENDED", "REMOVED", "OFFLINE"):
         h = health_from("p", state, "status: One or more devices could not be opened.\n")
         assert h[0] == "Unavailable" and state in h[1] and "could not be opened" in h[1]
@@ -231,3 +231,57 @@ def test_cli_sizes():
     for bad in ("", "-1", "10X", "1e3"):
         with pytest.raises(click.BadParameter):
             parse_size(bad)
+
+
+# xapi's capability names (xen-api ocaml/xapi/smint.ml, string_to_capability_table):
+# a name outside it is dropped with a warning, so declaring one is a mistake.
+XAPI_CAPABILITIES = {
+    "SR_CREATE", "SR_DELETE", "SR_ATTACH", "SR_DETACH", "SR_SCAN", "SR_PROBE", "SR_UPDATE",
+    "SR_SUPPORTS_LOCAL_CACHING", "SR_METADATA", "SR_TRIM", "SR_MULTIPATH", "SR_CACHING",
+    "SR_STATS", "VDI_CREATE", "VDI_DELETE", "VDI_ATTACH", "VDI_DETACH", "VDI_MIRROR",
+    "VDI_MIRROR_IN", "VDI_RESIZE", "VDI_RESIZE_ONLINE", "VDI_CLONE", "VDI_SNAPSHOT",
+    "VDI_ACTIVATE", "VDI_ACTIVATE_READONLY", "VDI_DEACTIVATE", "VDI_UPDATE", "VDI_INTRODUCE",
+    "VDI_GENERATE_CONFIG", "VDI_ATTACH_OFFLINE", "VDI_RESET_ON_BOOT", "VDI_CONFIG_CBT",
+    "VDI_COMPOSE", "LARGE_VDI", "THIN_PROVISIONING", "VDI_READ_CACHING", "VDI_REVERT"}
+
+# What each declared feature needs us to implement (the methods xapi then calls:
+# xapi-storage-script main.ml, and storage_mux.ml activate3 for ACTIVATE_READONLY).
+NEEDS = {
+    "SR_PROBE": ["SR.probe"], "SR_UPDATE": ["SR.stat"], "VDI_CREATE": ["Volume.create"],
+    "VDI_DELETE": ["Volume.destroy"], "VDI_SNAPSHOT": ["Volume.snapshot", "Volume.set"],
+    "VDI_CLONE": ["Volume.clone", "Volume.set", "Volume.unset"],
+    "VDI_RESIZE": ["Volume.resize"], "VDI_UPDATE": ["Volume.stat"],
+    "VDI_ACTIVATE_READONLY": [], "VDI_REVERT": ["Volume.revert"],
+    "VDI_CONFIG_CBT": ["Volume.enable_cbt", "Volume.disable_cbt", "Volume.data_destroy",
+                       "Volume.list_changed_blocks"],
+    "THIN_PROVISIONING": [], "LARGE_VDI": [],
+}
+
+
+def test_declared_features_are_known_to_xapi_and_implemented():
+    from plugins.volume import methods as volume_methods
+    feats = plugin.query()["features"]
+    assert len(feats) == len(set(feats))
+    assert set(feats) <= XAPI_CAPABILITIES, set(feats) - XAPI_CAPABILITIES
+    have = set(m.full_name for m in volume_methods.PLUGIN + volume_methods.SR + volume_methods.VOLUME)
+    for f in feats:
+        assert f in NEEDS, "feature %s: say what it makes xapi call" % f
+        missing = [m for m in NEEDS[f] if m not in have]
+        assert not missing, (f, missing)
+    # read-only plugs (snapshots, xapi-nbd, vdi-export) need activate_readonly
+    assert "VDI_ACTIVATE_READONLY" in feats
+
+
+def test_datapath_features_match_what_each_scheme_implements():
+    """NONPERSISTENT makes xapi call Datapath.open/close at every VM start/stop
+    (main.ml vdi_epoch_begin_impl/vdi_epoch_end_impl): declared by the local
+    schemes, which implement non-persistent sessions; not by nvme+tcp, where a
+    non-persistent open is Unimplemented (xapi then resets on boot itself)."""
+    from plugins.datapath import nbd, nvme, raw
+    assert raw.RawDatapath.features == ("NONPERSISTENT",)
+    assert nbd.NbdDatapath.features == ("NONPERSISTENT",)
+    assert nvme.NvmeDatapath.features == ()
+    for mod, want in ((raw, ["NONPERSISTENT"]), (nbd, ["NONPERSISTENT"]), (nvme, [])):
+        table = {m.full_name: m for m in mod.methods()}
+        assert table["Plugin.Query"].fn()["features"] == want
+        assert {"Datapath.open", "Datapath.close"} <= set(table)
