@@ -30,7 +30,7 @@ import time
 
 
 def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_required=False,
-         max_connections=None, workers=None, verbose=1):
+         max_connections=None, workers=None, verbose=1, tls_ca=None, tls_allow=()):
     """The command line of a server for these exports (a list, no shell):
     `python3 -m nbd_server --json OPTIONS` (nbd_server.service.serve)."""
     opts = {"exports": [], "bitmaps": [], "allocations": [], "descriptions": [],
@@ -54,6 +54,10 @@ def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_req
         opts["tls_cert"], opts["tls_key"] = tls_cert, tls_key
     if tls_required:
         opts["tls_required"] = True
+    if tls_ca:
+        opts["tls_ca"] = tls_ca
+    if tls_allow:
+        opts["tls_allow"] = list(tls_allow)
     if max_connections:
         opts["max_connections"] = int(max_connections)
     if workers:

@@ -11,7 +11,7 @@ import ssl
 DEFAULTS = {
     "unix_path": None, "tcp": None, "exports": (), "bitmaps": (), "allocations": (),
     "descriptions": (), "tls_cert": None, "tls_key": None, "tls_required": False,
-    "max_connections": 256, "workers": 1, "verbose": 0,
+    "tls_ca": None, "tls_allow": (), "max_connections": 256, "workers": 1, "verbose": 0,
 }
 
 
@@ -20,12 +20,15 @@ class UsageError(ValueError):
 
 
 def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), descriptions=(),
-          tls_cert=None, tls_key=None, tls_required=False, max_connections=256, workers=1,
-          verbose=0):
+          tls_cert=None, tls_key=None, tls_required=False, tls_ca=None, tls_allow=(),
+          max_connections=256, workers=1, verbose=0):
     """Listen, then serve until SIGTERM.  Raises UsageError before listening
-    when the options or exports are wrong."""
+    when the options or exports are wrong.  tls_ca (a PEM CA) makes TLS
+    mandatory and requires client certificates it signed; tls_allow limits
+    them to these subjects (nbd_server/tlsauth.py)."""
     from nbd_server.config import build_exports
     from nbd_server.exports import ExportTable
+    from nbd_server import tlsauth
     from nbd_server.server import Server, parse_tcp
 
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
@@ -36,6 +39,12 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
         raise UsageError("--tls-cert and --tls-key go together")
     if tls_required and not tls_cert:
         raise UsageError("--tls-required needs --tls-cert and --tls-key")
+    if (tls_ca or tls_allow) and not tls_cert:
+        raise UsageError("--tls-ca and --tls-allow need --tls-cert and --tls-key")
+    if tls_allow and not tls_ca:
+        raise UsageError("--tls-allow needs --tls-ca (the CA that signs client certificates)")
+    if tls_ca:
+        tls_required = True         # a client that skips TLS would skip the check
     if not 1 <= int(max_connections) <= 65536 or not 1 <= int(workers) <= 64:
         raise UsageError("max_connections must be 1..65536 and workers 1..64")
     try:
@@ -43,8 +52,7 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
         address = parse_tcp(tcp) if tcp else None
         ctx = None
         if tls_cert:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(tls_cert, tls_key)
+            ctx = tlsauth.server_context(tls_cert, tls_key, tls_ca, tls_allow)
         server = Server(table, unix_path=unix_path, tcp=address, tls_context=ctx,
                         tls_required=tls_required, max_connections=int(max_connections),
                         workers=int(workers))
@@ -66,4 +74,7 @@ def options_from_json(doc):
     out.update(doc)
     for k in ("bitmaps", "allocations", "descriptions"):
         out[k] = [tuple(x) for x in out[k]]
+    if isinstance(out["tls_allow"], str):
+        raise UsageError("tls_allow is a list of identities")
+    out["tls_allow"] = list(out["tls_allow"])
     return out

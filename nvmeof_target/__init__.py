@@ -4,7 +4,8 @@ Layout, one concern per module (cf. Linux drivers/nvme/target/):
   pdu.py        PDU encoders and the sans-IO stream parser (digests: crc.py)
   command.py    the 64-byte SQE, handler results
   queue.py      one TCP connection = one queue: the sans-IO state machine
-  fabrics.py    Connect, Property Get/Set
+  fabrics.py    Connect, Property Get/Set, Authentication Send/Receive
+  auth.py       DH-HMAC-CHAP in-band authentication (state machine, DHHC-1 secrets)
   controller.py controller registers, features, AEN state
   admin.py      admin commands; identify.py, logpages.py, discovery.py data
   io.py         Read/Write(FUA)/Flush/Write Zeroes/DSM on blockio.backend.Backend
@@ -21,5 +22,7 @@ Other parts use `nvmeof_target.control.Client`:
         allowed_hosts=(), allow_any_host=False, block_size=512)
     .remove(nqn) .allow(nqn, hostnqn) .deny(nqn, hostnqn) .set_allow_any(nqn, value)
     .notify(nqn) (= .resize) .get(nqn) .list() .stats()
+    .set_host_key(hostnqn, secret, ctrl_secret=None, hash="sha256", dhgroup="ffdhe2048")
+    .remove_host_key(hostnqn) .host_keys() .set_auth_required(nqn or "*", value=True)
 Errors come back as nvmeof_target.control.ControlError with a message.
 """

@@ -3,9 +3,12 @@
 Request  {"op": "add", "args": {...}}      Response {"ok": true, "result": ...}
                                                  or {"ok": false, "error": "message"}
 
-Ops: add(nqn, path, uuid, readonly, allowed_hosts, allow_any_host, block_size),
-remove(nqn), allow(nqn, hostnqn), deny(nqn, hostnqn), set_allow_any(nqn, value),
-notify(nqn) (alias resize: the volume changed size), get(nqn), list(), stats().
+Ops: add(nqn, path, uuid, readonly, allowed_hosts, allow_any_host, block_size,
+require_auth), remove(nqn), allow(nqn, hostnqn), deny(nqn, hostnqn),
+set_allow_any(nqn, value), notify(nqn) (alias resize: the volume changed size),
+get(nqn), list(), stats(); DH-HMAC-CHAP (auth.py): set_host_key(hostnqn, secret,
+ctrl_secret, hash, dhgroup), remove_host_key(hostnqn), host_keys() (never the
+secrets), set_auth_required(nqn or "*", value).
 `Client` is what the datapath plugins and the CLI use."""
 
 import json
@@ -47,11 +50,18 @@ def handle(target, request):
 
 
 def _add(t, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
-         block_size=512):
+         block_size=512, require_auth=False):
     if isinstance(allowed_hosts, str):
         raise ValueError("allowed_hosts must be a list")
     return t.add(nqn, path, uuid, bool(readonly), list(allowed_hosts), bool(allow_any_host),
-                 int(block_size)).as_dict()
+                 int(block_size), bool(require_auth)).as_dict()
+
+
+def _set_host_key(t, hostnqn, secret, ctrl_secret=None, hash="sha256", dhgroup="ffdhe2048"):
+    for v in (secret, ctrl_secret, hash, dhgroup):
+        if v is not None and not isinstance(v, str):
+            raise ValueError("secrets, hash and dhgroup are strings")
+    t.set_host_key(hostnqn, secret, ctrl_secret, hash, dhgroup)
 
 
 def _get(t, nqn):
@@ -60,6 +70,7 @@ def _get(t, nqn):
         raise KeyError("no subsystem %s" % nqn)
     d = vol.as_dict()
     d["allowed_hosts"] = t.registry.hosts(nqn)
+    d["require_auth"] = t.registry.auth_required(nqn)
     sub = t.live.get(nqn)
     d["controllers"] = [{"cntlid": c.cntlid, "hostnqn": c.hostnqn, "io_queues": len(c.io_queues)}
                         for c in sorted(sub.controllers, key=lambda c: c.cntlid)] if sub else []
@@ -75,6 +86,10 @@ _OPS = {
     "notify": lambda t, nqn: t.notify(nqn),
     "resize": lambda t, nqn: t.notify(nqn),
     "get": _get,
+    "set_host_key": _set_host_key,
+    "remove_host_key": lambda t, hostnqn: t.remove_host_key(hostnqn),
+    "host_keys": lambda t: t.registry.host_keys(),
+    "set_auth_required": lambda t, nqn, value=True: t.set_auth_required(nqn, bool(value)),
     "list": lambda t: t.registry.list(),
     "stats": lambda t: dict(t.stats(), pid=os.getpid(), fds=_count_fds()),
 }
@@ -225,10 +240,30 @@ class Client(object):
         return resp.get("result")
 
     def add(self, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
-            block_size=512):
-        return self.call("add", nqn=nqn, path=path, uuid=str(uuid), readonly=readonly,
-                         allowed_hosts=list(allowed_hosts), allow_any_host=allow_any_host,
-                         block_size=block_size)
+            block_size=512, require_auth=False):
+        args = dict(nqn=nqn, path=path, uuid=str(uuid), readonly=readonly,
+                    allowed_hosts=list(allowed_hosts), allow_any_host=allow_any_host,
+                    block_size=block_size)
+        if require_auth:            # an older target does not know the argument
+            args["require_auth"] = True
+        return self.call("add", **args)
+
+    def set_host_key(self, hostnqn, secret, ctrl_secret=None, hash="sha256",
+                     dhgroup="ffdhe2048"):
+        """The host's DH-HMAC-CHAP secret (DHHC-1:...), optionally the
+        controller secret for bidirectional authentication."""
+        return self.call("set_host_key", hostnqn=hostnqn, secret=secret,
+                         ctrl_secret=ctrl_secret, hash=hash, dhgroup=dhgroup)
+
+    def remove_host_key(self, hostnqn):
+        return self.call("remove_host_key", hostnqn=hostnqn)
+
+    def host_keys(self):
+        return self.call("host_keys")
+
+    def set_auth_required(self, nqn, value=True):
+        """nqn, or "*" for every subsystem."""
+        return self.call("set_auth_required", nqn=nqn, value=bool(value))
 
     def remove(self, nqn):
         return self.call("remove", nqn=nqn)

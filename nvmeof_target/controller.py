@@ -53,6 +53,7 @@ class Controller(object):
         # complete.  Only sound when this process sees all the controller's queues.
         self.tbkas = True
         self.disc_cache = None          # (genctr, bytes) of the discovery log
+        self.auth = None                # auth.HostAuth: every queue must authenticate
 
     @property
     def ready(self):

@@ -1,14 +1,22 @@
 """Fabrics commands (opcode 0x7F; drivers/nvme/target/fabrics-cmd.c): Connect
-binds a queue to a controller, Property Get/Set reach its registers."""
+binds a queue to a controller, Property Get/Set reach its registers,
+Authentication Send/Receive carry DH-HMAC-CHAP (auth.py) on a queue whose
+Connect answered AUTHREQ.ATR; until it is done only those two are accepted."""
 
+import logging
 import struct
 
+from . import auth
 from . import controller as C
 from . import status as st
-from .command import Result
+from .command import DEFERRED, Result
 from .nqn import cstr, valid_nqn
 
+log = logging.getLogger("nvmeof_target")
+
 PROP_SET, CONNECT, PROP_GET = 0x00, 0x01, 0x04
+AUTH_SEND, AUTH_RECEIVE = auth.AUTH_SEND, auth.AUTH_RECEIVE
+AUTH_TIMEOUT = 60.0          # seconds from Connect to the end of the transaction
 _CONNECT_SQE = struct.Struct("<HHHBxI")           # at 40: recfmt qid sqsize cattr kato
 _CONNECT_DATA = struct.Struct("<16sH238x256s256s256x")
 CATTR_DISABLE_SQFLOW = 1 << 2
@@ -25,6 +33,10 @@ def execute(queue, cmd, data):
         raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
     if fctype == CONNECT:
         return _connect(queue, cmd, data)
+    if fctype in (AUTH_SEND, AUTH_RECEIVE):
+        return _authenticate(queue, cmd, data)
+    if queue.auth is not None and not queue.auth.authenticated:
+        raise st.NvmeError(st.AUTH_REQUIRED | st.DNR)
     if fctype == PROP_GET:
         size8 = cmd.raw[40] & 7 == 1
         offset = struct.unpack_from("<I", cmd.raw, 44)[0]
@@ -70,4 +82,47 @@ def _connect(queue, cmd, data):
             raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
         ctrl.io_queues[qid] = queue
     queue.bind(ctrl, qid, sqsize + 1, bool(cattr & CATTR_DISABLE_SQFLOW))
-    return Result(dw0=ctrl.cntlid)
+    if ctrl.auth is None:
+        return Result(dw0=ctrl.cntlid)
+    # The host has a key: this queue authenticates before anything else (I/O
+    # queues too, or anyone naming the host and a guessed cntlid could add one).
+    queue.auth = auth.Authenticator(ctrl.auth, subnqn, hostnqn,
+                                    deadline=target.now() + AUTH_TIMEOUT)
+    return Result(dw0=ctrl.cntlid | auth.CONNECT_ATR)
+
+
+# Authentication Send/Receive SQE (struct nvmf_auth_send_command): SPSP0 @41,
+# SPSP1 @42, SECP @43, TL/AL @44.
+_AUTH_SQE = struct.Struct("<BBBI")
+
+
+def _authenticate(queue, cmd, data):
+    a = queue.auth
+    if a is None:                   # no authentication asked of this queue
+        raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+    spsp0, spsp1, secp, length = _AUTH_SQE.unpack_from(cmd.raw, 41)
+    if secp != auth.SECP_DHCHAP or spsp0 != 1 or spsp1 != 1 or length == 0:
+        raise st.NvmeError(st.INVALID_FIELD | st.DNR)
+    if length != cmd.sgl_len:
+        raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
+    before = a.step
+    if cmd.fctype == AUTH_SEND:
+        if length > auth.MAX_SEND or data is None:
+            raise st.NvmeError(st.INVALID_FIELD | st.DNR)
+        a.send(data)
+        res = Result()
+    else:
+        if length > auth.MAX_RECEIVE:
+            raise st.NvmeError(st.INVALID_FIELD | st.DNR)
+        msg = a.receive(length)
+        res = Result(data=msg) if msg is not None else Result(st.INVALID_FIELD | st.DNR)
+    if a.closing:
+        log.warning("%s: qid %d: DH-HMAC-CHAP failed for %s (reason %d: %s)", queue.peer,
+                    queue.qid, a.hostnqn, a.reason, a.why)
+        queue.complete(cmd.cid, res)    # the host reads the Failure1 first
+        queue.abort()
+        return DEFERRED
+    if a.step == auth.DONE and before != auth.DONE:
+        log.info("%s: qid %d: %s authenticated (%s, %s)", queue.peer, queue.qid, a.hostnqn,
+                 auth.HASHES[a.hash_id], auth.DHGROUP_NAMES[a.dhgroup_id])
+    return res

@@ -31,6 +31,7 @@ class Queue(object):
         self.aio = None               # the server's aio.AioReads, if any
         self.closing = False
         self.ctrl = None
+        self.auth = None              # auth.Authenticator when Connect asked for DH-HMAC-CHAP
         self.qid = None
         self.sqsize = 1
         self.sqhd = 0
@@ -108,6 +109,8 @@ class Queue(object):
     def _send_r2t(self, cmd):
         if self.ctrl is None or len(self._r2ts) >= 2 * self.sqsize:
             return self.complete(cmd.cid, Result(st.CMD_SEQ_ERROR | st.DNR))
+        if self.auth is not None and not self.auth.authenticated:
+            return self.complete(cmd.cid, Result(st.AUTH_REQUIRED | st.DNR))
         ttag = self._next_ttag
         while ttag in self._r2ts:
             ttag = (ttag + 1) & 0xFFFF
@@ -151,6 +154,8 @@ class Queue(object):
                 res = fabrics.execute(self, cmd, data)
             elif self.ctrl is None:
                 raise st.NvmeError(st.INVALID_OPCODE | st.DNR)    # Connect comes first
+            elif self.auth is not None and not self.auth.authenticated:
+                raise st.NvmeError(st.AUTH_REQUIRED | st.DNR)     # DH-HMAC-CHAP first
             elif self.qid == 0:
                 res = admin.execute(self, cmd)
             else:

@@ -9,6 +9,7 @@ import sqlite3
 import uuid as uuidlib
 from urllib.parse import quote as urlquote
 
+from . import auth
 from .nqn import DISCOVERY_NQN, check_nqn
 
 SCHEMA = """
@@ -26,7 +27,18 @@ CREATE TABLE IF NOT EXISTS host (
     PRIMARY KEY (nqn, hostnqn)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS host_by_hostnqn ON host(hostnqn);
+CREATE TABLE IF NOT EXISTS host_key (
+    hostnqn TEXT PRIMARY KEY,
+    secret TEXT NOT NULL,
+    ctrl_secret TEXT,
+    hash TEXT NOT NULL DEFAULT 'sha256',
+    dhgroup TEXT NOT NULL DEFAULT 'ffdhe2048'
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS auth_required (
+    nqn TEXT PRIMARY KEY
+) WITHOUT ROWID;
 """
+ALL = "*"               # auth_required row: every subsystem
 
 BLOCK_SIZES = (512, 1024, 2048, 4096)
 
@@ -87,6 +99,8 @@ class Registry(object):
             if not os.path.isdir(d):
                 os.makedirs(d, 0o700)
         self.path = path
+        if path != ":memory:":
+            _private(path)          # it holds DH-HMAC-CHAP secrets
         self.db = sqlite3.connect(path, isolation_level=None)   # autocommit; BEGIN explicit
         self.db.execute("PRAGMA foreign_keys = ON")
         if path != ":memory:":
@@ -99,7 +113,7 @@ class Registry(object):
 
     # ---- changes -------------------------------------------------------------------
     def add(self, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
-            block_size=512):
+            block_size=512, require_auth=False):
         uuid = check_volume(nqn, path, uuid, block_size)
         hosts = [check_nqn(h, "host NQN") for h in allowed_hosts]
         with _Txn(self.db):
@@ -112,6 +126,8 @@ class Registry(object):
                              block_size))
             self.db.executemany("INSERT OR IGNORE INTO host VALUES (?, ?)",
                                 [(nqn, h) for h in hosts])
+            if require_auth:
+                self.db.execute("INSERT OR IGNORE INTO auth_required VALUES (?)", (nqn,))
         return self.get(nqn)
 
     def add_many(self, rows):
@@ -128,6 +144,7 @@ class Registry(object):
             if self.get(nqn) is None:
                 raise KeyError("no subsystem %s" % nqn)
             self.db.execute("DELETE FROM host WHERE nqn = ?", (nqn,))
+            self.db.execute("DELETE FROM auth_required WHERE nqn = ?", (nqn,))
             self.db.execute("DELETE FROM subsystem WHERE nqn = ?", (nqn,))
 
     def allow(self, nqn, hostnqn):
@@ -142,6 +159,48 @@ class Registry(object):
     def set_allow_any(self, nqn, value):
         self._must(nqn)
         self.db.execute("UPDATE subsystem SET allow_any = ? WHERE nqn = ?", (int(bool(value)), nqn))
+
+    # ---- DH-HMAC-CHAP (auth.py) -------------------------------------------------------
+    def set_host_key(self, hostnqn, secret, ctrl_secret=None, hash_name="sha256",
+                     dhgroup="ffdhe2048"):
+        """A host's secret (DHHC-1), optionally the controller's for
+        bidirectional authentication; with a key the host always authenticates."""
+        check_nqn(hostnqn, "host NQN")
+        auth.HostAuth(hostnqn, secret, ctrl_secret, hash_name, dhgroup)     # validates
+        if ctrl_secret is not None and ctrl_secret.strip() == secret.strip():
+            raise ValueError("the controller secret must differ from the host secret")
+        self.db.execute("INSERT OR REPLACE INTO host_key VALUES (?, ?, ?, ?, ?)",
+                        (hostnqn, secret.strip(), ctrl_secret.strip() if ctrl_secret else None,
+                         hash_name, dhgroup))
+
+    def remove_host_key(self, hostnqn):
+        if self.db.execute("DELETE FROM host_key WHERE hostnqn = ?", (hostnqn,)).rowcount == 0:
+            raise KeyError("no DH-HMAC-CHAP key for %s" % hostnqn)
+
+    def host_auth(self, hostnqn):
+        """auth.HostAuth of this host, None if it has no key."""
+        row = self.db.execute("SELECT secret, ctrl_secret, hash, dhgroup FROM host_key "
+                              "WHERE hostnqn = ?", (hostnqn,)).fetchone()
+        return auth.HostAuth(hostnqn, *row) if row else None
+
+    def host_keys(self):
+        """The hosts with a key, without the secrets."""
+        return [{"hostnqn": h, "bidirectional": c is not None, "hash": hs, "dhgroup": g}
+                for h, c, hs, g in self.db.execute(
+                    "SELECT hostnqn, ctrl_secret, hash, dhgroup FROM host_key ORDER BY hostnqn")]
+
+    def set_auth_required(self, nqn, value=True):
+        """Hosts without a key are refused by subsystem nqn (ALL: every one)."""
+        if nqn != ALL:
+            self._must(nqn)
+        if value:
+            self.db.execute("INSERT OR IGNORE INTO auth_required VALUES (?)", (nqn,))
+        else:
+            self.db.execute("DELETE FROM auth_required WHERE nqn = ?", (nqn,))
+
+    def auth_required(self, nqn):
+        return self.db.execute("SELECT 1 FROM auth_required WHERE nqn = ? OR nqn = ?",
+                               (nqn, ALL)).fetchone() is not None
 
     # ---- lookups --------------------------------------------------------------------
     def _must(self, nqn):
@@ -178,13 +237,32 @@ class Registry(object):
         hosts = {}
         for nqn, h in self.db.execute("SELECT nqn, hostnqn FROM host ORDER BY nqn, hostnqn"):
             hosts.setdefault(nqn, []).append(h)
+        required = {r[0] for r in self.db.execute("SELECT nqn FROM auth_required")}
         out = []
         for row in self.db.execute("SELECT nqn, path, uuid, readonly, allow_any, block_size "
                                    "FROM subsystem ORDER BY nqn"):
             d = Volume(*row).as_dict()
             d["allowed_hosts"] = hosts.get(d["nqn"], [])
+            d["require_auth"] = d["nqn"] in required or ALL in required
             out.append(d)
         return out
+
+
+def _private(path):
+    """Create the registry (and sqlite's -wal/-shm beside it, which copy its
+    mode) readable by its owner only, and tighten an older one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for side in ("-wal", "-shm"):
+        try:
+            os.chmod(os.path.join(d, os.path.basename(path) + side), 0o600)
+        except OSError:
+            pass
 
 
 class _Txn(object):

@@ -23,6 +23,7 @@ CONNECT_CTRL_BUSY = 0x181
 CONNECT_INVALID_PARAM = 0x182
 CONNECT_RESTART_DISC = 0x183
 CONNECT_INVALID_HOST = 0x184
+AUTH_REQUIRED = 0x191            # a queue that has not authenticated (DH-HMAC-CHAP)
 
 
 class NvmeError(Exception):

@@ -10,11 +10,13 @@ import uuid as uuidlib
 from blockio.backend import Backend
 
 from . import controller as C
+from . import fabrics
 from . import status as st
 from .command import Result
 from .controller import Controller
 from .fabrics import ipo_data
 from .nqn import DISCOVERY_NQN
+from .registry import ALL
 
 log = logging.getLogger("nvmeof_target")
 
@@ -70,6 +72,10 @@ class Target(object):
     # ---- controllers ---------------------------------------------------------------------
     def create_controller(self, subnqn, hostnqn, hostid, kato_ms):
         if subnqn == DISCOVERY_NQN:
+            # Never authenticated: the Linux host cannot (libnvme passes no
+            # DH-HMAC-CHAP secret to a discovery controller), nvmet does not
+            # ask either; the log shows names, every volume asks for the key.
+            host_auth = None
             ctrl = Controller(self._alloc_cntlid(), None, hostnqn, hostid, kato_ms, self.now(),
                               discovery=True)
         else:
@@ -80,9 +86,11 @@ class Target(object):
             if not self.registry.host_allowed(vol, hostnqn):
                 log.warning("host %s refused for %s", hostnqn, subnqn)
                 raise st.NvmeError(st.CONNECT_INVALID_HOST | st.DNR, ipo_data(512))
+            host_auth = self._host_auth(subnqn, hostnqn)
             sub = self._sub_for(vol)
             ctrl = Controller(self._alloc_cntlid(), sub, hostnqn, hostid, kato_ms, self.now())
             sub.controllers.add(ctrl)
+        ctrl.auth = host_auth
         # With several workers, I/O may flow on queues this process never sees,
         # so the host must keep sending Keep Alives to the admin queue.
         ctrl.tbkas = self.shared is None
@@ -90,6 +98,16 @@ class Target(object):
         self.publish(ctrl)
         log.info("controller %d: %s for %s", ctrl.cntlid, subnqn, hostnqn)
         return ctrl
+
+    def _host_auth(self, subnqn, hostnqn):
+        """The host's DH-HMAC-CHAP key (auth.HostAuth): a host with one always
+        authenticates.  A host without one: None, or refused where
+        authentication is required (this subsystem, or all of them)."""
+        host_auth = self.registry.host_auth(hostnqn)
+        if host_auth is None and self.registry.auth_required(subnqn):
+            log.warning("host %s refused for %s: it has no DH-HMAC-CHAP key", hostnqn, subnqn)
+            raise st.NvmeError(st.CONNECT_INVALID_HOST | st.DNR, ipo_data(512))
+        return host_auth
 
     def _sub_for(self, vol):
         sub = self.live.get(vol.nqn)
@@ -139,8 +157,13 @@ class Target(object):
         vol = self.registry.get(subnqn)
         if vol is None or not self.registry.host_allowed(vol, hostnqn):
             return None
+        try:
+            host_auth = self._host_auth(subnqn, hostnqn)
+        except st.NvmeError:
+            return None
         sub = self._sub_for(vol)
         ctrl = Controller(cntlid, sub, hostnqn, None, 0, self.now())
+        ctrl.auth = host_auth
         ctrl.remote = True
         ctrl.max_qid = max_qid
         ctrl.csts = C.CSTS_RDY          # the owner enabled it before any I/O queue
@@ -191,14 +214,22 @@ class Target(object):
         for ctrl in list(self.remote.values()):
             if self.shared.lookup(ctrl.cntlid, ctrl.subsys.nqn, ctrl.hostnqn) is None:
                 self.destroy_controller(ctrl, "owner worker dropped it")
+        for ctrl in list(self.controllers.values()) + list(self.remote.values()):
+            if ctrl.auth is None or ctrl.dead:
+                continue
+            for q in [ctrl.admin] + list(ctrl.io_queues.values()):
+                if q is not None and q.auth is not None and q.auth.expired(now):
+                    log.warning("%s: controller %d qid %s: no DH-HMAC-CHAP within %d s",
+                                q.peer, ctrl.cntlid, q.qid, fabrics.AUTH_TIMEOUT)
+                    q.abort()
 
     # ---- volumes (control socket) ---------------------------------------------------------
     # Each change is a registry write plus its effect on live controllers; the
     # parent of several workers writes the registry and forwards the change.
     def add(self, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
-            block_size=512):
+            block_size=512, require_auth=False):
         vol = self.registry.add(nqn, path, uuid, readonly, allowed_hosts, allow_any_host,
-                                block_size)
+                                block_size, require_auth)
         self._changed("add", nqn)
         return vol
 
@@ -218,6 +249,24 @@ class Target(object):
         self.registry.set_allow_any(nqn, value)
         self._changed("set_allow_any", nqn)
 
+    def set_host_key(self, hostnqn, secret, ctrl_secret=None, hash_name="sha256",
+                     dhgroup="ffdhe2048"):
+        self.registry.set_host_key(hostnqn, secret, ctrl_secret, hash_name, dhgroup)
+        self._host_changed(hostnqn)
+
+    def remove_host_key(self, hostnqn):
+        self.registry.remove_host_key(hostnqn)
+        self._host_changed(hostnqn)
+
+    def set_auth_required(self, nqn, value):
+        self.registry.set_auth_required(nqn, value)
+        self._changed("set_auth_required", nqn)
+
+    def _host_changed(self, hostnqn):
+        if self.on_change is not None:
+            self.on_change("host_key", {"hostnqn": hostnqn})
+        self.apply_change("host_key", {"hostnqn": hostnqn})
+
     def notify(self, nqn):
         """The volume changed size: tell connected hosts (NS attribute AEN)."""
         if self.registry.get(nqn) is None:
@@ -231,17 +280,28 @@ class Target(object):
 
     def apply_change(self, op, args):
         """The effect of a registry change on this process's controllers."""
+        if op == "host_key":
+            # A new, changed or removed key: the host's controllers go and its
+            # reconnects authenticate (or not) with what is configured now.
+            for ctrl in list(self.controllers.values()) + list(self.remote.values()):
+                if ctrl.hostnqn == args["hostnqn"]:
+                    self.destroy_controller(ctrl, "DH-HMAC-CHAP key changed")
+            return None
         nqn = args["nqn"]
         if op == "notify":
             return self._notify(nqn)
-        sub = self.live.get(nqn)
-        if sub is not None:
-            vol = self.registry.get(nqn)
+        subs = list(self.live.values()) if nqn == ALL else [self.live.get(nqn)]
+        for sub in subs:
+            if sub is None:
+                continue
+            vol = self.registry.get(sub.nqn)
             for ctrl in list(sub.controllers):
                 if vol is None:
                     self.destroy_controller(ctrl, "volume removed")
                 elif not self.registry.host_allowed(vol, ctrl.hostnqn):
                     self.destroy_controller(ctrl, "host no longer allowed")
+                elif ctrl.auth is None and self.registry.auth_required(sub.nqn):
+                    self.destroy_controller(ctrl, "authentication now required")
         self._discovery_changed()
 
     def _notify(self, nqn):

@@ -23,12 +23,17 @@ def group():
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
 @click.option("--tls-required", is_flag=True, help="Refuse clients that do not STARTTLS.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA: clients need a certificate it signed (implies --tls-required).")
+@click.option("--tls-allow", "tls_allow", multiple=True, metavar="DN",
+              help="Client certificate subject allowed, e.g. 'CN=backup1' or 'CN=xo,O=Example' "
+              "(repeatable; needs --tls-ca; default: any certificate of the CA).")
 @click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Requests of one connection executed at once (>1: overlap slow zvol I/O).")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every option/request.")
 def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert, tls_key,
-          tls_required, max_connections, workers, verbose):
+          tls_required, tls_ca, tls_allow, max_connections, workers, verbose):
     """Serve exports until SIGTERM.
 
     Example: zfs-ng nbd serve --unix /run/zfs-ng/nbd.sock
@@ -39,8 +44,9 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
     try:
         service.serve(unix_path=unix_path, tcp=tcp, exports=exports, bitmaps=bitmaps,
                       allocations=allocations, descriptions=descriptions, tls_cert=tls_cert,
-                      tls_key=tls_key, tls_required=tls_required,
-                      max_connections=max_connections, workers=workers, verbose=verbose)
+                      tls_key=tls_key, tls_required=tls_required, tls_ca=tls_ca,
+                      tls_allow=tls_allow, max_connections=max_connections, workers=workers,
+                      verbose=verbose)
     except service.UsageError as e:
         fail(str(e))
 

@@ -65,12 +65,15 @@ def serve(listen, state, socket_path, workers, reuse_port, verbose):
 @click.option("--allow-any-host", is_flag=True, help="Any host may connect (default: deny).")
 @click.option("--block-size", default="512", show_default=True, type=click.Choice(
     ["512", "1024", "2048", "4096"]))
+@click.option("--require-auth", is_flag=True,
+              help="Refuse hosts without a DH-HMAC-CHAP key (see `target host-key`).")
 @socket_option
 @json_option
-def add(nqn, path, vol_uuid, readonly, hosts, allow_any_host, block_size, socket_path, as_json):
+def add(nqn, path, vol_uuid, readonly, hosts, allow_any_host, block_size, require_auth,
+        socket_path, as_json):
     """Serve the volume at PATH as subsystem NQN."""
     emit(_call(socket_path, "add", nqn, path, vol_uuid, readonly, hosts, allow_any_host,
-               int(block_size)), as_json)
+               int(block_size), require_auth), as_json)
 
 
 @group.command()
@@ -108,6 +111,104 @@ def allow_any_host(nqn, off, socket_path):
     _call(socket_path, "set_allow_any", nqn, not off)
 
 
+@group.command("require-auth")
+@click.argument("nqn", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every volume (discovery never asks).")
+@click.option("--off", is_flag=True, help="Hosts without a key are accepted again.")
+@socket_option
+def require_auth(nqn, all_, off, socket_path):
+    """Refuse hosts without a DH-HMAC-CHAP key on NQN (or --all).
+
+    A host that has a key always authenticates, required or not; this
+    makes the key mandatory.  Hosts connected without one are disconnected."""
+    if bool(nqn) == all_:
+        fail("give a subsystem NQN or --all")
+    _call(socket_path, "set_auth_required", "*" if all_ else nqn, not off)
+
+
+_HASHES = ["sha256", "sha384", "sha512"]
+_DHGROUPS = ["null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192"]
+_KEY_HASH = {"none": 0, "sha256": 1, "sha384": 2, "sha512": 3}
+
+
+@group.group("host-key")
+def host_key():
+    """DH-HMAC-CHAP keys of hosts (NVMe in-band authentication).
+
+    On the node: `zfs-ng target host-key set HOSTNQN --generate` prints a new
+    secret; on the host: `nvme connect ... --dhchap-secret=SECRET`.  A host
+    with a key always authenticates; `target require-auth` refuses hosts
+    without one.  Keys are kept in the target's registry (mode 0600)."""
+
+
+def _secret_arg(value, what):
+    if value == "-":
+        value = click.get_text_stream("stdin").readline().strip()
+    from nvmeof_target.auth import parse_secret
+    try:
+        parse_secret(value)
+    except ValueError as e:
+        fail("%s: %s" % (what, e))
+    return value
+
+
+@host_key.command("set")
+@click.argument("hostnqn")
+@click.option("--secret", metavar="DHHC-1:..|-",
+              help="The host's secret as `nvme gen-dhchap-key` prints it (- reads a line "
+              "from stdin, keeping it off the command line).")
+@click.option("--generate", is_flag=True, help="Make a new random host secret and print it.")
+@click.option("--ctrl-secret", metavar="DHHC-1:..|-",
+              help="Controller secret: the host checks the target too "
+              "(nvme connect --dhchap-ctrl-secret).")
+@click.option("--generate-ctrl", is_flag=True, help="Make a new controller secret and print it.")
+@click.option("--key-hash", type=click.Choice(sorted(_KEY_HASH)), default="none",
+              show_default=True, help="For --generate*: the DHHC-1 key transformation "
+              "(nvme gen-dhchap-key --hmac); the key is 32 bytes, or the hash's length.")
+@click.option("--hash", "hash_name", type=click.Choice(_HASHES), default="sha256",
+              show_default=True, help="HMAC picked when the host offers it.")
+@click.option("--dhgroup", type=click.Choice(_DHGROUPS), default="ffdhe2048", show_default=True,
+              help="DH group picked when the host offers it.")
+@socket_option
+@json_option
+def host_key_set(hostnqn, secret, generate, ctrl_secret, generate_ctrl, key_hash, hash_name,
+                 dhgroup, socket_path, as_json):
+    """Set HOSTNQN's secret (its controllers reconnect and authenticate)."""
+    from nvmeof_target.auth import generate_secret
+    if bool(secret) == generate:
+        fail("give --secret SECRET or --generate")
+    if ctrl_secret and generate_ctrl:
+        fail("give --ctrl-secret SECRET or --generate-ctrl, not both")
+    out = {"hostnqn": hostnqn}
+    if generate:
+        secret = out["secret"] = generate_secret(_KEY_HASH[key_hash])
+    else:
+        secret = _secret_arg(secret, "--secret")
+    if generate_ctrl:
+        ctrl_secret = out["ctrl_secret"] = generate_secret(_KEY_HASH[key_hash])
+    elif ctrl_secret:
+        ctrl_secret = _secret_arg(ctrl_secret, "--ctrl-secret")
+    _call(socket_path, "set_host_key", hostnqn, secret, ctrl_secret, hash_name, dhgroup)
+    out.update(bidirectional=bool(ctrl_secret), hash=hash_name, dhgroup=dhgroup)
+    emit(out, as_json)
+
+
+@host_key.command("rm")
+@click.argument("hostnqn")
+@socket_option
+def host_key_rm(hostnqn, socket_path):
+    """Forget HOSTNQN's key (its controllers are disconnected)."""
+    _call(socket_path, "remove_host_key", hostnqn)
+
+
+@host_key.command("ls")
+@socket_option
+@json_option
+def host_key_ls(socket_path, as_json):
+    """Hosts with a key (never the secrets)."""
+    emit(_call(socket_path, "host_keys"), as_json, ["hostnqn", "bidirectional", "hash", "dhgroup"])
+
+
 @group.command()
 @click.argument("nqn")
 @socket_option
@@ -123,7 +224,7 @@ def resize(nqn, socket_path, as_json):
 def ls(socket_path, as_json):
     """List served volumes."""
     emit(_call(socket_path, "list"), as_json,
-         ["nqn", "path", "uuid", "readonly", "allow_any", "allowed_hosts"])
+         ["nqn", "path", "uuid", "readonly", "allow_any", "allowed_hosts", "require_auth"])
 
 
 @group.command()
