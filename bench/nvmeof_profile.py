@@ -43,13 +43,14 @@ def free_port():
     return port
 
 
-def start(tmp, port, prof, workers):
+def start(tmp, port, prof, workers, file_dir):
     state, sock = os.path.join(tmp, "t.db"), os.path.join(tmp, "t.sock")
     argv = [sys.executable]
     if prof:
         argv += ["-m", "cProfile", "-o", prof]
     argv += ["-m", "sr_tools", "target", "serve", "--listen", "127.0.0.1:%d" % port,
-             "--state", state, "--socket", sock, "--workers", str(workers)]
+             "--state", state, "--socket", sock, "--workers", str(workers),
+             "--file-dir", file_dir]
     proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     while True:
         try:
@@ -171,7 +172,7 @@ def main():
         for _ in range(opts.size >> 20):
             f.write(chunk)
     port = free_port()
-    proc, csock = start(tmp, port, opts.profile, opts.workers)
+    proc, csock = start(tmp, port, opts.profile, opts.workers, os.path.dirname(path))
     try:
         Client(csock).add(NQN, path, str(uuid.uuid4()), allow_any_host=True)
         admin = Host(SocketTransport(("127.0.0.1", port)))

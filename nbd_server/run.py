@@ -30,9 +30,11 @@ import time
 
 
 def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_required=False,
-         max_connections=None, workers=None, verbose=1, tls_ca=None, tls_allow=()):
+         max_connections=None, workers=None, verbose=1, tls_ca=None, tls_allow=(), **limits):
     """The command line of a server for these exports (a list, no shell):
-    `python3 -m nbd_server --json OPTIONS` (nbd_server.service.serve)."""
+    `python3 -m nbd_server --json OPTIONS` (nbd_server.service.serve).
+    limits: max_per_client, handshake_timeout, idle_timeout, request_timeout,
+    max_buffer (nbd_server/server.py), given only when not None."""
     opts = {"exports": [], "bitmaps": [], "allocations": [], "descriptions": [],
             "verbose": int(verbose or 0)}
     if unix_path:
@@ -62,7 +64,15 @@ def argv(exports, unix_path=None, tcp=None, tls_cert=None, tls_key=None, tls_req
         opts["max_connections"] = int(max_connections)
     if workers:
         opts["workers"] = int(workers)
+    for k, v in sorted(limits.items()):
+        if k not in LIMITS:
+            raise TypeError("argv() got an unexpected keyword argument %r" % k)
+        if v is not None:
+            opts[k] = v
     return [sys.executable, "-m", "nbd_server", "--json", json.dumps(opts, sort_keys=True)]
+
+
+LIMITS = ("max_per_client", "handshake_timeout", "idle_timeout", "request_timeout", "max_buffer")
 
 
 def _accepting(unix_path, tcp):

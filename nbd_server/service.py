@@ -12,6 +12,8 @@ DEFAULTS = {
     "unix_path": None, "tcp": None, "exports": (), "bitmaps": (), "allocations": (),
     "descriptions": (), "tls_cert": None, "tls_key": None, "tls_required": False,
     "tls_ca": None, "tls_allow": (), "max_connections": 256, "workers": 1, "verbose": 0,
+    "max_per_client": 32, "handshake_timeout": 30.0, "idle_timeout": 300.0,
+    "request_timeout": 60.0, "max_buffer": 256 << 20,
 }
 
 
@@ -21,7 +23,8 @@ class UsageError(ValueError):
 
 def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), descriptions=(),
           tls_cert=None, tls_key=None, tls_required=False, tls_ca=None, tls_allow=(),
-          max_connections=256, workers=1, verbose=0):
+          max_connections=256, workers=1, verbose=0, max_per_client=32, handshake_timeout=30.0,
+          idle_timeout=300.0, request_timeout=60.0, max_buffer=256 << 20):
     """Listen, then serve until SIGTERM.  Raises UsageError before listening
     when the options or exports are wrong.  tls_ca (a PEM CA) makes TLS
     mandatory and requires client certificates it signed; tls_allow limits
@@ -47,6 +50,11 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
         tls_required = True         # a client that skips TLS would skip the check
     if not 1 <= int(max_connections) <= 65536 or not 1 <= int(workers) <= 64:
         raise UsageError("max_connections must be 1..65536 and workers 1..64")
+    if int(max_per_client) < 1 or int(max_buffer) < 1:
+        raise UsageError("max_per_client and max_buffer must be at least 1")
+    if not float(handshake_timeout) > 0 or not float(request_timeout) > 0 \
+            or float(idle_timeout) < 0:
+        raise UsageError("handshake and request timeouts must be > 0, idle timeout >= 0")
     try:
         table = ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
         address = parse_tcp(tcp) if tcp else None
@@ -55,7 +63,10 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
             ctx = tlsauth.server_context(tls_cert, tls_key, tls_ca, tls_allow)
         server = Server(table, unix_path=unix_path, tcp=address, tls_context=ctx,
                         tls_required=tls_required, max_connections=int(max_connections),
-                        workers=int(workers))
+                        workers=int(workers), max_per_client=int(max_per_client),
+                        handshake_timeout=float(handshake_timeout),
+                        idle_timeout=float(idle_timeout), request_timeout=float(request_timeout),
+                        max_buffer=int(max_buffer))
         server.listen()
     except (ValueError, OSError, ssl.SSLError) as e:
         raise UsageError(str(e))

@@ -1,10 +1,14 @@
 """Sans-IO NBD transmission phase, server side.
 
-RequestParser turns bytes into Request objects (WRITE payloads included,
-lengths checked before anything is allocated).  Transmission executes one
-request against the export's Backend and block status providers and returns
-the reply as a list of buffers to send, simple or structured as negotiated.
-Nothing here touches a socket.
+RequestParser turns bytes into Request objects (WRITE payloads included).
+Nothing is allocated for a WRITE's payload before its header has passed every
+check that needs no data (`check`, Transmission.refusal: command, flags,
+range, read-only, size): a refused payload is dropped as it arrives, never
+buffered; an accepted one is allocated through `allocate` (the server charges
+it to its budget there).  Transmission executes one request against the
+export's Backend and block status providers and returns the reply as a list
+of buffers to send, simple or structured as negotiated.  Nothing here touches
+a socket.
 """
 
 import errno
@@ -60,8 +64,13 @@ class Request:
 
 
 class RequestParser:
-    def __init__(self, max_payload=C.MAX_REQUEST):
+    def __init__(self, max_payload=C.MAX_REQUEST, check=None, allocate=bytearray):
+        """check(request) -> NBD error of a WRITE refused from its header alone
+        (0: accepted), before its payload is allocated; allocate(n) -> the
+        buffer for an accepted payload of n bytes."""
         self.max_payload = max_payload
+        self.check = check
+        self.allocate = allocate
         self._in = bytearray()
         self._pending = None      # a WRITE whose payload is still arriving
         self._payload = None
@@ -95,6 +104,15 @@ class RequestParser:
         """n bytes were written into payload_buffer()."""
         self._filled += n
 
+    def mid_request(self):
+        """Part of a request is in (a header, or a WRITE's payload): the client
+        owes the rest."""
+        return bool(self._in) or self._pending is not None
+
+    def held(self):
+        """Bytes allocated for a WRITE payload not complete yet."""
+        return len(self._payload) if self._payload is not None else 0
+
     def next_request(self):
         """The next complete Request, or None when more bytes are needed.
         Raises ProtocolError on a bad magic."""
@@ -121,9 +139,12 @@ class RequestParser:
         have = min(length, len(self._in))
         if length > self.max_payload:
             req.error = C.EINVAL          # too big: drop the payload, refuse it
+        elif self.check is not None:
+            req.error = self.check(req)
+        if req.error:
             self._skip = length - have
         else:
-            self._payload = bytearray(length)
+            self._payload = self.allocate(length)
             self._payload[:have] = self._in[:have]
             self._filled = have
         del self._in[:have]
@@ -176,12 +197,21 @@ class Transmission:
 
     # -- dispatch -----------------------------------------------------------
 
+    def refusal(self, req):
+        """The NBD error req gets from its header alone (0: none): what the
+        parser asks before it allocates a WRITE's payload."""
+        try:
+            self._validate(req)
+        except _Refused as e:
+            return e.error
+        return 0
+
     def handle(self, req):
         """Execute req; return the buffers of its reply ([] for DISC)."""
         try:
+            self._validate(req)
             if req.error:
                 raise _Refused(req.error, "request too large")
-            self._validate(req)
             if req.type == C.CMD_READ:
                 return self._read(req)
             if req.type == C.CMD_DISC:

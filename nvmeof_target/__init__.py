@@ -14,6 +14,8 @@ Layout, one concern per module (cf. Linux drivers/nvme/target/):
   registry.py   the persistent volume table (sqlite3; an idle volume = one row)
   target.py     live subsystems, controllers, volume changes
   server.py     the selectors event loop, `serve()`
+  limits.py     what the network may take: connection slots, deadlines, buffer budgets
+  volpath.py    only volumes are served: block devices, image files under --file-dir
   workers.py    several processes on one port (SO_REUSEPORT)
   control.py    the local control socket and its `Client`
 

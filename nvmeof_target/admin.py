@@ -27,6 +27,17 @@ def execute(queue, cmd):
     return handler(queue, ctrl, cmd)
 
 
+def check_data_out(queue, cmd):
+    """Before an R2T is granted: no admin or discovery command here takes data
+    from the host, so none gets one (the status execute() would answer)."""
+    ctrl = queue.ctrl
+    if (_DISCOVERY if ctrl.discovery else _ADMIN).get(cmd.opcode) is None:
+        raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
+    if not ctrl.ready:
+        raise st.NvmeError((st.INVALID_OPCODE if ctrl.discovery else st.CMD_SEQ_ERROR) | st.DNR)
+    raise st.NvmeError(st.INVALID_FIELD | st.DNR)
+
+
 def _need_len(cmd, n):
     if cmd.sgl_len != n:
         raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)

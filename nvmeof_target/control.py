@@ -128,6 +128,8 @@ class ControlServer(object):
             sock, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
             return
+        except OSError as e:         # out of fds: the server pauses its listeners, this one too
+            return self.server.accept_failed(e)
         sock.setblocking(False)
         c = _ControlConn(self, sock)
         self.conns.add(c)

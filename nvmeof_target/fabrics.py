@@ -22,6 +22,15 @@ _CONNECT_DATA = struct.Struct("<16sH238x256s256s256x")
 CATTR_DISABLE_SQFLOW = 1 << 2
 
 
+def check_data_out(queue, cmd):
+    """Before an R2T is granted (the queue is connected): Connect again is a
+    sequence error, and no fabrics command takes its data through an R2T
+    (Connect's 1024 bytes and the authentication messages come in the capsule)."""
+    if cmd.fctype == CONNECT:
+        raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+    raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
+
+
 def ipo_data(offset):
     """Connect Invalid Parameter: DW0 names the bad byte inside the Connect data."""
     return (1 << 16) | offset

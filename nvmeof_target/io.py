@@ -14,6 +14,7 @@ DEAC = 1 << 25          # cdw12, Write Zeroes: deallocate
 DSM_AD = 1 << 2         # cdw11
 SPAN_MIN = 16384         # smaller reads: one pread + the batched sendmsg is cheaper
 _RANGE = struct.Struct("<IIQ")      # cattr, nlb (1-based), slba
+DSM_MAX_DATA = 256 * _RANGE.size     # NR is 8 bits, 0's based
 
 
 def _lba_range(sub, slba, nlb):
@@ -46,6 +47,30 @@ def execute(queue, cmd, data):
         return _OPS[op](sub, cmd, data)
     except OSError as e:
         raise st.NvmeError(st.error_from_oserror(e, write=op != READ), msg=str(e))
+
+
+def check_data_out(queue, cmd):
+    """Before an R2T is granted for cmd's data: would it run?  The checks of
+    execute() and of the command itself that need no data (ready, opcode,
+    namespace, write protection, length and LBA range)."""
+    ctrl = queue.ctrl
+    if not ctrl.ready:
+        raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+    op = cmd.opcode
+    if op not in _OPS:
+        raise st.NvmeError(st.INVALID_OPCODE | st.DNR)
+    if cmd.nsid != 1:
+        raise st.NvmeError(st.INVALID_NS | st.DNR)
+    sub = ctrl.subsys
+    if op == WRITE:
+        _writable(sub)
+        _rw_args(sub, cmd)
+    elif op == DSM:
+        _writable(sub)
+        if cmd.sgl_len > DSM_MAX_DATA:
+            raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
+    else:
+        raise st.NvmeError(st.INVALID_FIELD | st.DNR)     # takes no data
 
 
 def _rw_args(sub, cmd):

@@ -156,14 +156,19 @@ class Parser(object):
     feed(bytes) then next_pdu() until None.  Digest settings and the data
     limits are set by the queue once ICReq/ICResp are exchanged.  Data of a
     PDU is copied once, straight into its own buffer (no re-buffering of
-    large H2CData payloads)."""
+    large H2CData payloads).  Nothing is kept that points into fed bytes.
 
-    def __init__(self, max_cmd_data=8192, max_h2c_data=1 << 20):
+    Nothing is allocated for a PDU's data before its header is checked:
+    h2c_check(header, dlen), if given, vets an H2CData header (the queue
+    knows which transfers it granted) and raises PduError to refuse it."""
+
+    def __init__(self, max_cmd_data=8192, max_h2c_data=1 << 20, h2c_check=None):
         self.hdgst = False
         self.ddgst = False
         self.ic_done = False
         self.max_cmd_data = max_cmd_data
         self.max_h2c_data = max_h2c_data
+        self.h2c_check = h2c_check
         self._hbuf = bytearray()   # header bytes being gathered
         self._need = 8             # header bytes needed before the next step
         self._pdu = None           # PDU whose data is being received
@@ -174,10 +179,16 @@ class Parser(object):
         self._ready = []
 
     # -- receive ----------------------------------------------------------------------
-    def feed(self, data):
+    def feed(self, data, limit=None):
+        """Parse data; returns how many bytes were taken: all of them, or
+        fewer when `limit` PDUs are ready (it stops at a PDU boundary; the
+        caller feeds the rest later)."""
         view = memoryview(data).cast("B")
         pos, end = 0, len(view)
         while pos < end:
+            if limit is not None and len(self._ready) >= limit and self._dbuf is None \
+                    and not self._hbuf:
+                break
             if self._dbuf is not None:
                 if self._skip:
                     n = min(self._skip, end - pos)
@@ -204,6 +215,7 @@ class Parser(object):
             pos += n
             if len(self._hbuf) == self._need:
                 self._header_step()
+        return pos
 
     def next_pdu(self):
         return self._ready.pop(0) if self._ready else None
@@ -243,6 +255,8 @@ class Parser(object):
             return
         dd = 4 if flags & F_DDGST else 0
         dlen = plen - pdo - dd
+        if ptype == H2C_DATA and self.h2c_check is not None:
+            self.h2c_check(header, dlen)
         self._pdu = Pdu(ptype, flags, hlen, pdo, plen, header)
         self._dbuf = bytearray(dlen + dd)
         self._dpos = 0

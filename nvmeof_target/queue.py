@@ -3,30 +3,54 @@ data_received(bytes) in, buffers to send in `out`.  The server owns the socket
 and is told through `wakeup()` when output is waiting or the queue wants to
 close.  Flow per command (drivers/nvme/target/tcp.c): in-capsule data, or one
 R2T for the whole transfer answered by H2CData; reads go back as one C2HData
-with LAST, then the CapsuleResp."""
+with LAST, then the CapsuleResp.
 
+Bounded memory (limits.py): with a conn_buffer, the queue counts the bytes it
+holds (replies in `out`, input not parsed yet, write data granted by R2T) and
+charges them to the shared Budget too.  Over budget it takes no new command:
+the rest of the input waits in a stash and `wants_input()` turns False (the
+server stops reading the socket) until `sent(n)` reports that the host read
+its replies.  R2Ts past the budget wait for earlier writes to complete.  A
+write is checked (opcode, queue, namespace, range, length) before its R2T, an
+H2CData header before its data is allocated."""
+
+import collections
 import logging
 
 from . import admin, fabrics, io, pdu
 from . import status as st
 from .command import DEFERRED, FABRICS, Command, Result
 from .identify import INLINE_DATA, MAX_TRANSFER
+from .limits import Budget
 
 log = logging.getLogger("nvmeof_target")
 
 MAXH2CDATA = MAX_TRANSFER        # one H2CData per write (multiple of 4, >= 4096)
 ADMIN_INLINE = 8192              # NVME_TCP_ADMIN_CCSZ: Connect data on every queue
 TRANSIENT_TRANSPORT_ERROR = 0x022
+PARSE_BATCH = 64                 # PDUs parsed ahead of the one being executed
 
 
 class Queue(object):
-    def __init__(self, target, local_addr=("127.0.0.1", 4420), peer=None):
+    def __init__(self, target, local_addr=("127.0.0.1", 4420), peer=None, conn_buffer=None,
+                 budget=None):
+        """conn_buffer: bytes this queue may hold (None: no limit); budget:
+        the limits.Budget shared with the other queues of the event loop."""
         self.target = target
         self.local_addr = local_addr
         self.peer = peer
         self.parser = pdu.Parser(max_cmd_data=max(ADMIN_INLINE, INLINE_DATA),
-                                 max_h2c_data=MAXH2CDATA)
+                                 max_h2c_data=MAXH2CDATA, h2c_check=self._h2c_header)
         self.out = []
+        self.conn_buffer = conn_buffer
+        self.budget = budget if budget is not None else Budget()
+        self.out_bytes = 0            # in `out`, not sent yet
+        self.in_bytes = 0             # granted by R2T, not executed yet
+        self.stash_bytes = 0
+        self.paused = False           # over budget: input waits in _stash
+        self._stash = None
+        self._ready = collections.deque()     # parsed, not dispatched yet
+        self._r2t_wait = collections.deque()  # writes waiting for budget to get an R2T
         self.wakeup = _noop           # set by the server
         self.aio = None               # the server's aio.AioReads, if any
         self.closing = False
@@ -38,8 +62,15 @@ class Queue(object):
         self.sqflow_disabled = False
         self.hdgst = self.ddgst = False
         self._ic = False
-        self._r2ts = {}               # ttag -> [cmd, buffer or None, received, digest ok]
+        # ttag -> [cmd, buffer or None, received, digest ok, offset parsed up to]
+        self._r2ts = {}
         self._next_ttag = 0
+
+    @property
+    def established(self):
+        """ICReq, Connect and (when asked) DH-HMAC-CHAP done: the connection
+        is no longer on the connect deadline nor counted as pending (server.py)."""
+        return self.ctrl is not None and (self.auth is None or self.auth.authenticated)
 
     # ---- input --------------------------------------------------------------------
     def data_received(self, data):
@@ -47,14 +78,59 @@ class Queue(object):
             return
         if self.ctrl is not None:     # keep-alive: traffic of this batch counts once
             self.ctrl.touch(self.target.now())
+        if self._stash is not None:   # fed while paused (the server does not): keep order
+            data = self._unstash() + bytes(data)
+        self._run(memoryview(data))
+
+    def _run(self, view):
+        """Parse and execute view until it is used up or the budget says stop."""
+        ready, parser, pop, dispatch = self._ready, self.parser, self._ready.popleft, self._dispatch
+        pos, end = 0, len(view)
         try:
-            self.parser.feed(data)
-            for p in self.parser.take():
-                if self.closing:
-                    break
-                self._dispatch(p)
+            while True:
+                while ready:
+                    p = ready[0]
+                    if p.type == _CMD and self.out_bytes and not self._may_take_command():
+                        self._stash_bytes(bytes(view[pos:]))
+                        return
+                    pop()
+                    dispatch(p)
+                    if self.closing:
+                        return
+                if pos >= end:
+                    return
+                pos += parser.feed(view[pos:], PARSE_BATCH)
+                ready.extend(parser.take())
         except pdu.PduError as e:
             self.fatal(e.fes, e.fei, e.header, str(e))
+
+    def _may_take_command(self):
+        out, limit = self.out_bytes, self.conn_buffer
+        if not out or limit is None:
+            return True
+        total = self.budget.total
+        return out < limit and (total is None or self.budget.used < total)
+
+    def _stash_bytes(self, data):
+        self._stash = data
+        self.paused = True
+        self.stash_bytes = len(data)
+        self.budget.used += self.stash_bytes
+
+    def _unstash(self):
+        stash = self._stash
+        self.budget.used -= self.stash_bytes
+        self._stash, self.stash_bytes, self.paused = None, 0, False
+        return stash
+
+    def wants_input(self):
+        """False: do not read this connection (closing, or over its budget)."""
+        return not self.closing and not self.paused
+
+    def resume(self):
+        """Go on with the input stashed while over budget, if the budget allows."""
+        if self.paused and not self.closing and self._may_take_command():
+            self._run(memoryview(self._unstash()))
 
     def _dispatch(self, p):
         if p.type == pdu.CMD:
@@ -101,29 +177,71 @@ class Queue(object):
                 if cmd.sgl_len > MAX_TRANSFER:
                     raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
                 if cmd.is_write:
+                    self._check_data_out(cmd)
                     return self._send_r2t(cmd)
         except st.NvmeError as e:
             return self.complete(cmd.cid, Result(e.status, e.dw0))
         self._execute(cmd, data)
 
-    def _send_r2t(self, cmd):
-        if self.ctrl is None or len(self._r2ts) >= 2 * self.sqsize:
-            return self.complete(cmd.cid, Result(st.CMD_SEQ_ERROR | st.DNR))
+    def _check_data_out(self, cmd):
+        """All that can be known before an R2T is granted: a command that
+        would fail gets its status now, and no data moves (nor is buffered)."""
+        if self.ctrl is None or len(self._r2ts) + len(self._r2t_wait) >= 2 * self.sqsize:
+            raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
         if self.auth is not None and not self.auth.authenticated:
-            return self.complete(cmd.cid, Result(st.AUTH_REQUIRED | st.DNR))
-        ttag = self._next_ttag
-        while ttag in self._r2ts:
-            ttag = (ttag + 1) & 0xFFFF
-        self._next_ttag = (ttag + 1) & 0xFFFF
-        self._r2ts[ttag] = [cmd, None, 0, True]
-        self.send(pdu.r2t(cmd.cid, ttag, 0, cmd.sgl_len, self.hdgst))
+            raise st.NvmeError(st.AUTH_REQUIRED | st.DNR)
+        if cmd.opcode == FABRICS:
+            fabrics.check_data_out(self, cmd)
+        elif self.qid == 0:
+            admin.check_data_out(self, cmd)
+        else:
+            io.check_data_out(self, cmd)
+
+    def _send_r2t(self, cmd):
+        self._r2t_wait.append(cmd)
+        self._grant_r2ts()
+
+    def _grant_r2ts(self):
+        """R2Ts for the waiting writes, as far as the budgets allow; a queue
+        with no transfer granted always gets one (a write never waits for nothing)."""
+        wait = self._r2t_wait
+        while wait and not self.closing:
+            n = wait[0].sgl_len
+            if self.in_bytes and self.conn_buffer is not None and (
+                    self.in_bytes + n > self.conn_buffer or not self.budget.fits(n)):
+                return
+            cmd = wait.popleft()
+            self.in_bytes += n
+            self.budget.used += n
+            ttag = self._next_ttag
+            while ttag in self._r2ts:
+                ttag = (ttag + 1) & 0xFFFF
+            self._next_ttag = (ttag + 1) & 0xFFFF
+            self._r2ts[ttag] = [cmd, None, 0, True, 0]
+            self.send(pdu.r2t(cmd.cid, ttag, 0, n, self.hdgst))
+
+    def _h2c_header(self, header, dlen):
+        """The parser's check of an H2CData header, before it allocates the
+        data: only a transfer this queue granted, in order, within its length."""
+        cccid, ttag, datao, datal = pdu.DATA_HDR.unpack_from(header, 0)[5:9]
+        ent = self._r2ts.get(ttag)
+        if ent is None:
+            raise pdu.PduError(pdu.FES_INVALID_HEADER, 10, header, "H2CData for unknown ttag")
+        cmd = ent[0]
+        if cccid != cmd.cid:
+            raise pdu.PduError(pdu.FES_INVALID_HEADER, 8, header, "H2CData cccid mismatch")
+        if datao != ent[4]:
+            raise pdu.PduError(pdu.FES_OUT_OF_RANGE, 12, header, "H2CData offset %d" % datao)
+        if datal != dlen or datao + datal > cmd.sgl_len:
+            raise pdu.PduError(pdu.FES_OUT_OF_RANGE, 16, header, "H2CData length %d" % datal)
+        ent[4] = datao + datal
 
     def _h2c_data(self, p):
         cccid, ttag, datao, datal = pdu.parse_data_hdr(p)
         ent = self._r2ts.get(ttag)
         if ent is None:
             raise pdu.PduError(pdu.FES_INVALID_HEADER, 10, p.header, "H2CData for unknown ttag")
-        cmd, buf, got, ok = ent
+        cmd, buf, got, ok, _ = ent
         if cccid != cmd.cid:
             raise pdu.PduError(pdu.FES_INVALID_HEADER, 8, p.header, "H2CData cccid mismatch")
         if datao != got:
@@ -141,12 +259,17 @@ class Queue(object):
         if got < cmd.sgl_len:
             if p.flags & pdu.F_LAST:
                 raise pdu.PduError(pdu.FES_OUT_OF_RANGE, 1, p.header, "LAST before all data")
-            ent[1:] = [buf, got, ok]
+            ent[1:4] = [buf, got, ok]
             return
         del self._r2ts[ttag]
-        if not ok:
-            return self.complete(cmd.cid, Result(TRANSIENT_TRANSPORT_ERROR))
-        self._execute(cmd, buf)
+        try:
+            if not ok:
+                return self.complete(cmd.cid, Result(TRANSIENT_TRANSPORT_ERROR))
+            self._execute(cmd, buf)
+        finally:
+            self.in_bytes -= cmd.sgl_len
+            self.budget.used -= cmd.sgl_len
+            self._grant_r2ts()
 
     def _execute(self, cmd, data):
         try:
@@ -200,24 +323,48 @@ class Queue(object):
         else:
             self.sqhd = sqhd = (self.sqhd + 1) % self.sqsize
         out = self.out
+        n = len(data)
         if self.hdgst or self.ddgst:
-            out.extend(pdu.c2h_data(cid, data, 0, True, False, self.hdgst, self.ddgst))
-            out.append(pdu.capsule_resp(cid, 0, self.qid or 0, sqhd, 0, 0, self.hdgst))
+            bufs = pdu.c2h_data(cid, data, 0, True, False, self.hdgst, self.ddgst)
+            bufs.append(pdu.capsule_resp(cid, 0, self.qid or 0, sqhd, 0, 0, self.hdgst))
+            out.extend(bufs)
+            n = sum(len(b) for b in bufs)
         else:
-            n = len(data)
             out.append(_C2H_PACK(pdu.C2H_DATA, pdu.F_LAST, 24, 24, 24 + n, cid, 0, 0, n))
             out.append(data)
             out.append(_RSP_PACK(pdu.RSP, 0, 24, 0, 24, 0, 0, sqhd, self.qid or 0, cid, 0))
+            n += 48
+        self.out_bytes += n
+        self.budget.used += n
         self.wakeup()
 
     def send(self, buf):
         self.out.append(buf)
+        n = len(buf)
+        self.out_bytes += n
+        self.budget.used += n
         self.wakeup()
+
+    def sent(self, n):
+        """The server sent (and dropped) n bytes from the front of `out`."""
+        self.out_bytes -= n
+        self.budget.used -= n
+
+    def take_output(self):
+        """For sans-IO drivers (tests): all there is to send, as bytes; it
+        counts as sent, so a paused queue goes on (and may add more)."""
+        data = b""
+        while self.out:
+            data += b"".join(bytes(b) for b in self.out)
+            del self.out[:]
+            self.sent(self.out_bytes)
+            self.resume()
+        return data
 
     def fatal(self, fes, fei, header, msg):
         log.warning("%s: fatal transport error: %s", self.peer, msg)
         if not self.closing:
-            self.out.append(pdu.c2h_term(fes, fei, header))
+            self.send(pdu.c2h_term(fes, fei, header))
         self.abort()
 
     def abort(self):
@@ -226,13 +373,34 @@ class Queue(object):
         self.wakeup()
 
     def connection_lost(self):
+        """The socket is gone: leave the controller, give back every byte of
+        budget and drop every reference out of this queue, so its memory is
+        freed now, not whenever the cycle collector runs."""
         self.closing = True
-        self.target.queue_closed(self)
+        try:
+            self.target.queue_closed(self)
+        finally:
+            if self._stash is not None:
+                self._unstash()
+            self.budget.used -= self.out_bytes + self.in_bytes
+            self.out_bytes = self.in_bytes = 0
+            self.out = []
+            self._r2ts.clear()
+            self._r2t_wait.clear()
+            self._ready.clear()
+            self.parser = _CLOSED_PARSER
+            self.ctrl = None
+            self.aio = None
+            self.wakeup = _noop
 
 
+_CMD = pdu.CMD
 _C2H_PACK = pdu.DATA_HDR.pack
 _RSP_PACK = pdu.RSP_HDR.pack
 
 
 def _noop():
     pass
+
+
+_CLOSED_PARSER = pdu.Parser()

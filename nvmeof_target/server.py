@@ -1,16 +1,28 @@
 """The event loop: non-blocking sockets on one selector (Python 3.6 API), one
 Queue state machine per TCP connection, the control socket, and a once-a-second
-tick for keep-alive timeouts.  Shuts down cleanly on SIGTERM/SIGINT."""
+tick for keep-alive timeouts and connection deadlines.  Shuts down cleanly on
+SIGTERM/SIGINT.
 
+What the network gets is bounded (limits.py): connection slots, the time to
+complete ICReq + Connect, bytes buffered per connection and in all.  A queue
+over its budget is not read (its host's sends stop on TCP back-pressure) until
+its host reads the replies.  One receive buffer serves every connection (the
+queues copy what they keep).  At EMFILE/ENFILE accepting pauses (0.1 s, then
+longer up to 2 s) while the connections already there go on; repeated log
+lines are rate-limited."""
+
+import collections
 import errno
 import logging
 import selectors
 import signal
 import socket
+import time
 
 from . import control, io
 from .aio import AioReads
 from .filespan import FileSpan
+from .limits import Budget, Limits
 from .queue import Queue
 from .registry import Registry
 from .target import Target
@@ -19,9 +31,10 @@ log = logging.getLogger("nvmeof_target")
 
 RECV_SIZE = 1 << 18
 IOV_MAX = 512
-OUT_HIGH_WATER = 64          # buffers queued before we stop reading from that host
 DEFAULT_PORT = 4420
 MSG_MORE = getattr(socket, "MSG_MORE", 0)
+ACCEPT_BACKOFF = (0.1, 2.0)      # pause accepting at EMFILE: first, longest (doubling)
+_NO_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def parse_listen(text):
@@ -42,18 +55,44 @@ def parse_listen(text):
     return addr or "127.0.0.1", port
 
 
+class RateLog(object):
+    """A log line per `interval` seconds and key at most; the lines held back
+    are counted into the next one."""
+
+    def __init__(self, interval=10.0, clock=time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._last = {}
+        self._held = collections.Counter()
+
+    def __call__(self, level, key, msg, *args):
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] += 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            msg += " (and %d more times in %.0f s)" % (held, self.interval)
+        log.log(level, msg, *args)
+
+
 class Conn(object):
     def __init__(self, server, sock, peer):
         self.server = server
         self.sock = sock
+        self.host = peer[0]
         local = sock.getsockname()
-        self.queue = Queue(server.target, local_addr=(local[0], local[1]), peer="%s:%s" % peer[:2])
+        limits = server.limits
+        self.queue = Queue(server.target, local_addr=(local[0], local[1]), peer="%s:%s" % peer[:2],
+                           conn_buffer=limits.conn_buffer, budget=server.budget)
         self.queue.wakeup = self._wakeup
         self.queue.aio = server.aio
-        self.rbuf = bytearray(RECV_SIZE)
-        self.rview = memoryview(self.rbuf)
         self.mask = selectors.EVENT_READ
         self.closed = False
+        self.pending = True          # ICReq + Connect not done yet
+        self.deadline = server.target.now() + limits.connect_timeout
 
     def _wakeup(self):
         self.server.dirty.add(self)
@@ -65,28 +104,64 @@ class Conn(object):
             self.flush()
 
     def _read(self):
+        q = self.queue
+        rbuf, rview = self.server.rbuf, self.server.rview
         for _ in range(8):        # bounded: other connections get their turn
             try:
-                n = self.sock.recv_into(self.rbuf)
+                n = self.sock.recv_into(rbuf)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.info("%s: %s", self.queue.peer, e)
+                log.info("%s: %s", q.peer, e)
                 return self.close()
             if n == 0:
                 return self.close()
-            self.queue.data_received(self.rview[:n])
-            if n < RECV_SIZE or self.queue.closing or len(self.queue.out) > OUT_HIGH_WATER:
+            q.data_received(rview[:n])
+            if self.pending and q.established:
+                self.server.established(self)
+            if not q.wants_input():
+                self.server.dirty.add(self)       # flush() drops EVENT_READ
+                return
+            if n < RECV_SIZE:
                 return
 
     def flush(self):
         q = self.queue
         out = q.out
-        sock = self.sock
+        self._send(q, out, self.sock)
+        if self.closed:
+            return
+        if q.paused:
+            q.resume()              # may queue more output: the server flushes again
+            if self.pending and q.established:
+                self.server.established(self)
+        if not out and q.closing:
+            return self.close()
+        mask = 0
+        if out:
+            mask |= selectors.EVENT_WRITE
+        if q.wants_input():
+            mask |= selectors.EVENT_READ
+        if q.closing and not self.closed:
+            self.server.closing(self)
+        if mask != self.mask:
+            self.mask = mask
+            if mask:
+                self.server.sel.modify(self.sock, mask, self)
+            else:
+                self.server.sel.unregister(self.sock)
+
+    def _send(self, q, out, sock):
         while out:
             try:
                 if type(out[0]) is FileSpan:
-                    if out[0].send(sock):
+                    span = out[0]
+                    before = span.length
+                    try:
+                        done = span.send(sock)
+                    finally:
+                        q.sent(before - span.length)
+                    if done:
                         out.pop(0)
                     continue
                 bufs = []
@@ -101,6 +176,7 @@ class Conn(object):
             except OSError as e:
                 log.info("%s: %s", q.peer, e)
                 return self.close()
+            q.sent(sent)
             while sent:
                 n = len(out[0])
                 if sent >= n:
@@ -109,53 +185,53 @@ class Conn(object):
                 else:
                     out[0] = memoryview(out[0])[sent:]
                     sent = 0
-        if not out and q.closing:
-            return self.close()
-        mask = 0
-        if out:
-            mask |= selectors.EVENT_WRITE
-        if not q.closing and len(out) <= OUT_HIGH_WATER:
-            mask |= selectors.EVENT_READ
-        if mask != self.mask:
-            self.mask = mask
-            if mask:
-                self.server.sel.modify(self.sock, mask, self)
-            else:
-                self.server.sel.unregister(self.sock)
 
     def close(self):
         if self.closed:
             return
         self.closed = True
+        server = self.server
         # reads queued this turn name the backend's fd by number: hand them to
         # the kernel (which then holds the file) before anything can close it
-        if self.server.aio.queued:
-            self.server.aio.flush()
+        if server.aio.queued:
+            server.aio.flush()
         if self.mask:
-            self.server.sel.unregister(self.sock)
+            server.sel.unregister(self.sock)
         self.mask = 0
         try:
             self.sock.close()
         finally:
-            self.server.conns.discard(self)
+            server.forget(self)
             self.queue.connection_lost()
+            self.sock = None
 
 
 class Server(object):
     def __init__(self, target, listen=(("127.0.0.1", DEFAULT_PORT),), control_path=None,
-                 reuse_port=False):
+                 reuse_port=False, limits=None):
         self.target = target
+        self.limits = limits or Limits()
+        self.budget = Budget(self.limits.total_buffer)
+        self.rbuf = bytearray(RECV_SIZE)        # every connection's receive buffer
+        self.rview = memoryview(self.rbuf)
         self.sel = selectors.DefaultSelector()
         self.conns = set()
         self.dirty = set()
+        self.pending = collections.OrderedDict()   # conn -> None, oldest first
+        self.pending_by_host = {}                  # address -> OrderedDict of its pending
+        self.lingering = collections.OrderedDict()  # closing conn -> deadline
+        self.counters = collections.Counter()
+        self.ratelog = RateLog()
         self.listeners = []
+        self._accept_paused = None      # (resume at, current delay) while out of fds
+        self._accept_delay = 0.0
         self._stop = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self)
         self.aio = AioReads(self.sel, io.read_done)
-        target.io_stats = self.aio.stats
+        target.io_stats = self.stats
         for addr, port in listen:
             self._listen(addr, port, reuse_port)
         self.control = None
@@ -179,21 +255,132 @@ class Server(object):
         self.listeners.append(s)
         log.info("listening on %s:%d", *s.getsockname()[:2])
 
+    def stats(self):
+        """The loop's counters (Target.stats merges them in)."""
+        d = dict(self.aio.stats())
+        d.update(connections=len(self.conns), pending_connections=len(self.pending),
+                 buffered_bytes=self.budget.used, accepting=self._accept_paused is None)
+        for k in ("refused_connections", "evicted_connections", "connect_timeouts",
+                  "accept_errors"):
+            d[k] = self.counters[k]
+        return d
+
+    # ---- connections ------------------------------------------------------------------
     def _accept(self, lsock):
+        limits = self.limits
         for _ in range(64):
             try:
                 sock, peer = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("accept: %s", e)
-                return
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Conn(self, sock, peer)
+                if self.accept_failed(e):
+                    return
+                continue
+            self._accept_delay = 0.0
+            if len(self.conns) >= limits.max_connections:
+                self.counters["refused_connections"] += 1
+                self.ratelog(logging.WARNING, "full", "%s: refused: %d connections already",
+                             peer[0], len(self.conns))
+                sock.close()
+                continue
+            host = peer[0]
+            mine = self.pending_by_host.get(host)
+            if mine is not None and len(mine) >= limits.max_pending_per_host:
+                self._evict(next(iter(mine)), "%d pending connections from %s" % (len(mine), host))
+            elif len(self.pending) >= limits.max_pending:
+                self._evict(next(iter(self.pending)), "%d pending connections" % len(self.pending))
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn = Conn(self, sock, peer)
+            except OSError as e:       # reset before we got to it
+                log.info("%s: %s", peer[0], e)
+                sock.close()
+                continue
             self.conns.add(conn)
+            self.pending[conn] = None
+            self.pending_by_host.setdefault(host, collections.OrderedDict())[conn] = None
             self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict(self, conn, why):
+        self.counters["evicted_connections"] += 1
+        self.ratelog(logging.WARNING, "evict", "%s: closed before Connect: %s", conn.queue.peer,
+                     why)
+        conn.close()
+
+    def accept_failed(self, e):
+        """accept() raised e; True when accepting is paused (out of fds: the
+        listeners stay readable, polling them would spin), so the connections
+        already there are served meanwhile."""
+        self.counters["accept_errors"] += 1
+        if e.errno not in _NO_FDS:
+            self.ratelog(logging.WARNING, "accept", "accept: %s", e)
+            return False
+        if self._accept_paused is None:
+            self._accept_delay = min(max(self._accept_delay * 2, ACCEPT_BACKOFF[0]),
+                                     ACCEPT_BACKOFF[1])
+            self._accept_paused = self.target.now() + self._accept_delay
+            for s, _ in self._acceptors():
+                self.sel.unregister(s)
+        self.ratelog(logging.ERROR, "nofd", "accept: %s: not accepting for %.1f s (%d "
+                     "connections)", e.strerror or e, self._accept_delay, len(self.conns))
+        return True
+
+    def _acceptors(self):
+        out = [(s, self) for s in self.listeners]
+        if self.control is not None:
+            out.append((self.control.sock, self.control))
+        return out
+
+    def _resume_accepting(self):
+        self._accept_paused = None
+        for s, owner in self._acceptors():
+            self.sel.register(s, selectors.EVENT_READ, owner)
+
+    def established(self, conn):
+        """conn completed ICReq + Connect: off the connect deadline."""
+        self._unpend(conn)
+
+    def closing(self, conn):
+        """conn's queue wants to close once its output is out: not forever."""
+        if conn not in self.lingering:
+            self.lingering[conn] = self.target.now() + self.limits.close_linger
+
+    def _unpend(self, conn):
+        if conn.pending:
+            conn.pending = False
+            self.pending.pop(conn, None)
+            mine = self.pending_by_host.get(conn.host)
+            if mine is not None:
+                mine.pop(conn, None)
+                if not mine:
+                    del self.pending_by_host[conn.host]
+
+    def forget(self, conn):
+        """conn is closed: drop every reference the server holds to it."""
+        self.conns.discard(conn)
+        self.dirty.discard(conn)
+        self.lingering.pop(conn, None)
+        self._unpend(conn)
+
+    def _deadlines(self):
+        """Once a second: connections past the Connect deadline, and closing
+        ones whose host does not read their last bytes."""
+        now = self.target.now()
+        while self.pending:
+            conn = next(iter(self.pending))
+            if conn.deadline > now:
+                break
+            self.counters["connect_timeouts"] += 1
+            self.ratelog(logging.INFO, "deadline", "%s: no Connect within %.0f s: closed",
+                         conn.queue.peer, self.limits.connect_timeout)
+            conn.close()
+        while self.lingering:
+            conn, deadline = next(iter(self.lingering.items()))
+            if deadline > now:
+                break
+            conn.close()
 
     def stop(self):
         """Safe from a signal handler: wakes the loop, which then shuts down."""
@@ -217,7 +404,13 @@ class Server(object):
         now = self.target.now
         next_tick = now() + 1.0
         while not self._stop:
-            timeout = max(0.0, next_tick - now())
+            wake = next_tick
+            if self._accept_paused is not None:
+                if now() >= self._accept_paused:
+                    self._resume_accepting()
+                else:
+                    wake = min(wake, self._accept_paused)
+            timeout = max(0.0, wake - now())
             for key, mask in self.sel.select(timeout):
                 obj = key.data
                 if obj is self:
@@ -234,6 +427,7 @@ class Server(object):
             if now() >= next_tick:
                 next_tick = now() + 1.0
                 self.target.expire()
+                self._deadlines()
                 if tick is not None:
                     tick()
                 self._flush_dirty()
@@ -253,6 +447,8 @@ class Server(object):
                     log.exception("close failed")
 
     def shutdown(self):
+        if self._accept_paused is not None:      # the control socket unregisters itself
+            self._resume_accepting()
         for s in self.listeners:
             self.sel.unregister(s)
             s.close()
@@ -269,14 +465,17 @@ class Server(object):
         self._wake_w.close()
 
 
-def serve(listen, state, control_path, reuse_port=False, workers=1):
-    """Run the target until SIGTERM/SIGINT (what `zfs-ng target serve` calls)."""
+def serve(listen, state, control_path, reuse_port=False, workers=1, limits=None,
+          file_dirs=None):
+    """Run the target until SIGTERM/SIGINT (what `zfs-ng target serve` calls).
+    limits: a limits.Limits per process; file_dirs: directories whose regular
+    files may be served (besides block devices), see volpath.py."""
     if workers > 1:
         from .workers import run_workers
-        return run_workers(workers, listen, state, control_path)
+        return run_workers(workers, listen, state, control_path, limits, file_dirs)
     registry = Registry(state)
-    target = Target(registry)
-    server = Server(target, listen, control_path, reuse_port)
+    target = Target(registry, file_dirs=file_dirs)
+    server = Server(target, listen, control_path, reuse_port, limits)
     log.info("%d volumes in %s", registry.count(), state)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())

@@ -10,7 +10,7 @@ import uuid as uuidlib
 from blockio.backend import Backend
 
 from . import controller as C
-from . import fabrics
+from . import fabrics, volpath
 from . import status as st
 from .command import Result
 from .controller import Controller
@@ -53,8 +53,12 @@ class LiveSubsystem(object):
 
 class Target(object):
     def __init__(self, registry, clock=time.monotonic, open_backend=Backend, worker=0,
-                 nworkers=1, shared=None, on_change=None):
+                 nworkers=1, shared=None, on_change=None, file_dirs=None):
+        """file_dirs: directories whose regular files may be served besides
+        block devices (volpath.py); None: $ZFSNG_TARGET_FILE_DIRS."""
         self.registry = registry
+        self.file_dirs = volpath.normalize_dirs(
+            volpath.file_dirs_from_env() if file_dirs is None else file_dirs)
         self.now = clock
         self.open_backend = open_backend
         self.io_stats = None            # the server's I/O counters (a callable -> dict)
@@ -118,6 +122,12 @@ class Target(object):
                 # Maybe a zvol still being imported: busy, no DNR, so the host retries.
                 log.warning("cannot open %s for %s: %s", vol.path, vol.nqn, e)
                 raise st.NvmeError(st.CONNECT_CTRL_BUSY)
+            try:
+                volpath.check_open(backend.fd, vol.path, self.file_dirs)
+            except (ValueError, OSError) as e:     # the path changed since `add`
+                backend.close()
+                log.error("%s: %s", vol.nqn, e)
+                raise st.NvmeError(st.CONNECT_INVALID_PARAM | st.DNR, ipo_data(256))
             sub = self.live[vol.nqn] = LiveSubsystem(vol, backend)
         return sub
 
@@ -228,6 +238,8 @@ class Target(object):
     # parent of several workers writes the registry and forwards the change.
     def add(self, nqn, path, uuid, readonly=False, allowed_hosts=(), allow_any_host=False,
             block_size=512, require_auth=False):
+        if self.registry.get(nqn) is None:     # else "already exists" says more
+            volpath.check_path(path, self.file_dirs)
         vol = self.registry.add(nqn, path, uuid, readonly, allowed_hosts, allow_any_host,
                                 block_size, require_auth)
         self._changed("add", nqn)

@@ -79,9 +79,10 @@ class EventReader(object):
                 log.exception("applying %r", ev)
 
 
-def run_workers(n, listen, state, control_path):
+def run_workers(n, listen, state, control_path, limits=None, file_dirs=None):
     """Fork n workers serving `listen`, run the control socket here; returns an
-    exit status once SIGTERM/SIGINT has stopped everyone."""
+    exit status once SIGTERM/SIGINT has stopped everyone.  limits (limits.py)
+    hold per worker."""
     from .registry import Registry
     from .server import Server
     from .target import Target
@@ -103,8 +104,8 @@ def run_workers(n, listen, state, control_path):
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 reg = Registry(state)
-                target = Target(reg, worker=i, nworkers=n, shared=shared)
-                server = Server(target, listen, None, reuse_port=True)
+                target = Target(reg, worker=i, nworkers=n, shared=shared, file_dirs=file_dirs)
+                server = Server(target, listen, None, reuse_port=True, limits=limits)
                 EventReader(server, pipes[i][0])
                 signal.signal(signal.SIGTERM, lambda *_: server.stop())
                 server.serve_forever()
@@ -129,7 +130,7 @@ def run_workers(n, listen, state, control_path):
                 log.error("worker feed: %s", e)
 
     registry = Registry(state)
-    target = Target(registry, on_change=broadcast)
+    target = Target(registry, on_change=broadcast, file_dirs=file_dirs)
     server = Server(target, (), control_path)
     stopping = []
 

@@ -28,12 +28,25 @@ def group():
 @click.option("--tls-allow", "tls_allow", multiple=True, metavar="DN",
               help="Client certificate subject allowed, e.g. 'CN=backup1' or 'CN=xo,O=Example' "
               "(repeatable; needs --tls-ca; default: any certificate of the CA).")
-@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 65536),
+              help="Connections at once; when full, one still in its handshake gives way.")
+@click.option("--max-per-client", default=32, show_default=True, type=click.IntRange(1),
+              help="TCP connections from one client address.")
+@click.option("--handshake-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              metavar="SECONDS", help="For the whole handshake, TLS included.")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=click.FloatRange(0),
+              metavar="SECONDS", help="TCP: between requests, and for a client that reads "
+              "no reply (0: none; unix socket clients never idle out).")
+@click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1),
+              metavar="SECONDS", help="TCP: from a request's first byte to its last.")
+@click.option("--max-buffer", default=256 << 20, show_default=True, type=click.IntRange(1),
+              metavar="BYTES", help="WRITE payloads held by all connections at once.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Requests of one connection executed at once (>1: overlap slow zvol I/O).")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every option/request.")
 def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert, tls_key,
-          tls_required, tls_ca, tls_allow, max_connections, workers, verbose):
+          tls_required, tls_ca, tls_allow, max_connections, max_per_client, handshake_timeout,
+          idle_timeout, request_timeout, max_buffer, workers, verbose):
     """Serve exports until SIGTERM.
 
     Example: zfs-ng nbd serve --unix /run/zfs-ng/nbd.sock
@@ -46,7 +59,9 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
                       allocations=allocations, descriptions=descriptions, tls_cert=tls_cert,
                       tls_key=tls_key, tls_required=tls_required, tls_ca=tls_ca,
                       tls_allow=tls_allow, max_connections=max_connections, workers=workers,
-                      verbose=verbose)
+                      verbose=verbose, max_per_client=max_per_client,
+                      handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
+                      request_timeout=request_timeout, max_buffer=max_buffer)
     except service.UsageError as e:
         fail(str(e))
 

@@ -5,8 +5,10 @@ import logging
 
 import click
 
+from nvmeof_target.limits import Limits
 from sr_tools.output import emit, fail, json_option
 
+_LIMITS = Limits()
 socket_option = click.option("--socket", "socket_path", metavar="PATH", envvar="ZFSNG_TARGET_SOCKET",
                              default="/run/zfs-ng/target.sock", show_default=True,
                              help="The target's control socket.")
@@ -43,17 +45,56 @@ def group():
               envvar="ZFSNG_TARGET_WORKERS",
               help="Worker processes sharing the port (SO_REUSEPORT), e.g. one per core.")
 @click.option("--reuse-port", is_flag=True, help="SO_REUSEPORT: several targets share the port.")
+@click.option("--file-dir", "file_dirs", multiple=True, metavar="DIR",
+              help="Also serve regular image files under DIR (repeatable; default: block "
+              "devices only; the variable ZFSNG_TARGET_FILE_DIRS: ':'-separated).")
+@click.option("--max-connections", type=click.IntRange(1), envvar="ZFSNG_TARGET_MAX_CONNECTIONS",
+              default=_LIMITS.max_connections, show_default=True,
+              help="TCP connections per worker; more are closed at once.")
+@click.option("--max-pending", type=click.IntRange(1), envvar="ZFSNG_TARGET_MAX_PENDING",
+              default=_LIMITS.max_pending, show_default=True,
+              help="Connections without a completed Connect; when full the oldest is closed.")
+@click.option("--max-pending-per-host", type=click.IntRange(1),
+              envvar="ZFSNG_TARGET_MAX_PENDING_PER_HOST",
+              default=_LIMITS.max_pending_per_host, show_default=True,
+              help="The same per source address.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1), metavar="SECONDS",
+              envvar="ZFSNG_TARGET_CONNECT_TIMEOUT", default=_LIMITS.connect_timeout,
+              show_default=True,
+              help="From accept to a completed ICReq + Connect (+ DH-HMAC-CHAP); then closed.")
+@click.option("--conn-buffer", metavar="BYTES[K|M|G]", envvar="ZFSNG_TARGET_CONN_BUFFER",
+              default="4M", show_default=True,
+              help="Bytes buffered per connection (replies its host has not read, write "
+              "data granted); over it the connection is not read until its host catches up.")
+@click.option("--total-buffer", metavar="BYTES[K|M|G]", envvar="ZFSNG_TARGET_TOTAL_BUFFER",
+              default="256M", show_default=True,
+              help="Bytes buffered by all connections of a worker; over it, connections with "
+              "unread replies take no new command.")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every error status.")
-def serve(listen, state, socket_path, workers, reuse_port, verbose):
+def serve(listen, state, socket_path, workers, reuse_port, file_dirs, max_connections,
+          max_pending, max_pending_per_host, connect_timeout, conn_buffer, total_buffer,
+          verbose):
     """Serve NVMe/TCP until SIGTERM."""
     from nvmeof_target.server import parse_listen, serve as run
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="nvmeof_target[%(process)d] %(levelname)s %(message)s")
     try:
         addrs = [parse_listen(x) for x in (listen or ("127.0.0.1:4420",))]
-        run(addrs, state, socket_path, reuse_port, workers)
+        limits = Limits(max_connections, max_pending, max_pending_per_host, connect_timeout,
+                        _bytes(conn_buffer, "--conn-buffer"), _bytes(total_buffer, "--total-buffer"))
+        run(addrs, state, socket_path, reuse_port, workers, limits, list(file_dirs) or None)
     except (OSError, ValueError) as e:
         fail(str(e))
+
+
+def _bytes(text, what):
+    """'4M' -> 4194304 (K, M, G: powers of 1024)."""
+    t = text.strip().upper().rstrip("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise ValueError("%s: not a size: %r" % (what, text))
 
 
 @group.command()

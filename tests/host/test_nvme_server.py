@@ -30,22 +30,30 @@ def free_port():
 
 
 class TargetProcess(object):
-    def __init__(self, tmp):
+    """`zfs-ng target serve` on a free port; args: more options; launcher:
+    what runs the CLI (conftest.GC_OFF: with the cycle collector off).  Its
+    log goes to a file (a busy target would fill a pipe nobody reads)."""
+
+    def __init__(self, tmp, args=(), launcher=(sys.executable, "-m", "sr_tools")):
         self.state = str(tmp / "target.db")
         self.sock = str(tmp / "target.sock")
+        self.log = str(tmp / "target.log")
         self.port = free_port()
+        self.args = list(args)
+        self.launcher = list(launcher)
         self.proc = None
 
     def start(self):
         env = dict(os.environ, PYTHONPATH=ROOT)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
-             "127.0.0.1:%d" % self.port, "--state", self.state, "--socket", self.sock, "-v"],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, universal_newlines=True)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                self.launcher + ["target", "serve", "--listen", "127.0.0.1:%d" % self.port,
+                                 "--state", self.state, "--socket", self.sock, "-v"] + self.args,
+                cwd=ROOT, env=env, stderr=log)
         deadline = time.time() + 10
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError("target exited: %s" % self.proc.stderr.read())
+                raise AssertionError("target exited: %s" % self.output())
             try:
                 Client(self.sock).stats()
                 return self
@@ -53,11 +61,14 @@ class TargetProcess(object):
                 time.sleep(0.05)
         raise AssertionError("target did not start")
 
+    def output(self):
+        with open(self.log) as f:
+            return f.read()
+
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         rc = self.proc.wait(10)
-        err = self.proc.stderr.read()
-        return rc, err
+        return rc, self.output()
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""Shared by the host tests.
+
+- The targets they start (in-process, or `zfs-ng target serve`, which inherits
+  the environment) serve image files under pytest's temporary directory and
+  tempfile's: ZFSNG_TARGET_FILE_DIRS names them (nvmeof_target/volpath.py:
+  otherwise only block devices are served).
+- `nvme_target(*args, gc=True)`: a running `zfs-ng target serve` with more
+  options (test_nvme_server.TargetProcess), stopped after the test; gc=False
+  runs it with Python's cycle collector off, so memory only a cycle holds
+  shows up as a leak.
+- `nbd_server(exports, gc=True, **options)`: a running NBD server
+  (nbd_server.run.start, as the datapaths start it), stopped after the test;
+  gc=False: with the cycle collector off, as above.
+- `rss(pid)`: resident memory in bytes, from /proc/PID/status.
+"""
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+from nvmeof_target.volpath import FILE_DIRS_ENV
+
+GC_OFF = (sys.executable, "-c", "import gc; gc.disable(); from sr_tools.cli import main; main()")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_dir(tmp_path_factory):
+    base = str(tmp_path_factory.getbasetemp())
+    old = os.environ.get(FILE_DIRS_ENV)
+    os.environ[FILE_DIRS_ENV] = os.pathsep.join((base, tempfile.gettempdir()))
+    yield base
+    if old is None:
+        os.environ.pop(FILE_DIRS_ENV, None)
+    else:
+        os.environ[FILE_DIRS_ENV] = old
+
+
+def rss(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+@pytest.fixture
+def nvme_target(tmp_path):
+    from test_nvme_server import TargetProcess
+    started = []
+
+    def start(*args, **kw):
+        gc = kw.pop("gc", True)
+        assert not kw, kw
+        t = TargetProcess(tmp_path, args, **({} if gc else {"launcher": GC_OFF}))
+        started.append(t.start())
+        return t
+
+    yield start
+    for t in started:
+        if t.proc.poll() is None:
+            t.proc.kill()
+            t.proc.wait()
+
+
+@pytest.fixture
+def nbd_server(tmp_path):
+    from nbd_server import run
+    pids = []
+
+    def start(exports, gc=True, **options):
+        options.setdefault("log_path", str(tmp_path / "nbd.log"))
+        old = os.environ.get("PYTHONPATH")
+        if not gc:          # run.start spawns `python -m nbd_server`: a sitecustomize turns gc off
+            d = tmp_path / "gc-off"
+            d.mkdir(exist_ok=True)
+            (d / "sitecustomize.py").write_text("import gc\ngc.disable()\n")
+            os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(d), old) if x)
+        try:
+            pids.append(run.start(exports, **options))
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = old
+        return pids[-1]
+
+    yield start
+    for pid in pids:
+        run.stop(pid)
