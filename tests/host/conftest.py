@@ -12,11 +12,15 @@
   (nbd_server.run.start, as the datapaths start it), stopped after the test;
   gc=False: with the cycle collector off, as above.
 - `rss(pid)`: resident memory in bytes, from /proc/PID/status.
+- `free_port()`: a TCP port free on 127.0.0.1 now; `wait_for(cond)`: cond()'s
+  first true value within the timeout (else its last value).
 """
 
 import os
+import socket
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -35,6 +39,24 @@ def image_dir(tmp_path_factory):
         os.environ.pop(FILE_DIRS_ENV, None)
     else:
         os.environ[FILE_DIRS_ENV] = old
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for(cond, timeout=10.0, step=0.05):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    return cond()
 
 
 def rss(pid):

@@ -9,7 +9,7 @@ import socket
 import struct
 import time
 
-from conftest import rss
+from conftest import rss, wait_for
 from nbd_server import constants as C
 from test_nbd_peers import free_port, recv_exact, xo_connect
 
@@ -76,16 +76,6 @@ def legit_rw(port, name="rw", offset=0):
     request(s, C.CMD_READ, 2, offset, MiB)
     assert reply(s, MiB)[2] == data
     return s
-
-
-def wait_for(cond, timeout=10.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    return cond()
 
 
 # ---- row 6: a WRITE's payload from its header alone ----------------------------------------

@@ -22,6 +22,7 @@ from nbd_server import constants as C
 from nbd_server import run as nbd_run
 from nbd_server.exports import Export, ExportTable
 from nbd_server.server import Server
+from conftest import free_port
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -32,14 +33,6 @@ def sh(*argv, **kw):
     kw.setdefault("check", True)
     return subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=120, **kw)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def sha(path):

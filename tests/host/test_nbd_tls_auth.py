@@ -21,6 +21,7 @@ import pytest
 from nbd_server import constants as C
 from nbd_server import run as nbd_run
 from nbd_server import tlsauth
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1 << 20
@@ -38,14 +39,6 @@ def sh(*argv, **kw):
 def sha(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # ---- a small PKI with openssl ------------------------------------------------------------

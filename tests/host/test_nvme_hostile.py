@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from conftest import rss
+from conftest import rss, wait_for
 from nvmeof_target import pdu
 from nvmeof_target import status as st
 from nvmeof_target.command import build_sqe
@@ -77,16 +77,6 @@ def settle(c, key="buffered_bytes", timeout=8.0):
         last = s[key]
         time.sleep(0.15)
     return s
-
-
-def wait_for(cond, timeout=10.0, step=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    return cond()
 
 
 def legit_io(port, nqn=NQN, size=256 << 10):

@@ -16,17 +16,10 @@ import pytest
 
 from nvmeof_target.control import Client, ControlError
 from test_nvme_initiator import HOSTNQN, Host, NvmeStatus, SocketTransport
+from conftest import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NQN = "nqn.2014-08.org.zfs-ng:sr1:vol-a"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class TargetProcess(object):
