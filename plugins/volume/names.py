@@ -107,7 +107,9 @@ def volume_dataset(pool, key):
 
 def classify(zname, pool):
     """What a ZFS name under the SR root is: ('volume', key), ('snapshot', key),
-    ('hidden', None), ('reverting', key), ('readonly', key) or (None, None)."""
+    ('hidden', None), ('reverting', key), ('readonly', key), ('session', key)
+    for a non-persistent session's clone np-KEY, ('session', None) for its
+    snapshot, or (None, None)."""
     prefix = sr_root(pool) + "/"
     if not zname.startswith(prefix):
         return None, None
@@ -131,6 +133,8 @@ def classify(zname, pool):
         return "reverting", rest[len(REVERTING):]
     if rest.startswith(READONLY) and is_key(rest[len(READONLY):]):
         return "readonly", rest[len(READONLY):]
+    if rest.startswith(SESSION) and is_key(rest[len(SESSION):]):
+        return "session", rest[len(SESSION):]
     return None, None
 
 

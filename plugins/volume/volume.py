@@ -554,18 +554,22 @@ def activate_device(sr, key, timeout=60.0):
 
 
 def reset_stale_devices(handle):
-    """Deactivate what a host crash left active: zvols with volmode=dev and
-    snapshots' read-only clones come back with their device nodes at the next
-    import, and no deactivate_device would ever come for them.  Whatever no
+    """Deactivate what a host crash left active: zvols with volmode=dev,
+    snapshots' read-only clones and non-persistent sessions' clones (np-KEY)
+    come back with their device nodes at the next import, and no
+    deactivate_device or Datapath.close would ever come for them.  Whatever no
     datapath on this host records as its own (the records live on tmpfs: after
     a reboot there are none) is reset: volumes inherit the SR's volmode=none,
-    read-only clones are destroyed.  One `zfs get` for the whole SR.  Returns
-    the datasets reset.  Caller holds the SR lock."""
+    read-only clones are destroyed, session clones are discarded with their
+    snapshot (a reset-on-boot VM's writes, which its next start discards
+    anyway; otherwise Volume.destroy of its VDI would find the session open).
+    One `zfs get` for the whole SR.  Returns the datasets reset.  Caller holds
+    the SR lock."""
     out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
                    "-o", "name,value", "volmode", handle.root])
     from plugins.datapath import devices, node
     used = devices.recorded_keys(handle.pool) | node.served_keys(handle.uuid)
-    volumes, clones = [], []
+    volumes, clones, sessions = [], [], []
     for r in zfs.rows(out):
         kind, key = names.classify(r[0], handle.pool)
         if len(r) < 2 or r[1] != "dev" or key is None or key in used:
@@ -574,6 +578,8 @@ def reset_stale_devices(handle):
             volumes.append(r[0])
         elif kind == "readonly":
             clones.append(r[0])
+        elif kind == "session":
+            sessions.append(r[0])
     for i in range(0, len(volumes), 512):    # a node may have 100k: bounded argv
         zfs.zfs("inherit", "volmode", *volumes[i:i + 512])
     destroyed = []
@@ -586,6 +592,19 @@ def reset_stale_devices(handle):
             smapi.log.info("%s is open, left active", ro)
             continue
         destroyed.append(ro)
+    for np in sessions:
+        origin = zfs.get([np], ["origin"]).get(np, {}).get("origin", "-")
+        try:
+            zfs.zfs("destroy", np)
+        except zfs.NotFound:
+            continue
+        except zfs.Busy:
+            smapi.log.info("%s is open, left active", np)
+            continue
+        destroyed.append(np)
+        okind, _ = names.classify(origin, handle.pool)
+        if okind == "session":
+            zfs.run([zfs.ZFS, "destroy", origin], check=False)
     if volumes or destroyed:
         smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
                        "records (left by a crash)", handle.pool, len(volumes), len(destroyed))

@@ -38,7 +38,7 @@ def test_classify():
     assert names.classify("%s/h-abc" % ROOT, POOL) == ("hidden", None)
     assert names.classify("%s/%s@h-1" % (ROOT, KEY), POOL) == ("hidden", None)
     assert names.classify("%s/%s@np-1" % (ROOT, KEY), POOL) == ("session", None)
-    assert names.classify("%s/np-%s" % (ROOT, KEY), POOL) == (None, None)
+    assert names.classify("%s/np-%s" % (ROOT, KEY), POOL) == ("session", KEY)   # its clone
     assert names.classify("%s/%s@zfsng-cbt-anchor" % (ROOT, KEY), POOL) == ("cbt", None)
     assert names.classify("%s/r-%s" % (ROOT, KEY), POOL) == ("reverting", KEY)
     assert names.classify("%s/ro-%s" % (ROOT, KEY), POOL) == ("readonly", KEY)
