@@ -78,7 +78,10 @@ def test_attach_after_a_crash_resets_devices_nobody_uses(file_vdevs, tmp_path, m
     clones behind, with /run (the datapaths' records) empty.  SR.attach that
     imports the pool resets what no record names: volumes back to the SR's
     volmode=none (no device node), read-only clones destroyed; a volume still
-    recorded as attached keeps its device.  A later attach touches nothing."""
+    recorded as attached keeps its device; a non-persistent session's clone
+    (Datapath.open persistent=false: a reset-on-boot VM) is discarded, or
+    Volume.destroy of its VDI would find the session open.  A later attach
+    touches nothing."""
     run_dir = tmp_path / "run"            # this "host's" /run/zfs-ng
     monkeypatch.setenv("ZFSNG_RUN_DIR", str(run_dir))
     monkeypatch.setenv("ZFSNG_NODE_RUN_DIR", str(run_dir))
@@ -90,8 +93,12 @@ def test_attach_after_a_crash_resets_devices_nobody_uses(file_vdevs, tmp_path, m
                 name="crash", description="")
     pool = call("SR.attach", configuration=conf)
     try:
-        a, b, c = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
-                        sharable=False) for n in ("a", "b", "c")]
+        a, b, c, d = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
+                           sharable=False) for n in ("a", "b", "c", "d")]
+        dp.call(RAW, "Datapath.open", uri=dp.uri_of(d, RAW), persistent=False)
+        dp.call(RAW, "Datapath.attach", uri=dp.uri_of(d, RAW), domain="5")
+        np_d = "%s/zfs-ng/np-%s" % (pool, d["key"])
+        assert dp.zfs_exists(np_d)
         s = call("Volume.snapshot", sr=pool, key=a["key"])
         for v in (a, b, c, s):
             dp.call(RAW, "Datapath.attach", uri=dp.uri_of(v, RAW), domain="3")
@@ -120,6 +127,12 @@ def test_attach_after_a_crash_resets_devices_nobody_uses(file_vdevs, tmp_path, m
 
         assert call("SR.attach", configuration=conf) == pool
         assert dp.volmode_local(ds_a) is None and not dp.zfs_exists(ro)
+        assert not dp.zfs_exists(np_d)
+        snaps = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "snapshot", "-r",
+                                "%s/zfs-ng/%s" % (pool, d["key"])], stdout=subprocess.PIPE,
+                               universal_newlines=True).stdout
+        assert "@np-" not in snaps, snaps
+        call("Volume.destroy", sr=pool, key=d["key"])
         wait_gone("/dev/zvol/" + ds_a)
         assert dp.volmode_local(ds_b) == dp.volmode_local(ds_c) == "dev"
         wait_for_path("/dev/zvol/" + ds_b)
