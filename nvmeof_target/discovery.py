@@ -6,8 +6,6 @@ would try every one."""
 
 import struct
 
-from .nqn import DISCOVERY_NQN  # noqa: F401  (re-exported)
-
 HEADER = 1024
 ENTRY = 1024
 TRTYPE_TCP = 3
