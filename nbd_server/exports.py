@@ -4,15 +4,19 @@ An Export is a name, a path (a zvol, a snapshot's device, a regular file), a
 read-only flag and its meta contexts.  The ExportTable opens one Backend per
 export when the first connection needs it and closes it with the last, so
 every connection to an export shares one fd and one page cache (what makes
-CAN_MULTI_CONN true) and an idle export holds no fd.
+CAN_MULTI_CONN true) and an idle export holds no fd.  DynamicExports is the
+same looked up per client identity and option (a storage node's grants).
 """
 
 import collections
+import logging
 import threading
 
 from blockio.backend import Backend
 from nbd_server.constants import BASE_ALLOCATION, DIRTY_BITMAP_PREFIX, MAX_STRING
 from nbd_server.extents import default_allocation
+
+log = logging.getLogger("nbd_server")
 
 
 def check_name(name):
@@ -95,3 +99,136 @@ class ExportTable:
             for backend, _ in self._open.values():
                 backend.close()
             self._open.clear()
+
+
+class DynamicExports:
+    """An export table looked up per client, per option, instead of fixed at
+    start: what a storage node with 100,000 volumes serves on one listener
+    (`zfs-ng nbd serve-node`, plugins/datapath/node_nbd.py).
+
+    lookup(identity, name) -> {"path", "readonly", "description"} or None, and
+    names(identity) -> [name] (NBD_OPT_LIST) are called by every connection's
+    view when the client asks (INFO, GO, EXPORT_NAME, LIST, META_CONTEXT):
+    nothing is cached between options, so a grant or a revoke counts from the
+    next option on.  The identity is the CN of the client's certificate
+    (verified by the TLS context against its CA); a connection without one
+    (before STARTTLS, or on a unix socket) sees no export at all.
+
+    As ExportTable, one Backend per (path, read-only) is shared by the
+    connections that use it, opened with the first and closed with the last.
+    """
+
+    def __init__(self, lookup, names=None, opener=Backend):
+        self._lookup = lookup
+        self._names = names or (lambda identity: [])
+        self._opener = opener
+        self._lock = threading.Lock()
+        self._open = {}     # (path, readonly) -> [Backend, users]
+
+    def view(self, peercert):
+        """The table of one connection, from its peer certificate
+        (ssl.SSLSocket.getpeercert(): a dict, or None without one)."""
+        identity = None
+        for rdn in (peercert or {}).get("subject", ()):
+            for attr, value in rdn:
+                if attr == "commonName":
+                    identity = value
+        return _View(self, identity)
+
+    def export(self, identity, name):
+        """The Export `identity` may open as `name`, or None."""
+        if identity is None:
+            return None
+        try:
+            check_name(name)
+            rec = self._lookup(identity, name)
+            if not rec:
+                return None
+            return Export(name, rec["path"], readonly=bool(rec.get("readonly", True)),
+                          description=rec.get("description") or "")
+        except Exception as e:          # a broken record is no export, not a dead server
+            log.warning("export lookup %r for %r failed: %s", name, identity, e)
+            return None
+
+    def names(self, identity):
+        if identity is None:
+            return []
+        try:
+            return list(self._names(identity))
+        except Exception as e:
+            log.warning("export list for %r failed: %s", identity, e)
+            return []
+
+    def acquire_export(self, export):
+        key = (export.path, export.readonly)
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                entry = self._open[key] = [self._opener(export.path, readonly=export.readonly), 0]
+            entry[1] += 1
+            return key, entry[0]
+
+    def release_key(self, key):
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                entry[0].close()
+
+    def open_count(self, path, readonly):
+        with self._lock:
+            entry = self._open.get((path, bool(readonly)))
+            return entry[1] if entry else 0
+
+    def close_all(self):
+        with self._lock:
+            for backend, _ in self._open.values():
+                backend.close()
+            self._open.clear()
+
+
+class _View:
+    """What one connection of a DynamicExports sees: ExportTable's interface
+    (get, names, acquire, release) for one identity.  acquire() opens the
+    Export that get() returned last for that name (the one described to the
+    client), never a newer record."""
+
+    def __init__(self, source, identity):
+        self.source = source
+        self.identity = identity
+        self._seen = {}      # name -> Export last returned by get()
+        self._held = {}      # name -> [backend keys acquired]
+
+    def get(self, name):
+        export = self.source.export(self.identity, name)
+        if export is None:
+            self._seen.pop(name, None)
+            return None
+        seen = self._seen.get(name)
+        if seen is not None and (seen.path, seen.readonly, seen.description) == \
+                (export.path, export.readonly, export.description):
+            return seen     # the same object: a meta context selection stays valid
+        self._seen[name] = export
+        return export
+
+    def names(self):
+        return [n for n in self.source.names(self.identity) if self.get(n) is not None]
+
+    def acquire(self, name):
+        export = self._seen.get(name) or self.get(name)
+        if export is None:
+            raise KeyError(name)
+        key, backend = self.source.acquire_export(export)
+        self._held.setdefault(name, []).append(key)
+        return backend
+
+    def release(self, name):
+        keys = self._held.get(name)
+        if not keys:
+            return
+        self.source.release_key(keys.pop())
+        if not keys:
+            del self._held[name]

@@ -37,6 +37,7 @@ import queue
 import selectors
 import signal
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -331,8 +332,9 @@ class Server:
     def _connection(self, sock, peer):
         me = threading.current_thread()
         ready = None
+        table = self.table
         try:
-            sock, ready, early = self._handshake(sock, peer)
+            sock, ready, early, table = self._handshake(sock, peer)
             if ready is not None:
                 log.info("%s: export %r (%s, %d bytes, %s replies, contexts %s)", peer,
                          ready.export.name, "ro" if ready.export.readonly else "rw", ready.size,
@@ -351,7 +353,7 @@ class Server:
             log.exception("%s: internal error, disconnecting", peer)
         finally:
             if ready is not None:
-                self.table.release(ready.export.name)
+                table.release(ready.export.name)
             try:
                 sock.close()
             except OSError:
@@ -361,10 +363,21 @@ class Server:
                 if slot is not None:
                     self._uncount(slot)
 
+    def _table_for(self, sock):
+        """The exports a connection sees: the server's table, or, for a dynamic
+        source (exports.DynamicExports), its view for the client's verified
+        certificate (none before TLS)."""
+        view = getattr(self.table, "view", None)
+        if view is None:
+            return self.table
+        return view(sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None)
+
     def _handshake(self, sock, peer):
-        """The whole handshake (TLS included) within handshake_timeout."""
+        """The whole handshake (TLS included) within handshake_timeout; returns
+        (socket, Ready or None, early bytes, the table that holds the export)."""
         deadline = time.monotonic() + self.handshake_timeout
-        hs = Handshake(self.table, tls=self.tls_context is not None, tls_required=self.tls_required)
+        hs = Handshake(self._table_for(sock), tls=self.tls_context is not None,
+                       tls_required=self.tls_required)
         _until(sock, deadline)
         sock.sendall(hs.data_to_send())
         while True:
@@ -382,7 +395,7 @@ class Server:
                     sock.sendall(out)
             except BaseException:
                 if isinstance(ev, Ready):       # it holds the Backend: give it back
-                    self.table.release(ev.export.name)
+                    hs.table.release(ev.export.name)
                 raise
             if ev is None:
                 _until(sock, deadline)
@@ -393,14 +406,15 @@ class Server:
             elif isinstance(ev, StartTLS):
                 _until(sock, deadline)
                 sock = self.tls_context.wrap_socket(sock, server_side=True)
+                hs.table = self._table_for(sock)
                 with self._lock:
                     self._conns[threading.current_thread()].sock = sock
                 log.debug("%s: TLS up (%s)", peer, sock.version())
             elif isinstance(ev, Ready):
-                return sock, ev, hs.leftover()
+                return sock, ev, hs.leftover(), hs.table
             elif isinstance(ev, Closed):
                 log.info("%s: handshake ended: %s", peer, ev.reason)
-                return sock, None, b""
+                return sock, None, b"", hs.table
 
     def _transmission(self, sock, ready, early):
         tr, parser, rx = self._begin(sock, ready, early)

@@ -24,11 +24,13 @@ class UsageError(ValueError):
 def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), descriptions=(),
           tls_cert=None, tls_key=None, tls_required=False, tls_ca=None, tls_allow=(),
           max_connections=256, workers=1, verbose=0, max_per_client=32, handshake_timeout=30.0,
-          idle_timeout=300.0, request_timeout=60.0, max_buffer=256 << 20):
+          idle_timeout=300.0, request_timeout=60.0, max_buffer=256 << 20, export_source=None):
     """Listen, then serve until SIGTERM.  Raises UsageError before listening
     when the options or exports are wrong.  tls_ca (a PEM CA) makes TLS
     mandatory and requires client certificates it signed; tls_allow limits
-    them to these subjects (nbd_server/tlsauth.py)."""
+    them to these subjects (nbd_server/tlsauth.py).  export_source (an
+    exports.DynamicExports, not from JSON) replaces the fixed exports: each
+    client sees what it returns for its certificate's CN, so it needs tls_ca."""
     from nbd_server.config import build_exports
     from nbd_server.exports import ExportTable
     from nbd_server import tlsauth
@@ -48,6 +50,11 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
         raise UsageError("--tls-allow needs --tls-ca (the CA that signs client certificates)")
     if tls_ca:
         tls_required = True         # a client that skips TLS would skip the check
+    if export_source is not None and (exports or bitmaps or allocations or descriptions):
+        raise UsageError("a dynamic export source serves no --export")
+    if export_source is not None and not tls_ca:
+        raise UsageError("a dynamic export source needs --tls-ca: its exports belong to "
+                         "client identities")
     if not 1 <= int(max_connections) <= 65536 or not 1 <= int(workers) <= 64:
         raise UsageError("max_connections must be 1..65536 and workers 1..64")
     if int(max_per_client) < 1 or int(max_buffer) < 1:
@@ -56,7 +63,8 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
             or float(idle_timeout) < 0:
         raise UsageError("handshake and request timeouts must be > 0, idle timeout >= 0")
     try:
-        table = ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
+        table = export_source if export_source is not None else \
+            ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
         address = parse_tcp(tcp) if tcp else None
         ctx = None
         if tls_cert:

@@ -16,7 +16,7 @@ from plugins import smapi
 VOLUME_PLUGIN = "org.xen.xapi.storage.zfs-ng"
 
 # datapath plugin directory (the URI scheme) -> its module in plugins.datapath
-DATAPATHS = {"zfsng-raw": "raw", "zfsng-nbd": "nbd", "nvme+tcp": "nvme"}
+DATAPATHS = {"zfsng-raw": "raw", "zfsng-nbd": "nbd", "nvme+tcp": "nvme", "nbd+tls": "nbdtls"}
 
 
 def methods_of(plugin):

@@ -86,3 +86,7 @@ def ls(unix_path, tcp, as_json):
             r["contexts"] = ",".join(r.get("contexts", [])) or "-"
     emit(rows, as_json, columns=["name", "size", "readonly", "multi_conn", "contexts",
                                  "description"])
+
+
+from sr_tools.nbd_node_cmds import serve_node  # noqa: E402 (the storage node's endpoint)
+group.add_command(serve_node)

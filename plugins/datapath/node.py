@@ -109,17 +109,24 @@ def claim(subnqn, hostnqn, mode):
     with _lock(subnqn) as st:
         if hostnqn not in st.shared.get("hosts", []):
             raise smapi.BackendError("Not_attached", "%s is not granted %s" % (hostnqn, subnqn))
-        active = st.active
-        others = {h: m for h, m in active.items() if h != hostnqn}
-        if mode == RW and others:
-            raise smapi.ActivatedOnAnotherHost(sorted(others)[0])
-        rw = [h for h, m in others.items() if m == RW]
-        if rw:
-            raise smapi.ActivatedOnAnotherHost(rw[0])
-        if active.get(hostnqn) == RW and mode == RO:
-            return None  # a host downgrading keeps its claim until unclaim
-        active[hostnqn] = mode
+        claim_in(st, hostnqn, mode)
     return None
+
+
+def claim_in(st, who, mode):
+    """The cross-host rule on a volume's record (under _lock), whoever `who`
+    is (a host NQN, an nbd+tls client identity: node_nbd.py): read-write on
+    one host excludes every other host."""
+    active = st.active
+    others = {h: m for h, m in active.items() if h != who}
+    if mode == RW and others:
+        raise smapi.ActivatedOnAnotherHost(sorted(others)[0])
+    rw = [h for h, m in others.items() if m == RW]
+    if rw:
+        raise smapi.ActivatedOnAnotherHost(rw[0])
+    if active.get(who) == RW and mode == RO:
+        return  # a host downgrading keeps its claim until unclaim
+    active[who] = mode
 
 
 def unclaim(subnqn, hostnqn):
@@ -162,6 +169,8 @@ def revoke(subnqn, hostnqn):
 
 
 OPS = {"grant": grant, "claim": claim, "unclaim": unclaim, "revoke": revoke}
+from plugins.datapath import node_nbd  # noqa: E402 (the nbd+tls ops; imports node lazily)
+OPS.update(node_nbd.OPS)
 
 
 # -- transport --------------------------------------------------------------------

@@ -6,6 +6,9 @@ The volume plugin publishes, for every volume, URIs of three schemes:
     zfsng-nbd://<sr>/<key>              local zvol served over NBD
     nvme+tcp://<host>:<port>/<subnqn>   remote zvol on a storage node,
                                         subnqn = nqn.2014-08.org.zfs-ng:<sr-uuid>:<key>
+    nbd+tls://<host>:<port>/<sr-uuid>/<key>
+                                        remote zvol on a storage node over NBD with
+                                        TLS client certificates (nbd_tls_uri builds it)
 
 Everything here comes from outside (xapi, the CLI), so it is validated before
 any of it reaches zfs, nvme, a file name or the network.
@@ -16,7 +19,8 @@ import re
 RAW = "zfsng-raw"
 NBD = "zfsng-nbd"
 NVME_TCP = "nvme+tcp"
-SCHEMES = (RAW, NBD, NVME_TCP)
+NBD_TLS = "nbd+tls"
+SCHEMES = (RAW, NBD, NVME_TCP, NBD_TLS)
 
 NQN_PREFIX = "nqn.2014-08.org.zfs-ng:"
 
@@ -26,6 +30,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 _IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
 # NVMe base spec: NQN at most 223 bytes, UTF-8; we accept printable ASCII only.
+_PORT = re.compile(r"^[0-9]{1,5}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _NQN = re.compile(r"^nqn\.[0-9]{4}-[0-9]{2}\.[A-Za-z0-9.-]+:[\x21-\x7e]{1,200}$")
 
 
@@ -35,7 +41,9 @@ class BadUri(ValueError):
 
 class VolumeUri(object):
     """A parsed URI.  For local schemes host/port/subnqn are None; for nvme+tcp
-    sr is the SR uuid and key the volume key, both taken from the subnqn."""
+    sr is the SR uuid and key the volume key, both taken from the subnqn; for
+    nbd+tls the same, from the path, and subnqn is the volume's NQN (the key of
+    the node's records, shared by both transports)."""
 
     __slots__ = ("uri", "scheme", "sr", "key", "host", "port", "subnqn")
 
@@ -78,6 +86,50 @@ def check_host(host):
     raise BadUri("invalid host %r" % (host,))
 
 
+def check_uuid(what, value):
+    """A canonical (lower-case) uuid, as the volume plugin writes SR uuids."""
+    if not isinstance(value, str) or not _UUID.match(value):
+        raise BadUri("invalid %s uuid %r" % (what, value))
+    return value
+
+
+def _host_port(authority, uri, scheme):
+    """host:port or [ipv6]:port of a network URI."""
+    if authority.startswith("["):
+        host, sep, port = authority[1:].partition("]:")
+    else:
+        host, sep, port = authority.rpartition(":")
+    if not sep or not _PORT.match(port) or not 0 < int(port) < 65536:
+        raise BadUri("%s URI needs host:port: %r" % (scheme, uri))
+    return check_host(host), int(port)
+
+
+def nbd_tls_uri(host, port, sr_uuid, key):
+    """The nbd+tls URI of volume KEY of SR sr_uuid served by the node at
+    host:port (the one builder; parse() reads it back)."""
+    check_host(host)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise BadUri("invalid port %r" % (port,))
+    authority = "[%s]" % host if ":" in host else host
+    return "%s://%s:%d/%s/%s" % (NBD_TLS, authority, port, check_uuid("SR", sr_uuid),
+                                 check_name("key", key))
+
+
+def nbd_tls_export(sr_uuid, key):
+    """The NBD export name of a volume on the node's NBD-over-TLS endpoint."""
+    return "%s/%s" % (check_uuid("SR", sr_uuid), check_name("key", key))
+
+
+def split_nbd_tls_export(name):
+    """(sr-uuid, key) of an export name made by nbd_tls_export."""
+    if not isinstance(name, str):
+        raise BadUri("export name must be a string")
+    sr, sep, key = name.partition("/")
+    if not sep:
+        raise BadUri("not a zfs-ng export name: %r" % (name,))
+    return check_uuid("SR", sr), check_name("key", key)
+
+
 def subnqn_for(sr_uuid, key):
     return check_nqn(NQN_PREFIX + "%s:%s" % (check_name("SR", sr_uuid), check_name("key", key)))
 
@@ -105,12 +157,12 @@ def parse(uri):
         raise BadUri("URI without a volume: %r" % uri)
     if scheme in (RAW, NBD):
         return VolumeUri(uri, scheme, check_name("SR", authority), check_name("key", path))
-    # nvme+tcp://host:port/subnqn, host may be [ipv6]
-    if authority.startswith("["):
-        host, sep, port = authority[1:].partition("]:")
-    else:
-        host, sep, port = authority.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadUri("nvme+tcp URI needs host:port: %r" % uri)
+    host, port = _host_port(authority, uri, scheme)      # host may be [ipv6]
+    if scheme == NBD_TLS:
+        # nbd+tls://host:port/sr-uuid/key; subnqn: the node's claim records
+        # are shared with nvme+tcp (one read-write host whatever the transport)
+        sr, key = split_nbd_tls_export(path)
+        return VolumeUri(uri, scheme, sr, key, host=host, port=port, subnqn=subnqn_for(sr, key))
+    # nvme+tcp://host:port/subnqn
     sr, key = split_subnqn(path)
-    return VolumeUri(uri, scheme, sr, key, host=check_host(host), port=int(port), subnqn=path)
+    return VolumeUri(uri, scheme, sr, key, host=host, port=port, subnqn=path)

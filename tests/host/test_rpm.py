@@ -37,6 +37,7 @@ PLUGIN_DIRS.update((d, PLUGINDIR + "/datapath/" + d) for d in entry.DATAPATHS)
 SCRIPT = {entry.VOLUME_PLUGIN: "entry.py"}
 PACKAGES = ("blockio", "nbd_server", "nvmeof_target", "plugins", "sr_tools")
 UNIT = "/usr/lib/systemd/system/zfs-ng-target.service"
+NBD_NODE_UNIT = "/usr/lib/systemd/system/zfs-ng-nbd-node.service"
 DEFAULTS = "/etc/default/zfs-ng-target"
 # what rpm 4.11 (XCP-ng 8.3's) knows how to install
 RPMLIB_OK = {"CompressedFileNames", "FileDigests", "PayloadFilesHavePrefix",
@@ -160,7 +161,8 @@ def test_payload(rpm_path):
     assert set(files[DEFAULTS][0]) == {"c", "n"}        # %config(noreplace)
     assert stat.S_ISDIR(files["/var/lib/zfs-ng"][1])
     assert stat.S_IMODE(files["/var/lib/zfs-ng"][1]) == 0o700
-    allowed = (SITE + "/", PLUGINDIR + "/", "/usr/bin/zfs-ng", UNIT, DEFAULTS,
+    assert stat.S_IMODE(files[NBD_NODE_UNIT][1]) == 0o644
+    allowed = (SITE + "/", PLUGINDIR + "/", "/usr/bin/zfs-ng", UNIT, NBD_NODE_UNIT, DEFAULTS,
                "/var/lib/zfs-ng", "/usr/share/doc/")
     assert [p for p in files if not p.startswith(allowed)] == []
 
