@@ -56,7 +56,11 @@ class Guest:
     """One QEMU process on a run folder; kill() is safe to call twice."""
 
     def __init__(self, image, rundir, accel, mem, smp, disks, disk_size,
-                 init="/sbin/zfsng-init"):
+                 init="/sbin/zfsng-init", persistent=()):
+        """persistent: (path, cache) pairs of existing raw files kept across
+        boots, attached after the blank disks as /dev/disk/by-id/virtio-zfsng-pN.
+        cache is QEMU's: "writeback" (host page cache; a guest flush is an
+        fdatasync of the file) or "none" (O_DIRECT on the file, flush the same)."""
         self.rundir = rundir
         self.console = os.path.join(rundir, "console.log")
         overlay = os.path.join(rundir, "root.qcow2")
@@ -85,6 +89,12 @@ class Guest:
                 f.truncate(disk_size)
             argv += ["-drive", "file=%s,if=none,id=d%d,format=raw,cache=unsafe" % (path, i),
                      "-device", "virtio-blk-pci,drive=d%d,serial=zfsng-d%d" % (i, i)]
+        for i, (path, cache) in enumerate(persistent):
+            if cache not in ("writeback", "none", "directsync", "writethrough"):
+                raise HarnessError("a persistent disk needs a cache mode that honours "
+                                   "flushes, not %r" % cache)
+            argv += ["-drive", "file=%s,if=none,id=p%d,format=raw,cache=%s" % (path, i, cache),
+                     "-device", "virtio-blk-pci,drive=p%d,serial=zfsng-p%d" % (i, i)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=open(os.path.join(rundir, "qemu.log"), "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -154,7 +164,7 @@ def boot_failure(console):
 
 
 def start_guest(image, rundir, accel, mem, smp, disks, disk_size, out_path,
-                attempts=None, boot_seconds=None):
+                attempts=None, boot_seconds=None, persistent=()):
     """Boot a guest until it starts the command (its output file exists).
 
     Returns the running Guest.
@@ -173,7 +183,8 @@ def start_guest(image, rundir, accel, mem, smp, disks, disk_size, out_path,
     for attempt in range(1, attempts + 1):
         t0 = time.time()
         init = "/bin/false" if attempt <= fail_boots else "/sbin/zfsng-init"
-        guest = Guest(image, rundir, accel, mem, smp, disks, disk_size, init=init)
+        guest = Guest(image, rundir, accel, mem, smp, disks, disk_size, init=init,
+                      persistent=persistent)
         while not os.path.exists(out_path):
             if not guest.alive():
                 why = "QEMU exited"
