@@ -50,11 +50,12 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import power_cut_guest as pcg  # noqa: E402
 import vm  # noqa: E402
 
 GUEST_DISK = "/dev/disk/by-id/virtio-zfsng-p0"
 POOL = "pcut"
-BLOCKS = 4096            # 16 MiB per device: overwrites happen within a round
+BLOCKS = 256             # 1 MiB per device: blocks are overwritten within a round
 EVERY = 8                # writes per fdatasync + ACK
 DEVICES = ("local", "nvme", "ctl")
 BOOT_TIMEOUT = 900       # a boot to the end of its command or to the cut
@@ -72,6 +73,11 @@ def read_lines(path):
     except OSError:
         return []
     return data.split("\n")[:-1]
+
+
+def tail(lines, n=40):
+    """The guest's last lines that are not ACKs (what explains a failure)."""
+    return "\n".join([line for line in lines if not line.startswith("ACK ")][-n:])
 
 
 def acks(lines):
@@ -115,16 +121,15 @@ def one_boot(image, accel, workdir, disk, cache, n, argv, cut_after=None):
             broken = [line for line in lines if line.startswith(("Traceback", "WRITER-EXPIRED"))]
             if broken:
                 raise AssertionError("boot %d: the guest side failed: %s\n%s" % (
-                    n, broken[0], "\n".join(line for line in lines if not
-                                             line.startswith("ACK"))[-3000:]))
+                    n, broken[0], tail(lines)))
             if not guest.alive():
                 raise AssertionError("QEMU exited before the %s (boot %d):\n%s\n%s" % (
                     "cut" if cut_after is not None else "command ended", n,
-                    "\n".join(lines[-30:]), guest.console_text()[-3000:]))
+                    tail(lines), guest.console_text()[-3000:]))
             if time.time() - t0 > BOOT_TIMEOUT:
                 raise AssertionError("boot %d: no %s after %d s:\n%s" % (
                     n, "ACK from every device" if cut_after is not None else "end",
-                    BOOT_TIMEOUT, "\n".join(lines[-30:])))
+                    BOOT_TIMEOUT, tail(lines)))
             time.sleep(0.2)
     finally:
         guest.kill()
@@ -132,10 +137,10 @@ def one_boot(image, accel, workdir, disk, cache, n, argv, cut_after=None):
     if cut_after is None:
         rc = open(os.path.join(rundir, "rc")).read().strip()
         assert rc == "0", "boot %d: guest command failed (rc %s):\n%s" % (
-            n, rc, "\n".join(lines[-40:]))
+            n, rc, tail(lines))
     for line in lines:
         if line.startswith(("WRITER-EXPIRED", "Traceback")):
-            raise AssertionError("boot %d: %s\n%s" % (n, line, "\n".join(lines[-40:])))
+            raise AssertionError("boot %d: %s\n%s" % (n, line, tail(lines)))
     return lines, fig
 
 
@@ -171,7 +176,7 @@ def power_cut_run(cuts, cache="writeback", seconds=(5.0, 30.0), seed=None, workd
             if seen is not None:
                 res = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ")]
                 assert len(res) == 1, "boot %d: no verification result:\n%s" % (
-                    n, "\n".join(lines[-40:]))
+                    n, tail(lines))
                 row = rows[-1]
                 row.update(import_s=res[0]["import_s"], check_s=res[0]["verify_s"],
                            devices=res[0]["devices"])
@@ -245,6 +250,51 @@ def settings():
     lo, hi = (float(x) for x in os.environ.get("ZFSNG_POWER_CUT_SECONDS", "5,30").split(","))
     seed = os.environ.get("ZFSNG_POWER_CUT_SEED")
     return cuts, cache, (lo, hi), int(seed) if seed else None
+
+
+def test_the_checker_finds_every_kind_of_loss(tmp_path):
+    """The guest's checker, on a file written by the writer's own record code:
+    a complete image passes; an older record, zeros or garbage where an
+    acknowledged write belongs count as lost; garbage is tolerated only where
+    an unacknowledged write was in flight; a foreign record is invalid."""
+    dev, rnd, blocks, acked, every = pcg.DEVICES["nvme"], 7, 512, 200, 8
+    img = str(tmp_path / "vol.img")
+    recs = {}
+    with open(img, "wb") as f:
+        f.truncate(blocks * pcg.BS)
+        for s in range(1, acked + every + 1):
+            b = pcg.block_of(dev, rnd, s, blocks)
+            recs.setdefault(b, []).append(s)
+            f.seek(b * pcg.BS)
+            f.write(pcg.record(dev, rnd, s, b))
+    r = pcg.check_volume(img, dev, rnd, blocks, acked, every)
+    written = {b for b, ss in recs.items() if min(ss) <= acked}
+    assert (r["lost"], r["invalid"], r["blocks_with_acked_write"]) == (0, 0, len(written))
+    assert r["newer_unacked"] == len({pcg.block_of(dev, rnd, s, blocks)
+                                      for s in range(acked + 1, acked + every + 1)})
+
+    def put(b, data):
+        with open(img, "r+b") as f:
+            f.seek(b * pcg.BS)
+            f.write(data)
+
+    newest = {b: max(s for s in ss if s <= acked) for b, ss in recs.items() if min(ss) <= acked}
+    twice = [b for b, ss in recs.items() if len([s for s in ss if s <= acked]) >= 2
+             and max(ss) <= acked]
+    assert twice, "no block was overwritten: the checker's stale case is untested"
+    put(twice[0], pcg.record(dev, rnd, min(recs[twice[0]]), twice[0]))     # older record
+    zeroed = sorted(set(newest) - {twice[0]} - {
+        pcg.block_of(dev, rnd, s, blocks) for s in range(acked + 1, acked + every + 1)})[0]
+    put(zeroed, bytes(pcg.BS))                                            # zeros
+    inflight_only = [b for b, ss in recs.items() if min(ss) > acked]
+    untouched = sorted(set(range(blocks)) - set(recs))
+    assert inflight_only and len(untouched) >= 2
+    put(inflight_only[0], os.urandom(pcg.BS))                             # torn in flight
+    put(untouched[0], os.urandom(pcg.BS))                                 # garbage
+    put(untouched[1], pcg.record(pcg.DEVICES["local"], rnd, 1, untouched[1]))  # foreign
+    r = pcg.check_volume(img, dev, rnd, blocks, acked, every)
+    assert (r["lost"], r["stale"], r["invalid"], r["torn_in_flight"]) == (2, 1, 2, 1), r
+    assert sorted(b[0] for b in r["bad"]) == sorted([twice[0], zeroed] + untouched[:2])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the image build needs root")
