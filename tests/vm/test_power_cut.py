@@ -222,10 +222,10 @@ def summary(rows, cache):
             d["ctl"]["acked"], d["ctl"]["lost"]))
     tot = {k: sum(r["devices"][k]["acked"] for r in rows) for k in DEVICES}
     lost = {k: sum(r["devices"][k]["lost"] for r in rows) for k in DEVICES}
-    lines.append("total: %d cuts; acked writes verified: local %d (%d MiB), nvme %d (%d MiB); "
+    lines.append("total: %d cuts; acked writes verified: local %d (%.1f MiB), nvme %d (%.1f MiB); "
                  "lost: local %d, nvme %d; control lost %d of %d"
-                 % (len(rows), tot["local"], tot["local"] * 4 >> 10, tot["nvme"],
-                    tot["nvme"] * 4 >> 10, lost["local"], lost["nvme"], lost["ctl"], tot["ctl"]))
+                 % (len(rows), tot["local"], tot["local"] / 256.0, tot["nvme"],
+                    tot["nvme"] / 256.0, lost["local"], lost["nvme"], lost["ctl"], tot["ctl"]))
     return "\n".join(lines)
 
 
@@ -303,7 +303,6 @@ def test_no_acknowledged_write_is_lost_at_a_power_cut():
     rows = power_cut_run(cuts, cache, seconds, seed)
     report = summary(rows, cache)
     print(report)
-    log("\n" + report)
     check(rows)
 
 
