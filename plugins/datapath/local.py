@@ -15,7 +15,7 @@ attachments use a clone made at open and destroyed at close (zvol.np_*).
 
 import os
 
-from plugins.datapath import core, devices, zvol
+from plugins.datapath import core, devices, node, zvol
 
 USER = "local"
 
@@ -43,9 +43,53 @@ class LocalDatapath(core.Datapath):
             return sh["writable"], sh["path"]
         sh["device"] = True  # recorded first: released even if activation fails
         loc = devices.acquire(u.sr, u.key, USER)
+        sh["subnqn"] = loc["subnqn"]
         sh["path"] = loc["device"]
         sh["writable"] = not loc["readonly"]
         return sh["writable"], sh["path"]
+
+    # -- activations: this host's claim in the node's record (node.claim_local) ------
+    # raw and nbd put what they do themselves in _activate_local/_deactivate_local
+
+    def _subnqn(self, u, st):
+        if not st.shared.get("subnqn"):
+            st.shared["subnqn"] = _volumes().locate(u.sr, u.key)["subnqn"]
+        return st.shared["subnqn"]
+
+    def _claim(self, u, st, domain, mode):
+        modes = set(m for d, m in st.active.items() if d != domain) | {mode}
+        node.claim_local(self._subnqn(u, st), core.RW if core.RW in modes else core.RO)
+
+    def _unclaim_if_idle(self, u, st, domain):
+        if not [d for d in st.active if d != domain]:
+            node.unclaim_local(self._subnqn(u, st))
+
+    def _activate(self, u, st, domain, rec, mode):
+        self._claim(u, st, domain, mode)
+        try:
+            self._activate_local(u, st, domain, rec, mode)
+        except BaseException:
+            self._unclaim_if_idle(u, st, domain)
+            raise
+
+    def _reactivate(self, u, st, domain, rec, mode):
+        self._claim(u, st, domain, mode)
+        self._reactivate_local(u, st, domain, rec, mode)
+
+    def _deactivate(self, u, st, domain, rec):
+        try:
+            self._deactivate_local(u, st, domain, rec)
+        finally:
+            self._unclaim_if_idle(u, st, domain)
+
+    def _activate_local(self, u, st, domain, rec, mode):
+        pass
+
+    def _reactivate_local(self, u, st, domain, rec, mode):
+        pass
+
+    def _deactivate_local(self, u, st, domain, rec):
+        pass
 
     def _writable(self, u, st):
         opened = st.data.get("open") or {}
@@ -68,5 +112,5 @@ class LocalDatapath(core.Datapath):
         sh = st.shared
         if sh.pop("device", None):
             devices.release(u.sr, u.key, USER)
-        for k in ("path", "writable"):
+        for k in ("path", "writable", "subnqn"):
             sh.pop(k, None)

@@ -129,7 +129,7 @@ class NbdDatapath(local.LocalDatapath):
         except nbd_client.NbdClientError:
             return False
 
-    def _reactivate(self, u, st, domain, rec, mode):
+    def _reactivate_local(self, u, st, domain, rec, mode):
         if not self._still_attached(u, st, domain, rec):
             raise smapi.BackendError("NBD_server_failed", "the NBD server of %s is gone; "
                                      "detach and attach again" % u.volume_id)

@@ -13,20 +13,16 @@ The node keeps who is granted/active per volume in its own state directory
 (state.node_state_dir), under the volume's lock, so calls from many hosts may
 run at once.  The target itself is driven through nvmeof_target.control.
 
-Transport: by default the node is this machine (the functions run in-process).
-For a node elsewhere, ZFSNG_NODE_COMMAND is an argv prefix run with the op
-appended, e.g. `["ssh", "root@node", "python3", "-m", "plugins.datapath.node"]`
-(JSON list); `python3 -m plugins.datapath.node OP` reads one JSON line of
-arguments on stdin and prints one JSON line of result or error.
+Transport (plugins/nodes.py): in-process when the node is this machine (the
+URI's host is one of its addresses), else ZFSNG_NODE_COMMAND (a JSON argv
+prefix) or ssh root@HOST; `python3 -m plugins.datapath.node OP` reads one JSON
+line of arguments on stdin and prints one JSON line of result or error.
 """
 
 import json
-import os
-import signal
-import subprocess
 import sys
 
-from plugins import smapi
+from plugins import nodes, smapi
 from plugins.datapath import devices, state, uri as urimod
 
 NODE_USER = "nvme-target"
@@ -129,6 +125,28 @@ def claim_in(st, who, mode):
     active[who] = mode
 
 
+# This host's own activations through the local datapaths (zfsng-raw, zfsng-nbd)
+# count in the same record: on a shared SR the node is one host among those
+# that use its volumes, and read-write here excludes every other host too.
+LOCAL = "local:"
+
+
+def claim_local(subnqn, mode):
+    """Record this host's local activation of the volume of subnqn (mode ro/rw);
+    Activated_on_another_host when another host has it read-write (or, for
+    rw, active at all)."""
+    urimod.split_subnqn(subnqn)
+    if mode not in (RO, RW):
+        raise smapi.InvalidParameters("mode must be ro or rw")
+    with _lock(subnqn) as st:
+        claim_in(st, LOCAL + nodes.identity(), mode)
+
+
+def unclaim_local(subnqn):
+    with _lock(subnqn) as st:
+        st.active.pop(LOCAL + nodes.identity(), None)
+
+
 def unclaim(subnqn, hostnqn):
     with _lock(subnqn) as st:
         st.active.pop(hostnqn, None)
@@ -168,78 +186,33 @@ def revoke(subnqn, hostnqn):
     return None
 
 
-OPS = {"grant": grant, "claim": claim, "unclaim": unclaim, "revoke": revoke}
+def _shared_sr_op(name):
+    """An op of a shared SR's node (plugins/volume/remote.py: SR and Volume
+    calls of the other hosts), imported only when called."""
+    def op(**args):
+        from plugins.volume import remote
+        return getattr(remote, "op_" + name)(**args)
+    op.__name__ = name
+    return op
+
+
+OPS = {"grant": grant, "claim": claim, "unclaim": unclaim, "revoke": revoke,
+       "volume": _shared_sr_op("volume"), "sr_attach": _shared_sr_op("sr_attach"),
+       "sr_detach": _shared_sr_op("sr_detach")}
 from plugins.datapath import node_nbd  # noqa: E402 (the nbd+tls ops; imports node lazily)
 OPS.update(node_nbd.OPS)
 
 
-# -- transport --------------------------------------------------------------------
+# -- transport (plugins/nodes.py) ------------------------------------------------
 
-def command():
-    raw = os.environ.get("ZFSNG_NODE_COMMAND")
-    if not raw:
-        return None
-    try:
-        argv = json.loads(raw)
-    except ValueError:
-        argv = None
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise smapi.InvalidParameters("ZFSNG_NODE_COMMAND must be a JSON list of strings")
-    return argv
-
-
-def _timeout():
-    """ZFSNG_NODE_TIMEOUT seconds (default 120) for one remote node op."""
-    try:
-        t = int(os.environ.get("ZFSNG_NODE_TIMEOUT", "120"))
-    except ValueError:
-        raise smapi.InvalidParameters("ZFSNG_NODE_TIMEOUT must be a number of seconds")
-    if t <= 0:
-        raise smapi.InvalidParameters("ZFSNG_NODE_TIMEOUT must be positive")
-    return t
-
-
-def _kill_group(p):
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    try:
-        p.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass    # the pipes die with the group; never wait on them forever
-
-
-def call(op, **args):
-    """Run a node op here or through ZFSNG_NODE_COMMAND; SMAPI errors cross as such."""
-    argv = command()
+def call(op, node=None, **args):
+    """Run node op `op` where the node is: in-process when it is this machine
+    (node None and no ZFSNG_NODE_COMMAND, or node naming a local address),
+    else through nodes.command(node); SMAPI errors cross as such."""
+    argv = nodes.command(node)
     if argv is None:
         return OPS[op](**args)
-    timeout = _timeout()          # checked before anything runs
-    try:
-        # its own session: a timeout kills the whole group (ssh, sudo, wrappers),
-        # not just the child while a grandchild keeps the pipes open
-        p = subprocess.Popen(argv + [op], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, universal_newlines=True,
-                             start_new_session=True)
-    except OSError as e:
-        raise smapi.BackendError("Node_unreachable", "cannot run %s: %s" % (argv[0], e.strerror))
-    try:
-        out, err = p.communicate(json.dumps(args) + "\n", timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # a hung ssh or node must not hang xapi's call (and the volume's lock) forever
-        _kill_group(p)
-        raise smapi.BackendError("Node_unreachable", "node op %s: no answer from %s within "
-                                 "%d s" % (op, argv[0], timeout))
-    try:
-        resp = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise smapi.BackendError("Node_unreachable", "node op %s failed: %s" % (op, err.strip()))
-    if "error" in resp:
-        name, msg = resp["error"]
-        e = smapi.SmapiError(msg, name)
-        raise e
-    return resp.get("result")
+    return nodes.run(argv, op, args)
 
 
 def main(argv=None):
@@ -257,6 +230,9 @@ def main(argv=None):
         out = {"error": [e.name, e.message]}
     except (ValueError, TypeError, urimod.BadUri) as e:
         out = {"error": ["Invalid_parameters", str(e)]}
+    except Exception as e:      # the host gets an error, never a traceback
+        smapi.log.exception("node op %s failed", argv[0])
+        out = {"error": ["Internal_error", "%s: %s" % (type(e).__name__, e)]}
     sys.stdout.write(json.dumps(out) + "\n")
     return 0 if "result" in out else 1
 

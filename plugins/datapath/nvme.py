@@ -47,7 +47,7 @@ class NvmeDatapath(core.Datapath):
             hostnqn = _hostnqn(getattr(self, "_given_hostnqn", None))
             sh["hostnqn"] = hostnqn
             sh["granted"] = True  # recorded first: _release revokes even after a failure
-            got = node.call("grant", subnqn=u.subnqn, hostnqn=hostnqn)
+            got = node.call("grant", node=u.host, subnqn=u.subnqn, hostnqn=hostnqn)
             sh["ns_uuid"] = got["uuid"]
             sh["readonly"] = got["readonly"]
             try:
@@ -74,7 +74,7 @@ class NvmeDatapath(core.Datapath):
     def _activate(self, u, st, domain, rec, mode):
         # the local rules passed; now the node's, across hosts
         modes = set(st.active.values()) | {mode}
-        node.call("claim", subnqn=u.subnqn, hostnqn=st.shared["hostnqn"],
+        node.call("claim", node=u.host, subnqn=u.subnqn, hostnqn=st.shared["hostnqn"],
                   mode=core.RW if core.RW in modes else core.RO)
 
     def _reactivate(self, u, st, domain, rec, mode):
@@ -82,7 +82,7 @@ class NvmeDatapath(core.Datapath):
 
     def _deactivate(self, u, st, domain, rec):
         if not [d for d in st.active if d != domain]:
-            node.call("unclaim", subnqn=u.subnqn, hostnqn=st.shared["hostnqn"])
+            node.call("unclaim", node=u.host, subnqn=u.subnqn, hostnqn=st.shared["hostnqn"])
 
     def _release(self, u, st):
         sh = st.shared
@@ -90,7 +90,7 @@ class NvmeDatapath(core.Datapath):
             if not nvme_host.disconnect(sh["ctrl"]):
                 smapi.log.error("detach %s: controller %s still present", u.uri, sh["ctrl"])
         if sh.get("granted"):
-            node.call("revoke", subnqn=u.subnqn, hostnqn=sh["hostnqn"])
+            node.call("revoke", node=u.host, subnqn=u.subnqn, hostnqn=sh["hostnqn"])
         sh.clear()
 
 

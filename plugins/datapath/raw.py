@@ -57,19 +57,19 @@ class RawDatapath(local.LocalDatapath):
         tap = rec.get("tap")
         return tap is None or os.path.exists("/proc/%d" % tap["pid"])
 
-    def _activate(self, u, st, domain, rec, mode):
+    def _activate_local(self, u, st, domain, rec, mode):
         tap = rec.get("tap")
         if tap is not None:
             self._tapctl_or_fail().open(tap, rec["device"], readonly=(mode == core.RO))
 
-    def _reactivate(self, u, st, domain, rec, mode):
+    def _reactivate_local(self, u, st, domain, rec, mode):
         tap = rec.get("tap")
         if tap is not None:
             tc = self._tapctl_or_fail()
             if not tc.is_open(tap):
                 tc.open(tap, rec["device"], readonly=(mode == core.RO))
 
-    def _deactivate(self, u, st, domain, rec):
+    def _deactivate_local(self, u, st, domain, rec):
         tap = rec.get("tap")
         if tap is not None:
             self._tapctl_or_fail().close(tap)

@@ -230,11 +230,16 @@ def check_bool_text(v, what):
 _NODE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
-def check_nvme_node(v):
-    m = _NODE.match(v)
+def check_endpoint(v, what="nvme-node"):
+    """A network endpoint host:port ([ipv6]:port) from a configuration."""
+    m = _NODE.match(v) if isinstance(v, str) else None
     if not m or not 0 < int(m.group(2)) < 65536:
-        raise InvalidParameters("nvme-node %r must be host:port" % v)
+        raise InvalidParameters("%s %r must be host:port" % (what, v))
     return v
+
+
+def check_nvme_node(v):
+    return check_endpoint(v, "nvme-node")
 
 
 def check_datapath(v):

@@ -14,7 +14,7 @@ import os
 import stat as stat_mod
 import subprocess
 
-from plugins import smapi
+from plugins import nodes, smapi
 from plugins.smapi import BackendError, InvalidParameters
 from plugins.volume import lock
 from plugins.volume import metadata
@@ -33,6 +33,9 @@ CONFIGURATION = {
     "autotrim": "on (default) or off",
     "datapath": "raw (default), nbd or nvme: which volume URI comes first",
     "nvme-node": "host:port of the NVMe/TCP target serving this SR's volumes",
+    "nbd-node": "host:port of the node's NBD-over-TLS endpoint serving this SR's volumes",
+    "node": "[user@]host of the storage node that holds the pool: every other host "
+            "of the pool reaches it over ssh and attaches over nvme-node/nbd-node",
 }
 _CREATE_ONLY = ("device", "file-uri", "vdev", "ashift", "autotrim")
 
@@ -293,6 +296,8 @@ def _root_create_args(sr_uuid, name, description, created_pool, configuration):
             "datapath": names.check_datapath(configuration.get("datapath", "raw"))}
     if configuration.get("nvme-node"):
         user["nvme-node"] = names.check_nvme_node(configuration["nvme-node"])
+    if configuration.get("nbd-node"):
+        user["nbd-node"] = names.check_endpoint(configuration["nbd-node"], "nbd-node")
     for k, v in user.items():
         props[zfs.uprop(k)] = zfs.encode(v)
     return zfs.prop_args(props)
@@ -309,6 +314,10 @@ def create(uuid, configuration, name, description):
     names.check_datapath(configuration.get("datapath", "raw"))
     if configuration.get("nvme-node"):
         names.check_nvme_node(configuration["nvme-node"])
+    if configuration.get("nbd-node"):
+        names.check_endpoint(configuration["nbd-node"], "nbd-node")
+    if configuration.get("node"):
+        nodes.check_node(configuration["node"])
     given = configured_uuid(configuration)
     if given and given != sr_uuid:
         raise InvalidParameters("configuration names SR %s, not %s" % (given, sr_uuid))
@@ -404,13 +413,15 @@ def attach(configuration):
         if want_uuid and handle.uuid != want_uuid:
             raise BackendError("SR_mismatch", "pool %s holds SR %s, not %s"
                                % (pool, handle.uuid, want_uuid))
-        for k in ("datapath", "nvme-node"):
+        for k in ("datapath", "nvme-node", "nbd-node"):
             v = configuration.get(k)
             if v is None or handle.props.get(k) == v:
                 continue
-            v = names.check_datapath(v) if k == "datapath" else names.check_nvme_node(v)
+            v = names.check_datapath(v) if k == "datapath" else names.check_endpoint(v, k)
             zfs.zfs("set", "%s=%s" % (zfs.uprop(k), zfs.encode(v)), handle.root)
         handle.reload()
+        from plugins.volume import cbt_methods  # it imports this module
+        cbt_methods.drop_interrupted(pool)
         collect_garbage(handle)
         if handle.index().generation() != handle.generation:
             handle.reconcile()
@@ -483,12 +494,35 @@ def detach(sr):
     pool = names.check_pool(sr) if names.is_pool(sr) else None
     if pool is None or pool not in zfs.pools():
         return None  # already detached
-    props = read_root_props(pool)
     with lock.sr_lock(pool):
-        if props is not None and props.get("created-pool"):
+        props = read_root_props(pool)
+        hosts = remote_hosts(props)
+        if hosts:
+            # a shared SR: other hosts of the pool still use it through this node
+            smapi.log.info("%s: SR.detach leaves the pool imported: %d other host(s) "
+                           "attached (%s)", pool, len(hosts), ", ".join(hosts))
+        elif props is not None and props.get("created-pool"):
             zfs.zpool("export", pool)
         _forget_attached(pool)
     return None
+
+
+def remote_hosts(props):
+    """The other hosts that attached this SR through its node (remote.py)."""
+    hosts = (props or {}).get("remote-hosts") or []
+    return sorted(h for h in hosts if isinstance(h, str)) if isinstance(hosts, list) else []
+
+
+def set_remote_host(pool, host, attached):
+    """Record (or drop) host as attached through this node; caller holds the lock."""
+    props = read_root_props(pool)
+    if props is None:
+        raise smapi.SrNotAttached(pool)
+    hosts = set(remote_hosts(props))
+    want = (hosts | {host}) if attached else (hosts - {host})
+    if want != hosts:
+        zfs.zfs("set", "%s=%s" % (zfs.uprop("remote-hosts"), zfs.encode(sorted(want))),
+                names.sr_root(pool))
 
 
 def destroy(sr):

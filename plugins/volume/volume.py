@@ -77,10 +77,12 @@ def uris(handle, key):
     node = handle.props.get("nvme-node")
     if node:
         out["nvme"] = ["nvme+tcp://%s/%s" % (node, subnqn(handle.uuid, key))]
+    nbd_node = handle.props.get("nbd-node")
+    out["nbdtls"] = ["nbd+tls://%s/%s/%s" % (nbd_node, handle.uuid, key)] if nbd_node else []
     first = handle.props.get("datapath", "raw")
     if first not in out:
         first = "raw"
-    order = [first] + [k for k in ("raw", "nbd", "nvme") if k != first]
+    order = [first] + [k for k in ("raw", "nbd", "nvme", "nbdtls") if k != first]
     return [u for k in order for u in out[k]]
 
 
