@@ -340,7 +340,9 @@ class Server:
                          ready.export.name, "ro" if ready.export.readonly else "rw", ready.size,
                          "structured" if ready.structured else "simple",
                          [name for _, name, _ in ready.contexts] or "none")
-                if self.workers > 1:
+                # an SSL object is not safe for a recv in one thread and sends
+                # in others (seen: EAGAIN mid-connection): TLS runs in order
+                if self.workers > 1 and not isinstance(sock, ssl.SSLSocket):
                     self._transmission_parallel(sock, ready, early)
                 else:
                     self._transmission(sock, ready, early)

@@ -4,7 +4,8 @@ nbd+tls attachments (plugins/datapath/nbdtls.py on the other hosts).
 Exports are not given: they are the node's grants (plugins/datapath/node_nbd.py),
 looked up per NBD option for the CN of the client's certificate, which the CA
 must have signed; one listener and one thread per connection, no process per
-volume.  Kernel NBD clients sit idle as long as their VM, so idle connections
+volume; requests of a TLS connection run in order on its thread (an SSL
+object is not safe for concurrent reads and writes).  Kernel NBD clients sit idle as long as their VM, so idle connections
 are never closed (--idle-timeout 0), and one host's address may hold a
 connection per attached volume (--max-per-client).
 
@@ -44,11 +45,9 @@ def _default(var, name):
 @click.option("--idle-timeout", default=0.0, show_default=True, type=click.FloatRange(0),
               help="0: kernel clients idle as long as their VM.")
 @click.option("--request-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1))
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Requests of one connection executed at once.")
 @click.option("-v", "--verbose", count=True)
 def serve_node(listen, cert, key, ca, max_connections, max_per_client, handshake_timeout,
-               idle_timeout, request_timeout, workers, verbose):
+               idle_timeout, request_timeout, verbose):
     """Serve the node's nbd+tls grants until SIGTERM."""
     from nbd_server import service
     from nbd_server.exports import DynamicExports
@@ -61,7 +60,7 @@ def serve_node(listen, cert, key, ca, max_connections, max_per_client, handshake
         service.serve(tcp=listen, tls_cert=cert, tls_key=key, tls_ca=ca,
                       max_connections=max_connections, max_per_client=max_per_client,
                       handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
-                      request_timeout=request_timeout, workers=workers, verbose=verbose,
+                      request_timeout=request_timeout, verbose=verbose,
                       export_source=DynamicExports(node_nbd.lookup, node_nbd.names))
     except service.UsageError as e:
         fail(str(e))
