@@ -3,7 +3,8 @@
 Layout, one concern per module (cf. Linux drivers/nvme/target/):
   pdu.py        PDU encoders and the sans-IO stream parser (digests: crc.py)
   command.py    the 64-byte SQE, handler results
-  queue.py      one TCP connection = one queue: the sans-IO state machine
+  queue.py      the TCP transport: one connection = one queue, a sans-IO state machine
+  core.py       a command from transport to handler: SGL checks, fabrics/admin/io dispatch
   fabrics.py    Connect, Property Get/Set, Authentication Send/Receive
   auth.py       DH-HMAC-CHAP in-band authentication (state machine, DHHC-1 secrets)
   controller.py controller registers, features, AEN state
@@ -13,9 +14,9 @@ Layout, one concern per module (cf. Linux drivers/nvme/target/):
   filespan.py   large reads sent by sendfile from the page cache
   registry.py   the persistent volume table (sqlite3; an idle volume = one row)
   target.py     live subsystems, controllers, volume changes
-  server.py     the selectors event loop, `serve()`
+  server.py     the selectors event loop of one process
+  service.py    `serve()`: one process, or several (workers.py); the CLI's entry
   limits.py     what the network may take: connection slots, deadlines, buffer budgets
-  volpath.py    only volumes are served: block devices, image files under --file-dir
   workers.py    several processes on one port (SO_REUSEPORT)
   control.py    the local control socket and its `Client`
 

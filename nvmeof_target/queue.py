@@ -3,7 +3,9 @@ data_received(bytes) in, buffers to send in `out`.  The server owns the socket
 and is told through `wakeup()` when output is waiting or the queue wants to
 close.  Flow per command (drivers/nvme/target/tcp.c): in-capsule data, or one
 R2T for the whole transfer answered by H2CData; reads go back as one C2HData
-with LAST, then the CapsuleResp.
+with LAST, then the CapsuleResp.  The queue is the transport only: what a
+command means (its SGL, which handler runs it) is core.py's; the queue moves
+the command's data and sends the completion core.execute returns.
 
 Bounded memory (limits.py): with a conn_buffer, the queue counts the bytes it
 holds (replies in `out`, input not parsed yet, write data granted by R2T) and
@@ -17,9 +19,9 @@ H2CData header before its data is allocated."""
 import collections
 import logging
 
-from . import admin, fabrics, io, pdu
+from . import core, pdu
 from . import status as st
-from .command import DEFERRED, FABRICS, Command, Result
+from .command import DEFERRED, Command, Result
 from .identify import INLINE_DATA, MAX_TRANSFER
 from .limits import Budget
 
@@ -158,44 +160,15 @@ class Queue(object):
         cmd = Command(p.header[8:72])
         if not p.ddgst_ok:
             return self.complete(cmd.cid, Result(TRANSIENT_TRANSPORT_ERROR))
-        data = p.data
         try:
-            if cmd.flags & 0x03 or cmd.flags & 0xC0 != 0x40:    # fused, or not an SGL
-                raise st.NvmeError(st.INVALID_FIELD | st.DNR)
-            if data is not None:
-                if cmd.sgl_id != pdu.SGL_INLINE or not cmd.is_write:
-                    raise st.NvmeError(st.INVALID_FIELD | st.DNR)
-                if cmd.sgl_addr != 0:
-                    raise st.NvmeError(st.SGL_INVALID_OFFSET | st.DNR)
-                if len(data) != cmd.sgl_len:
-                    raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
-                if (self.qid and cmd.opcode != FABRICS and len(data) > INLINE_DATA):
-                    raise st.NvmeError(st.SGL_INVALID_OFFSET | st.DNR)
-            elif cmd.sgl_len:
-                if cmd.sgl_id != pdu.SGL_TRANSPORT:
-                    raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
-                if cmd.sgl_len > MAX_TRANSFER:
-                    raise st.NvmeError(st.SGL_INVALID_DATA | st.DNR)
-                if cmd.is_write:
-                    self._check_data_out(cmd)
-                    return self._send_r2t(cmd)
+            if core.init(self, cmd, p.data):
+                if len(self._r2ts) + len(self._r2t_wait) >= 2 * self.sqsize:
+                    raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
+                core.check_data_out(self, cmd)
+                return self._send_r2t(cmd)
         except st.NvmeError as e:
             return self.complete(cmd.cid, Result(e.status, e.dw0))
-        self._execute(cmd, data)
-
-    def _check_data_out(self, cmd):
-        """All that can be known before an R2T is granted: a command that
-        would fail gets its status now, and no data moves (nor is buffered)."""
-        if self.ctrl is None or len(self._r2ts) + len(self._r2t_wait) >= 2 * self.sqsize:
-            raise st.NvmeError(st.CMD_SEQ_ERROR | st.DNR)
-        if self.auth is not None and not self.auth.authenticated:
-            raise st.NvmeError(st.AUTH_REQUIRED | st.DNR)
-        if cmd.opcode == FABRICS:
-            fabrics.check_data_out(self, cmd)
-        elif self.qid == 0:
-            admin.check_data_out(self, cmd)
-        else:
-            io.check_data_out(self, cmd)
+        self._execute(cmd, p.data)
 
     def _send_r2t(self, cmd):
         self._r2t_wait.append(cmd)
@@ -272,27 +245,8 @@ class Queue(object):
             self._grant_r2ts()
 
     def _execute(self, cmd, data):
-        try:
-            if cmd.opcode == FABRICS:
-                res = fabrics.execute(self, cmd, data)
-            elif self.ctrl is None:
-                raise st.NvmeError(st.INVALID_OPCODE | st.DNR)    # Connect comes first
-            elif self.auth is not None and not self.auth.authenticated:
-                raise st.NvmeError(st.AUTH_REQUIRED | st.DNR)     # DH-HMAC-CHAP first
-            elif self.qid == 0:
-                res = admin.execute(self, cmd)
-            else:
-                res = io.execute(self, cmd, data)
-        except st.NvmeError as e:
-            if e.status & 0x7FF not in (st.LBA_RANGE, st.INVALID_OPCODE, st.INVALID_FIELD):
-                log.debug("%s: %r -> status %#x %s", self.peer, cmd, e.status, e)
-            res = Result(e.status, e.dw0)
-        except Exception:     # never let one command take the target down
-            log.exception("%s: internal error on %r", self.peer, cmd)
-            res = Result(st.INTERNAL | st.DNR)
+        res = core.execute(self, cmd, data)
         if res is not DEFERRED:
-            if res.data is not None and len(res.data) != cmd.sgl_len:
-                res = Result(st.INTERNAL | st.DNR)
             self.complete(cmd.cid, res)
 
     # ---- output -------------------------------------------------------------------

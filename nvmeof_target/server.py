@@ -9,13 +9,15 @@ over its budget is not read (its host's sends stop on TCP back-pressure) until
 its host reads the replies.  One receive buffer serves every connection (the
 queues copy what they keep).  At EMFILE/ENFILE accepting pauses (0.1 s, then
 longer up to 2 s) while the connections already there go on; repeated log
-lines are rate-limited."""
+lines are rate-limited.
+
+One Server is one process's loop; service.serve() runs one, or several in
+worker processes (workers.py)."""
 
 import collections
 import errno
 import logging
 import selectors
-import signal
 import socket
 import time
 
@@ -24,8 +26,6 @@ from .aio import AioReads
 from .filespan import FileSpan
 from .limits import Budget, Limits
 from .queue import Queue
-from .registry import Registry
-from .target import Target
 
 log = logging.getLogger("nvmeof_target")
 
@@ -35,24 +35,6 @@ DEFAULT_PORT = 4420
 MSG_MORE = getattr(socket, "MSG_MORE", 0)
 ACCEPT_BACKOFF = (0.1, 2.0)      # pause accepting at EMFILE: first, longest (doubling)
 _NO_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def parse_listen(text):
-    """'ADDR:PORT', '[v6]:PORT', 'ADDR' or ':PORT' -> (addr, port)."""
-    addr, port = text, DEFAULT_PORT
-    if text.startswith("["):
-        addr, _, rest = text[1:].partition("]")
-        if rest.startswith(":"):
-            port = rest[1:]
-    elif text.count(":") == 1:
-        addr, port = text.split(":")
-    try:
-        port = int(port)
-    except ValueError:
-        raise ValueError("bad port in %r" % text)
-    if not 0 < port < 65536:
-        raise ValueError("bad port in %r" % text)
-    return addr or "127.0.0.1", port
 
 
 class RateLog(object):
@@ -463,25 +445,3 @@ class Server(object):
         self.sel.close()
         self._wake_r.close()
         self._wake_w.close()
-
-
-def serve(listen, state, control_path, reuse_port=False, workers=1, limits=None,
-          file_dirs=None):
-    """Run the target until SIGTERM/SIGINT (what `zfs-ng target serve` calls).
-    limits: a limits.Limits per process; file_dirs: directories whose regular
-    files may be served (besides block devices), see volpath.py."""
-    if workers > 1:
-        from .workers import run_workers
-        return run_workers(workers, listen, state, control_path, limits, file_dirs)
-    registry = Registry(state)
-    target = Target(registry, file_dirs=file_dirs)
-    server = Server(target, listen, control_path, reuse_port, limits)
-    log.info("%d volumes in %s", registry.count(), state)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
-    try:
-        server.serve_forever()
-    finally:
-        registry.close()
-        log.info("stopped")
-    return 0

@@ -22,6 +22,10 @@ import struct
 import time
 import zlib
 
+from .registry import Registry
+from .server import Server
+from .target import Target
+
 log = logging.getLogger("nvmeof_target")
 
 _SLOT = struct.Struct("<IHH")       # tag (0 = free), max_qid, reserved
@@ -83,10 +87,6 @@ def run_workers(n, listen, state, control_path, limits=None, file_dirs=None):
     """Fork n workers serving `listen`, run the control socket here; returns an
     exit status once SIGTERM/SIGINT has stopped everyone.  limits (limits.py)
     hold per worker."""
-    from .registry import Registry
-    from .server import Server
-    from .target import Target
-
     shared = SharedControllers()
     Registry(state).close()              # create the schema before anyone reads it
     pipes = [os.pipe() for _ in range(n)]

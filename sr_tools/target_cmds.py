@@ -75,7 +75,7 @@ def serve(listen, state, socket_path, workers, reuse_port, file_dirs, max_connec
           max_pending, max_pending_per_host, connect_timeout, conn_buffer, total_buffer,
           verbose):
     """Serve NVMe/TCP until SIGTERM."""
-    from nvmeof_target.server import parse_listen, serve as run
+    from nvmeof_target.service import parse_listen, serve as run
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="nvmeof_target[%(process)d] %(levelname)s %(message)s")
     try:

@@ -22,7 +22,7 @@ SERVE = r'''
 import logging, sys
 sys.path.insert(0, sys.argv[1])
 logging.basicConfig(level=logging.INFO)
-from nvmeof_target.server import serve
+from nvmeof_target.service import serve
 sys.exit(serve([("127.0.0.1", int(sys.argv[2]))], sys.argv[3], sys.argv[4]))
 '''
 
