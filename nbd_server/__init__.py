@@ -9,7 +9,7 @@ Layout, one concern per module:
   exports       export definitions and the shared, refcounted Backends
   server        sockets, threads, signals
   run           start/stop a server in a background process (datapath plugins)
-  client        a small client listing a server's exports (health checks, `nbd ls`)
+  client        the one NBD client: list a server's exports (`nbd ls`), read one (backups)
   config        export definitions from the command line and files
   nbdkit_plugin the same volumes behind nbdkit's python plugin
 """

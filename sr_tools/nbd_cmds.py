@@ -72,14 +72,16 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
 @json_option
 def ls(unix_path, tcp, as_json):
     """List the exports of a running NBD server (any NBD server)."""
-    from nbd_server.client import ClientError, list_exports
+    from nbd_server.client import NbdError, list_exports
     from nbd_server.server import parse_tcp
 
     if bool(unix_path) == bool(tcp):
         fail("give one of --unix PATH or --tcp ADDR:PORT")
     try:
         rows = list_exports(unix_path=unix_path, tcp=parse_tcp(tcp) if tcp else None)
-    except (ClientError, OSError, ValueError) as e:
+    except NbdError as e:
+        fail(str(e))
+    except (OSError, ValueError) as e:
         fail("%s: %s" % (unix_path or tcp, e))
     if not as_json:
         for r in rows:

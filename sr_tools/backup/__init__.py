@@ -12,5 +12,5 @@ images with JSON manifests, resumable after a crash, restore and verify.
 `volume`: `SR:KEY`, a ZFS volume `POOL/PATH` (anchored by a snapshot, see
 zvol.py), a `/path` read as is (full only), or with `nbd` any label naming
 the chain.  `progress`: an engine.Progress (begin/advance/end).  File
-formats: manifest.py.  NBD client: nbd_reader.py.  qcow2: qcow2.py.
+formats: manifest.py.  NBD client: nbd_server/client.py.  qcow2: qcow2.py.
 Errors: manifest.BackupError (message meant for the user)."""

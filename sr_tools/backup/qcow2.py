@@ -1,7 +1,7 @@
 """qcow2 images through qemu's own tools: a finished raw image is converted
 with `qemu-img convert` (holes and zeros stay unallocated clusters), and a
 qcow2 image is read back by serving it read-only with `qemu-nbd` on a private
-unix socket and reading it with nbd_reader.  Each image of a chain stands
+unix socket and reading it with nbd_server.client.  Each image of a chain stands
 alone (no backing files: a zero cluster of an incremental must not read
 through to its parent)."""
 
@@ -54,7 +54,7 @@ class Image(object):
 
     def __init__(self, path, timeout=60.0):
         require()
-        from sr_tools.backup import nbd_reader
+        from nbd_server.client import NbdError, Reader
         self.path = path
         self._dir = tempfile.mkdtemp(prefix="zfsng-qcow2-")
         sock = os.path.join(self._dir, "nbd.sock")
@@ -73,14 +73,14 @@ class Image(object):
                     raise BackupError("qemu-nbd did not start for %s" % path)
                 time.sleep(0.02)
             try:
-                self.reader = nbd_reader.Reader("nbd+unix:///?socket=" + sock)
-            except nbd_reader.NbdError as e:
+                self.reader = Reader("nbd+unix:///?socket=" + sock)
+            except NbdError as e:
                 raise BackupError(str(e))
         except BaseException:
             self.close()
             raise
         self.size = self.reader.size
-        self._err = nbd_reader.NbdError
+        self._err = NbdError
 
     def read(self, offset, length):
         try:

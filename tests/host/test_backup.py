@@ -173,6 +173,19 @@ def test_verify_finds_a_flipped_byte_and_restore_refuses(disk, tmp_path):
     assert p.returncode == 1 and "problem" in p.stderr and "Traceback" not in p.stderr
 
 
+def interrupted_after(reads):
+    """A BlockSource whose read after `reads` reads is interrupted (Ctrl-C)."""
+    left = [reads]
+
+    class InterruptedSource(engine.BlockSource):
+        def read(self, offset, length):
+            if not left[0]:
+                raise KeyboardInterrupt("interrupted by the test")
+            left[0] -= 1
+            return super(InterruptedSource, self).read(offset, length)
+    return InterruptedSource
+
+
 def test_interrupted_backup_resumes_without_rereading(disk, tmp_path, monkeypatch):
     src = str(tmp_path / "big.img")
     sparse(src, 24 * MiB)
@@ -181,8 +194,11 @@ def test_interrupted_backup_resumes_without_rereading(disk, tmp_path, monkeypatc
             write(src, i * MiB, bytes([i + 1]) * MiB)
     repo = str(tmp_path / "repo")
     monkeypatch.setattr(engine, "READ_MAX", MiB)
-    with pytest.raises(KeyboardInterrupt):
-        engine.backup("full", src, repo, _stop_after=5 * 16)      # 5 MiB of chunks
+    monkeypatch.setattr(engine, "CHECKPOINT_BYTES", MiB)      # a checkpoint after each read
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "BlockSource", interrupted_after(5))
+        with pytest.raises(KeyboardInterrupt):
+            engine.backup("full", src, repo)
     (d, m), = mf.backups(repo)
     assert m["state"] == "running" and m["done"] == 80
     # what a kill -9 can leave after the checkpoint: data and digests nobody vouches for
