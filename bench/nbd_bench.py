@@ -99,6 +99,7 @@ def main():
     args = ap.parse_args()
     size = args.size_mib * MiB
     tmp = tempfile.mkdtemp(prefix="nbd-bench-")
+    os.environ["ZFSNG_TARGET_FILE_DIRS"] = tmp     # our server exports image files only there
     try:
         src = os.path.join(tmp, "src.img")
         with open(src, "wb") as f:

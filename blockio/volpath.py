@@ -1,10 +1,12 @@
-"""Only volumes are served: what `target add` accepts as a volume's path, and
-what a Connect opens.
+"""Only volumes are served: what `zfs-ng target add` and NBD exports (`zfs-ng
+nbd serve --export`, nbd_server.config) accept as a volume's path, and what a
+Connect opens.
 
 A volume is a block device (a zvol: /dev/zvol/POOL/NAME links to /dev/zdN), or
 a regular image file under one of the directories the target was told about
-(`zfs-ng target serve --file-dir DIR`, or ZFSNG_TARGET_FILE_DIRS, os.pathsep
-separated; none by default, so a storage node serves block devices only).
+(`zfs-ng target serve --file-dir DIR`, `zfs-ng nbd serve --file-dir DIR`, or
+ZFSNG_TARGET_FILE_DIRS, os.pathsep separated, for both; none by default, so a
+storage node serves block devices only).
 Anything else is refused with a message: a path that does not exist, a
 directory, a character device, a file outside those directories (/etc/passwd),
 anything under /proc or /sys (/proc/self/environ is a "regular file")."""
@@ -18,7 +20,7 @@ NEVER = ("/proc", "/sys")
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
 _ONLY = ("only block devices (zvols) and image files under a directory given to "
-         "`zfs-ng target serve --file-dir` are served")
+         "--file-dir (or ZFSNG_TARGET_FILE_DIRS) are served")
 
 
 def file_dirs_from_env():

@@ -15,6 +15,7 @@
 import json
 import os
 
+from blockio import volpath
 from blockio.backend import Backend
 from nbd_server.exports import Export, check_name
 from nbd_server.extents import DirtyBitmap, ExtentMap
@@ -68,9 +69,12 @@ def _loaded(what, loader, path):
         raise ValueError("%s %s: %s" % (what, path, e.strerror or e))
 
 
-def build_exports(specs, bitmaps=(), allocations=(), descriptions=()):
+def build_exports(specs, bitmaps=(), allocations=(), descriptions=(), file_dirs=None):
     """Export objects from parsed command-line values; raises ValueError with
-    a clear message."""
+    a clear message.  Only volumes are exported (blockio/volpath.py): block
+    devices, and regular files under file_dirs (None: ZFSNG_TARGET_FILE_DIRS)."""
+    dirs = volpath.normalize_dirs(volpath.file_dirs_from_env() if file_dirs is None
+                                  else file_dirs)
     exports = {}
     order = []
     for spec in specs:
@@ -79,6 +83,7 @@ def build_exports(specs, bitmaps=(), allocations=(), descriptions=()):
             raise ValueError("export %r given twice" % name)
         if not os.path.exists(path):
             raise ValueError("export %r: %s does not exist" % (name, path))
+        volpath.check_path(path, dirs)
         try:        # fail now, not at the first client; no fd is kept
             Backend(path, readonly=ro).close()
         except OSError as e:

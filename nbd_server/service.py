@@ -13,7 +13,7 @@ DEFAULTS = {
     "descriptions": (), "tls_cert": None, "tls_key": None, "tls_required": False,
     "tls_ca": None, "tls_allow": (), "max_connections": 256, "workers": 1, "verbose": 0,
     "max_per_client": 32, "handshake_timeout": 30.0, "idle_timeout": 300.0,
-    "request_timeout": 60.0, "max_buffer": 256 << 20,
+    "request_timeout": 60.0, "max_buffer": 256 << 20, "file_dirs": None,
 }
 
 
@@ -24,13 +24,16 @@ class UsageError(ValueError):
 def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), descriptions=(),
           tls_cert=None, tls_key=None, tls_required=False, tls_ca=None, tls_allow=(),
           max_connections=256, workers=1, verbose=0, max_per_client=32, handshake_timeout=30.0,
-          idle_timeout=300.0, request_timeout=60.0, max_buffer=256 << 20, export_source=None):
+          idle_timeout=300.0, request_timeout=60.0, max_buffer=256 << 20, export_source=None,
+          file_dirs=None):
     """Listen, then serve until SIGTERM.  Raises UsageError before listening
     when the options or exports are wrong.  tls_ca (a PEM CA) makes TLS
     mandatory and requires client certificates it signed; tls_allow limits
     them to these subjects (nbd_server/tlsauth.py).  export_source (an
     exports.DynamicExports, not from JSON) replaces the fixed exports: each
-    client sees what it returns for its certificate's CN, so it needs tls_ca."""
+    client sees what it returns for its certificate's CN, so it needs tls_ca.
+    file_dirs: where image files may be exported besides block devices (None:
+    ZFSNG_TARGET_FILE_DIRS; blockio/volpath.py)."""
     from nbd_server.config import build_exports
     from nbd_server.exports import ExportTable
     from nbd_server import tlsauth
@@ -64,7 +67,8 @@ def serve(unix_path=None, tcp=None, exports=(), bitmaps=(), allocations=(), desc
         raise UsageError("handshake and request timeouts must be > 0, idle timeout >= 0")
     try:
         table = export_source if export_source is not None else \
-            ExportTable(build_exports(exports, bitmaps, allocations, descriptions))
+            ExportTable(build_exports(exports, bitmaps, allocations, descriptions,
+                                      file_dirs=file_dirs))
         address = parse_tcp(tcp) if tcp else None
         ctx = None
         if tls_cert:

@@ -10,7 +10,9 @@ import uuid as uuidlib
 from blockio.backend import Backend
 
 from . import controller as C
-from . import fabrics, volpath
+from blockio import volpath
+
+from . import fabrics
 from . import status as st
 from .command import Result
 from .controller import Controller

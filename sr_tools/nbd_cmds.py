@@ -14,7 +14,8 @@ def group():
 @click.option("--unix", "unix_path", metavar="PATH", help="Listen on this unix socket.")
 @click.option("--tcp", metavar="ADDR:PORT", help="Listen on this TCP address.")
 @click.option("--export", "exports", multiple=True, required=True, metavar="NAME=PATH[:ro]",
-              help="Serve PATH (zvol, snapshot device, file) as NAME; :ro for read-only.")
+              help="Serve PATH (zvol, snapshot device, or an image file under --file-dir) as "
+              "NAME; :ro for read-only.")
 @click.option("--bitmap", "bitmaps", multiple=True, nargs=3, metavar="EXPORT BITMAP FILE",
               help="Serve qemu:dirty-bitmap:BITMAP on EXPORT from a raw (or .b64) CBT bitmap.")
 @click.option("--allocation", "allocations", multiple=True, nargs=2, metavar="EXPORT FILE",
@@ -43,10 +44,13 @@ def group():
               metavar="BYTES", help="WRITE payloads held by all connections at once.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Requests of one connection executed at once (>1: overlap slow zvol I/O).")
+@click.option("--file-dir", "file_dirs", multiple=True, metavar="DIR",
+              help="Image files under DIR may be exported too (default: "
+              "$ZFSNG_TARGET_FILE_DIRS, else block devices only).")
 @click.option("-v", "--verbose", count=True, help="-v: connections, -vv: every option/request.")
 def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert, tls_key,
           tls_required, tls_ca, tls_allow, max_connections, max_per_client, handshake_timeout,
-          idle_timeout, request_timeout, max_buffer, workers, verbose):
+          idle_timeout, request_timeout, max_buffer, workers, file_dirs, verbose):
     """Serve exports until SIGTERM.
 
     Example: zfs-ng nbd serve --unix /run/zfs-ng/nbd.sock
@@ -61,7 +65,8 @@ def serve(unix_path, tcp, exports, bitmaps, allocations, descriptions, tls_cert,
                       tls_allow=tls_allow, max_connections=max_connections, workers=workers,
                       verbose=verbose, max_per_client=max_per_client,
                       handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
-                      request_timeout=request_timeout, max_buffer=max_buffer)
+                      request_timeout=request_timeout, max_buffer=max_buffer,
+                      file_dirs=list(file_dirs) or None)
     except service.UsageError as e:
         fail(str(e))
 

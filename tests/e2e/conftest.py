@@ -17,6 +17,23 @@ if os.environ.get("ZFSNG_IN_VM") != "1":
                 returncode=4)
 
 TEST_DIR = "/var/lib/zfsng-test"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def image_dirs(tmp_path_factory):
+    """Image files the NBD servers and targets of these tests export live under
+    pytest's and tempfile's temporary directories and TEST_DIR: name them
+    (blockio/volpath.py: otherwise only block devices are served)."""
+    import tempfile
+    from blockio.volpath import FILE_DIRS_ENV
+    old = os.environ.get(FILE_DIRS_ENV)
+    os.environ[FILE_DIRS_ENV] = os.pathsep.join(
+        (str(tmp_path_factory.getbasetemp()), tempfile.gettempdir(), TEST_DIR))
+    yield
+    if old is None:
+        os.environ.pop(FILE_DIRS_ENV, None)
+    else:
+        os.environ[FILE_DIRS_ENV] = old
 # Blank virtio disks attached by tests/vm/vm.py (2 GiB each, sparse).
 VIRTIO_DISKS = ["/dev/disk/by-id/virtio-zfsng-d%d" % i for i in range(4)]
 

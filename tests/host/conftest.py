@@ -2,7 +2,7 @@
 
 - The targets they start (in-process, or `zfs-ng target serve`, which inherits
   the environment) serve image files under pytest's temporary directory and
-  tempfile's: ZFSNG_TARGET_FILE_DIRS names them (nvmeof_target/volpath.py:
+  tempfile's: ZFSNG_TARGET_FILE_DIRS names them (blockio/volpath.py:
   otherwise only block devices are served).
 - `nvme_target(*args, gc=True)`: a running `zfs-ng target serve` with more
   options (test_nvme_server.TargetProcess), stopped after the test; gc=False
@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from nvmeof_target.volpath import FILE_DIRS_ENV
+from blockio.volpath import FILE_DIRS_ENV
 
 GC_OFF = (sys.executable, "-c", "import gc; gc.disable(); from sr_tools.cli import main; main()")
 

@@ -49,7 +49,7 @@ for _p in (ROOT, HERE):
 from nbd_server import constants as C                                       # noqa: E402
 from nvmeof_target import pdu                                               # noqa: E402
 from nvmeof_target.command import build_sqe                                 # noqa: E402
-from nvmeof_target.volpath import FILE_DIRS_ENV                             # noqa: E402
+from blockio.volpath import FILE_DIRS_ENV                             # noqa: E402
 from test_nvme_initiator import CONNECT_DATA, HOSTNQN, Host, SocketTransport  # noqa: E402
 
 MiB = 1 << 20

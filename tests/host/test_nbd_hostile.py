@@ -9,6 +9,8 @@ import socket
 import struct
 import time
 
+import pytest
+
 from conftest import rss, wait_for
 from nbd_server import constants as C
 from test_nbd_peers import free_port, recv_exact, xo_connect
@@ -217,3 +219,19 @@ def test_idle_clients_after_go_are_capped_and_time_out(nbd_server, tmp_path):
     for x in more:
         export_name(x, "d")
         x.close()
+
+
+def test_only_volumes_are_exported(tmp_path):
+    """issue 12 row 9 for NBD: --export takes block devices and image files
+    under --file-dir (or ZFSNG_TARGET_FILE_DIRS) only."""
+    from nbd_server.config import build_exports
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * 65536)
+    assert [e.path for e in build_exports(["d=%s" % img], file_dirs=[str(tmp_path)])] == [str(img)]
+    for path, why in (("/etc/passwd", "outside"), (str(tmp_path), "a directory"),
+                      ("/proc/self/environ", "outside"), ("/dev/null", "character device"),
+                      (str(tmp_path / "nope"), "does not exist")):
+        with pytest.raises(ValueError, match=why):
+            build_exports(["x=%s" % path], file_dirs=[str(tmp_path)])
+    with pytest.raises(ValueError, match="none is configured"):
+        build_exports(["d=%s" % img], file_dirs=[])
