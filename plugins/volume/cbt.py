@@ -867,14 +867,17 @@ def disable(vol, state_dir=None):
     enabled mark.  Bookmarks left by data_destroy stay (their VDIs are the
     plugin's); intervals from them then count FREEs as changed."""
     _check_name(vol)
+    store = MapStore(state_dir)
+    # the mark first: killed later, the volume reads as disabled (what was
+    # asked) with leftovers the next enable/disable drops, never as enabled
+    # without its anchor
+    if PROP_ENABLED in store.props(vol, refresh=True):
+        _zfs("inherit", PROP_ENABLED, vol)
     if _exists("%s@%s" % (vol, ANCHOR)):
         _destroy_snapshot("%s@%s" % (vol, ANCHOR))
     if _exists("%s#%s" % (vol, ANCHOR)):
         _zfs("destroy", "%s#%s" % (vol, ANCHOR))
-    store = MapStore(state_dir)
     store.drop_dataset(vol)
-    if PROP_ENABLED in store.props(vol, refresh=True):
-        _zfs("inherit", PROP_ENABLED, vol)
 
 
 def data_destroy(snap, state_dir=None, stats=None):

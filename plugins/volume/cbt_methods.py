@@ -122,6 +122,22 @@ def bookmarked_datasets(pool):
                if split_bookmark(r[0], pool) is not None)
 
 
+def drop_interrupted(pool):
+    """Destroy the snapshots cbt.py makes and drops within one call (the
+    anchor snapshot of an enable, the temporary end of a live interval) that
+    a killed call left behind.  They would pin their volume for good: once
+    destroyed it stays as a hidden dataset collect_garbage keeps (it has a
+    snapshot).  Caller holds the SR lock, so no CBT call is using them."""
+    for r in zfs.list_names(names.sr_root(pool), ("name",), types="snapshot"):
+        snap = r[0].split("@", 1)[1] if "@" in r[0] else ""
+        if snap == cbt.ANCHOR or snap.startswith(cbt.TMP_PREFIX):
+            smapi.log.info("%s: left by an interrupted CBT call, destroyed", r[0])
+            try:
+                zfs.zfs("destroy", r[0])
+            except zfs.NotFound:
+                pass
+
+
 def field_prop(e, field):
     """(property, ZFS name) where metadata field of entry e is stored."""
     if e["kind"] == "bookmark":

@@ -1,0 +1,324 @@
+"""kill -9 at random points of plugin calls (issue 12, item 4c): create,
+snapshot, clone, destroy, revert, resize, enable_cbt and disable_cbt on one SR,
+each call SIGKILLed after a random delay (seeded, printed) drawn from that
+call's measured duration, so a good share really die mid-way (returncode -9,
+asserted).  After every call ZFS is compared with what the call may have
+done: no key appears but from a create/snapshot/clone (at most one, the one it
+returned if it completed), none disappears but the one a destroy named.  At
+the end SR.attach (the crash reset), then: SR.ls == ZFS, every volume that
+completed still there with its size and data (first MiB hashed through its
+device), no leftovers (revert clones, read-only clones, CBT temporary or
+anchor snapshots, holds, hidden datasets nothing depends on), CBT state
+consistent, and once every VDI is destroyed the SR root is empty.
+
+ZFSNG_KILL9_CALLS (default 100) and ZFSNG_KILL9_SEED (default: random,
+printed) make a run repeatable."""
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import time
+
+from test_volume_concurrency import sr, wait_zfs_idle  # noqa: F401  (fixture)
+from volume_calls import call, start, zfs_names, zget
+
+MiB = 1 << 20
+CALLS = int(os.environ.get("ZFSNG_KILL9_CALLS", "100"))
+SEED = int(os.environ.get("ZFSNG_KILL9_SEED", str(random.randrange(1 << 30))))
+ZERO_MIB = hashlib.sha256(bytes(MiB)).hexdigest()
+
+
+def truth(pool):
+    """{key: (kind, dataset)} by the naming rules; an interrupted revert's
+    r-KEY stands for KEY when KEY is gone (the next call finishes it)."""
+    from plugins.volume import names
+    out, reverting = {}, {}
+    for n in zfs_names(pool):
+        kind, key = names.classify(n, pool)
+        if kind in ("volume", "snapshot"):
+            out[key] = (kind, n.split("@", 1)[0])
+        elif kind == "reverting":
+            reverting[key] = n
+    for key, n in reverting.items():
+        out.setdefault(key, ("volume", n))
+    return out
+
+
+def ls(pool):
+    return {v["key"]: v for v in call("SR.ls", sr=pool)}
+
+
+def ls_kinds(pool):
+    return {k: "volume" if v["read_write"] else "snapshot" for k, v in ls(pool).items()}
+
+
+def generation(pool):
+    return int(zget(pool + "/zfs-ng", "org.zfs-ng:generation") or 0)
+
+
+def read_mib(pool, key):
+    """sha256 of the first MiB of a volume or snapshot, through its device."""
+    from plugins.volume import volume
+    dev = volume.activate_device(pool, key)["device"]
+    try:
+        fd = os.open(dev, os.O_RDONLY)
+        try:
+            data = os.pread(fd, MiB, 0)
+        finally:
+            os.close(fd)
+    finally:
+        volume.deactivate_device(pool, key)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_mib(pool, key, data):
+    from plugins.volume import volume
+    dev = volume.activate_device(pool, key)["device"]
+    try:
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, data, 0) == len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        volume.deactivate_device(pool, key)
+
+
+def run_call(method, params, delay):
+    """Start a plugin call, SIGKILL it after delay s if still running:
+    ('killed', None) / ('ok', result) / ('error', error JSON)."""
+    import json
+    p = start(method, **params)
+    deadline = time.time() + delay
+    while p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGKILL)
+    out = p.stdout.read()
+    err = p.stderr.read()
+    p.wait()
+    p.stdout.close()
+    p.stderr.close()
+    if p.returncode == -signal.SIGKILL:
+        return "killed", None
+    doc = json.loads(out.splitlines()[0]) if out.strip() else err
+    return ("ok" if p.returncode == 0 else "error"), doc
+
+
+def pick(rng, t, base):
+    """(method, params, acts) for the next call, from the current ZFS truth."""
+    vols = sorted(k for k, (kind, _) in t.items() if kind == "volume")
+    snaps = sorted(k for k, (kind, _) in t.items() if kind == "snapshot")
+    revertible = [s for s in snaps if t[s][1].rsplit("/", 1)[1] in vols]
+    ops = [("create", 2)]
+    if vols:
+        ops += [("snapshot", 3), ("clone", 2), ("resize", 1), ("enable_cbt", 1.5),
+                ("disable_cbt", 1)]
+    if t:
+        ops += [("destroy", 2 if len(t) < 20 else 6)]
+    if revertible:
+        ops += [("revert", 2)]
+    r = rng.uniform(0, sum(w for _, w in ops))
+    for op, w in ops:
+        r -= w
+        if r <= 0:
+            break
+    if op == "create":
+        return "Volume.create", dict(name="k", description="", size=2 * MiB, sharable=False)
+    if op == "snapshot":
+        return "Volume.snapshot", dict(key=rng.choice(vols + snaps[:len(snaps) // 3]))
+    if op == "clone":
+        return "Volume.clone", dict(key=rng.choice(vols + snaps))
+    if op == "destroy":
+        return "Volume.destroy", dict(key=rng.choice(sorted(t)))
+    if op == "revert":
+        s = rng.choice(revertible)
+        return "Volume.revert", dict(snapshot=s, key=t[s][1].rsplit("/", 1)[1])
+    if op == "resize":
+        k = rng.choice(vols)
+        return "Volume.resize", dict(key=k, new_size=int(zget(t[k][1], "volsize")) + MiB)
+    return "Volume." + op, dict(key=rng.choice(vols))
+
+
+def test_kill_9_at_random_points_of_plugin_calls(sr):
+    pool = sr
+    rng = random.Random(SEED)
+    print("\nseed %d (ZFSNG_KILL9_SEED), %d calls" % (SEED, CALLS))
+    # volumes with known data, and every operation once to measure its duration
+    content = {}                      # key -> set of acceptable sha256 of the first MiB
+    sizes = {}                        # key -> set of acceptable volsizes
+    base = []
+    for i in range(3):
+        k = call("Volume.create", sr=pool, name="b%d" % i, description="", size=4 * MiB,
+                 sharable=False)["key"]
+        data = os.urandom(MiB)
+        write_mib(pool, k, data)
+        content[k] = {hashlib.sha256(data).hexdigest()}
+        sizes[k] = {4 * MiB}
+        base.append(k)
+    dur = {}
+
+    def timed(method, **params):
+        t0 = time.time()
+        r = call(method, sr=pool, **params)
+        dur[method] = time.time() - t0
+        return r
+
+    s0 = timed("Volume.snapshot", key=base[0])["key"]
+    c0 = timed("Volume.clone", key=base[0])["key"]
+    timed("Volume.enable_cbt", key=base[1])
+    timed("Volume.disable_cbt", key=base[1])
+    timed("Volume.enable_cbt", key=base[1])
+    timed("Volume.resize", key=base[2], new_size=5 * MiB)
+    sizes[base[2]] = {5 * MiB}
+    timed("Volume.revert", snapshot=s0, key=base[0])
+    k = timed("Volume.create", name="t", description="", size=MiB, sharable=False)["key"]
+    timed("Volume.destroy", key=k)
+    content[s0] = content[c0] = content[base[0]]
+    sizes[s0] = sizes[c0] = {4 * MiB}
+    print("call durations (s):", dict((m, round(d, 2)) for m, d in sorted(dur.items())))
+
+    made = set(content)               # every key a call of ours created
+    log = []                          # (i, method, params, delay, outcome, mutated)
+    t = truth(pool)
+    assert set(t) == set(content)
+    for i in range(CALLS):
+        method, params = pick(rng, t, base)
+        delay = round(rng.uniform(0.25, 1.25) * dur[method], 3)
+        gen0 = generation(pool)
+        outcome, doc = run_call(method, dict(params, sr=pool), delay)
+        wait_zfs_idle()               # the killed script's zfs children finish on their own
+        after = truth(pool)
+        mutated = generation(pool) != gen0
+        log.append((i, method, params, delay, outcome, mutated))
+        where = "call %d %s %r (delay %.3f s, %s)" % (i, method, params, delay, outcome)
+        assert outcome != "error", "%s failed: %s" % (where, doc)
+        new, gone = set(after) - set(t), set(t) - set(after)
+        key = params.get("key")
+        if method in ("Volume.create", "Volume.snapshot", "Volume.clone"):
+            assert len(new) <= 1 and not gone, (where, new, gone)
+            want_kind = "snapshot" if method == "Volume.snapshot" else "volume"
+            for n in new:
+                assert after[n][0] == want_kind, (where, after[n])
+            if outcome == "ok":
+                assert new == {doc["key"]}, (where, new, doc)
+            for n in new:
+                made.add(n)
+                if method == "Volume.create":
+                    content[n], sizes[n] = {ZERO_MIB}, {2 * MiB}
+                elif key in content:
+                    content[n], sizes[n] = set(content[key]), set(sizes[key])
+        elif method == "Volume.destroy":
+            assert not new and gone <= {key}, (where, new, gone)
+            if outcome == "ok":
+                assert gone == {key}, where
+            for n in gone:
+                content.pop(n, None)
+                sizes.pop(n, None)
+        else:
+            assert not new and not gone, (where, new, gone)
+            if method == "Volume.revert":
+                snap = params["snapshot"]
+                was, now = content.get(key, set()), content.get(snap, set())
+                # unknown (empty) when either side is: its data is then not checked
+                content[key] = set(now) if outcome == "ok" else (was | now if was and now
+                                                                 else set())
+                sizes[key] = set(sizes.get(snap, ())) | (set() if outcome == "ok"
+                                                         else sizes.get(key, set()))
+            elif method == "Volume.resize" and key in sizes:
+                sizes[key] = ({params["new_size"]} if outcome == "ok"
+                              else sizes[key] | {params["new_size"]})
+        t = after
+        if i % 10 == 9:               # the index agrees without any attach
+            assert ls_kinds(pool) == dict((k, v[0]) for k, v in t.items()), where
+    killed = [e for e in log if e[4] == "killed"]
+    print("calls: %d, killed: %d (%d after the SR generation moved: mid-mutation), "
+          "completed: %d" % (len(log), len(killed), sum(1 for e in killed if e[5]),
+                             len(log) - len(killed)))
+    for e in log:
+        print("  %3d %-20s delay %6.3f s  %-6s %s" % (e[0], e[1], e[3], e[4],
+                                                     "mutated" if e[5] else ""))
+    assert len(killed) >= CALLS * 3 // 10, "too few calls killed mid-way"
+    assert sum(1 for e in killed if e[5]) >= CALLS // 10, "too few kills inside a mutation"
+    assert len(log) - len(killed) >= CALLS // 10, "too few calls completed"
+
+    # the crash reset, then everything must agree
+    call("SR.attach", configuration={"pool": pool})
+    listed = ls(pool)
+    t = truth(pool)
+    assert dict((k, "volume" if v["read_write"] else "snapshot") for k, v in listed.items()) \
+        == dict((k, v[0]) for k, v in t.items())
+    assert set(listed) <= made                             # nothing invented
+    assert set(content) == set(listed)                     # nothing lost
+    from plugins.volume import names
+    everything = zfs_names(pool, "filesystem,volume,snapshot,bookmark")
+    leftovers = []
+    for n in everything:
+        kind, _ = names.classify(n, pool)
+        if kind in ("reverting", "readonly", "session"):
+            leftovers.append(n)
+        if "@zfsng-cbt-" in n:                             # anchors are bookmarks only
+            leftovers.append(n)
+    assert not leftovers, leftovers
+    holds = subprocess.run(["zfs", "list", "-H", "-p", "-t", "snapshot", "-o", "name,userrefs",
+                            "-r", pool], stdout=subprocess.PIPE, universal_newlines=True,
+                           check=True).stdout.split("\n")
+    assert not [h for h in holds if h and h.split("\t")[1] != "0"], holds
+    origins = set(subprocess.run(["zfs", "list", "-H", "-o", "origin", "-r", pool + "/zfs-ng"],
+                                 stdout=subprocess.PIPE, universal_newlines=True,
+                                 check=True).stdout.split())
+    for n in everything:
+        if names.classify(n, pool)[0] != "hidden" or "#" in n:    # (a bookmark of one)
+            continue
+        if "@" in n:
+            assert n in origins, "hidden snapshot %s has no clone" % n
+        else:
+            assert any(x.startswith(n + "@") or x.startswith(n + "#") for x in everything), \
+                "hidden dataset %s holds nothing" % n
+    # sizes, CBT state and data of every volume that is left
+    for k, v in sorted(listed.items()):
+        assert v["virtual_size"] in sizes[k], (k, v["virtual_size"], sizes[k])
+        assert int(zget(t[k][1] if v["read_write"] else "%s@%s" % (t[k][1], k), "volsize")) \
+            == v["virtual_size"]
+        if v["read_write"]:
+            on = zget(t[k][1], "zfs-ng-cbt:enabled") == "on"
+            assert v["cbt_enabled"] == on, (k, v["cbt_enabled"])
+            if on:                                         # tracking has its anchor
+                assert t[k][1] + "#zfsng-cbt-anchor" in everything, k
+    checked = 0
+    for k in sorted(listed):
+        if content.get(k):
+            got = read_mib(pool, k)
+            assert got in content[k], (k, listed[k]["read_write"])
+            checked += 1
+    print("after SR.attach: %d VDIs, %d with their data checked" % (len(listed), checked))
+    # nothing leaked: with every VDI destroyed the SR root is empty
+    for k in listed:
+        call("Volume.destroy", sr=pool, key=k)
+    call("SR.attach", configuration={"pool": pool})
+    assert zfs_names(pool, "volume,snapshot,bookmark") == set()
+
+
+def test_attach_drops_snapshots_of_interrupted_cbt_calls(sr):
+    """What a Volume.enable_cbt killed between its anchor snapshot and the
+    snapshot's destroy leaves (V@zfsng-cbt-anchor), and a list_changed_blocks
+    killed while a live volume had its temporary snapshot
+    (V@zfsng-cbt-tmp-HEX): SR.attach destroys both.  Before, they stayed, and
+    once the volume was destroyed it was kept hidden for good (it had a
+    snapshot), found by test_kill_9_at_random_points_of_plugin_calls."""
+    pool = sr
+    k = call("Volume.create", sr=pool, name="a", description="", size=MiB,
+             sharable=False)["key"]
+    ds = "%s/zfs-ng/%s" % (pool, k)
+    for snap in ("zfsng-cbt-anchor", "zfsng-cbt-tmp-0123456789ab"):
+        subprocess.run(["zfs", "snapshot", ds + "@" + snap], check=True)
+    call("SR.attach", configuration={"pool": pool})
+    assert zfs_names(pool, "volume,snapshot,bookmark") == {ds}
+    call("Volume.enable_cbt", sr=pool, key=k)               # still works afterwards
+    assert ls(pool)[k]["cbt_enabled"]
+    call("Volume.destroy", sr=pool, key=k)
+    call("SR.attach", configuration={"pool": pool})
+    assert zfs_names(pool, "volume,snapshot,bookmark") == set()
