@@ -16,35 +16,23 @@ import uuid
 
 import pytest
 
-from conftest import make_file_vdevs, run, wait_for_path
+from conftest import run, wait_for_path
 from kernel_nvmet import disconnect
-from test_nvmeof import HOSTNQN, PORT, ROOT, SOCK, TargetProc, find_namespace, fio
+from user_target import (HOSTNQN, PORT, ROOT, SOCK, Vol, find_namespace, fio, pool_fixture,
+                         running_target)
 
 OTHER_HOST = "nqn.2014-08.org.example:auth-other-host"
 
 
-@pytest.fixture(scope="module")
-def pool():
-    name = "nva%s" % uuid.uuid4().hex[:6]
-    vdev = make_file_vdevs(1, 1 << 30)
-    run("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", name, *vdev)
-    yield name
-    subprocess.run(["zpool", "destroy", "-f", name])
-    for v in vdev:
-        os.unlink(v)
+pool = pool_fixture("nva")
 
 
 @pytest.fixture(scope="module")
 def target(pool):
     state = "/var/lib/zfsng-test/target-auth-%s.db" % pool
-    t = TargetProc(state).start()
-    yield t
-    subprocess.run(["nvme", "disconnect-all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    rc = t.stop()
-    log = open(state + ".log").read()
-    print(log[-4000:])
-    assert rc == 0
-    assert "Traceback" not in log
+    with running_target(state, tail=4000) as t:
+        yield t
+    assert "Traceback" not in open(state + ".log").read()
     assert oct(os.stat(state).st_mode & 0o777) == oct(0o600)     # it holds the secrets
 
 
@@ -66,19 +54,10 @@ def gen_key(*args):
     return key
 
 
-class AuthVol(object):
+class AuthVol(Vol):
     def __init__(self, pool, name, hosts=(HOSTNQN,), require_auth=True):
-        self.zname = "%s/%s" % (pool, name)
-        run("zfs", "create", "-s", "-V", "64M", "-o", "volblocksize=16K", self.zname)
-        self.path = wait_for_path("/dev/zvol/" + self.zname)
-        self.uuid = str(uuid.uuid4())
-        self.nqn = "nqn.2014-08.org.zfs-ng:%s:%s" % (pool, name)
-        args = ["add", self.nqn, self.path, "--uuid", self.uuid]
-        for h in hosts:
-            args += ["--allow", h]
-        if require_auth:
-            args.append("--require-auth")
-        tcli(*args)
+        Vol.__init__(self, pool, name, "64M", hosts,
+                     ["--require-auth"] if require_auth else [])
 
     def nvme_connect(self, *extra, **kw):
         return subprocess.run(["nvme", "connect", "-t", "tcp", "-a", "127.0.0.1", "-s", str(PORT),

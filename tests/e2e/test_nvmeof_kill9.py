@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 
-from test_nvmeof import FIO, SOCK, Vol, pool, target  # noqa: F401  (fixtures)
+from user_target import FIO, SOCK, Vol, pool, target  # noqa: F401  (fixtures)
 
 RESTARTS = int(os.environ.get("ZFSNG_KILL9_RESTARTS", "3"))
 MiB = 1 << 20

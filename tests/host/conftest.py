@@ -14,6 +14,10 @@
 - `rss(pid)`: resident memory in bytes, from /proc/PID/status.
 - `free_port()`: a TCP port free on 127.0.0.1 now; `wait_for(cond)`: cond()'s
   first true value within the timeout (else its last value).
+- `run_as_unit(proc, port, sock, service)`: a target started as its systemd
+  unit would (own session, output piped): up on 127.0.0.1:port and its control
+  socket, then stopped with the unit's KillSignal within its TimeoutStopSec;
+  returns (exit status, output, seconds the stop took).
 """
 
 import os
@@ -57,6 +61,30 @@ def wait_for(cond, timeout=10.0, step=0.05):
             return v
         time.sleep(step)
     return cond()
+
+
+def run_as_unit(proc, port, sock, service, timeout=30.0):
+    import signal
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                if os.path.exists(sock):
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "target did not come up"
+            time.sleep(0.1)
+        t0 = time.time()
+        os.killpg(proc.pid, getattr(signal, service["KillSignal"]))
+        rc = proc.wait(timeout=int(service["TimeoutStopSec"]))
+        return rc, proc.stdout.read(), time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def rss(pid):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -16,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DIRS = {entry.VOLUME_PLUGIN: os.path.join(ROOT, "plugins", "volume", entry.VOLUME_PLUGIN)}
 DIRS.update((d, os.path.join(ROOT, "plugins", "datapath", d)) for d in entry.DATAPATHS)
 SCRIPT = {entry.VOLUME_PLUGIN: "entry.py"}
+PACKAGES = ("blockio", "nbd_server", "nvmeof_target", "plugins", "sr_tools")   # setup.cfg's
 
 
 def call(argv, params=None, **kw):
@@ -57,14 +57,25 @@ def test_bad_json_is_an_error_json():
 
 def test_a_copy_outside_the_checkout_uses_the_installed_package(tmp_path):
     """Copied without the checkout, the script finds no plugins/ above it and
-    runs site: the package comes from site-packages (here the venv's, where
-    the project is installed)."""
+    runs site: the package comes from where it is installed.  Here: the
+    packages copied into a site directory of their own, run by an interpreter
+    that has no zfs-ng installed (not the venv, whose editable install points
+    back at this checkout).  The RPM payload is tested the same way on
+    Python 3.6 in test_rpm.py."""
+    py = shutil.which("python3", path="/usr/bin:/bin")
+    bare = dict(os.environ, PYTHONNOUSERSITE="1")
+    bare.pop("PYTHONPATH", None)
+    if py is None or subprocess.run([py, "-c", "import plugins"], env=bare, cwd=str(tmp_path),
+                                    stderr=subprocess.DEVNULL).returncode == 0:
+        pytest.skip("no python3 without zfs-ng installed on this machine")
+    site = tmp_path / "site-packages"
+    for package in PACKAGES:
+        shutil.copytree(os.path.join(ROOT, package), str(site / package),
+                        ignore=shutil.ignore_patterns("__pycache__"))
     copy = tmp_path / "xapi-storage-script" / "volume" / entry.VOLUME_PLUGIN
     shutil.copytree(DIRS[entry.VOLUME_PLUGIN], str(copy), symlinks=True)
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
-    rc, q, err = call([sys.executable, "-S", str(copy / "Plugin.Query")], env=env,
-                      cwd=str(tmp_path))
+    rc, q, err = call([py, "-S", str(copy / "Plugin.Query")],
+                      env=dict(bare, PYTHONPATH=str(site)), cwd=str(tmp_path))
     assert rc == 0, err
     assert q["plugin"] == "zfs-ng"
     assert entry.methods_of(entry.VOLUME_PLUGIN)  # and the same table as here

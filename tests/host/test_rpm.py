@@ -17,16 +17,14 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
 from plugins import entry
+from conftest import free_port, run_as_unit
 from test_nbd_py36 import python36
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -309,12 +307,6 @@ def test_every_cli_command_parses_with_the_vendored_click(py36, tree, cwd):
     assert int(n) > 20
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_installed_unit_runs_the_installed_target(py36, tree, cwd, tmp_path):
     unit = tree + UNIT
     cp = configparser.ConfigParser(strict=False, interpolation=None)
@@ -337,33 +329,15 @@ def test_installed_unit_runs_the_installed_target(py36, tree, cwd, tmp_path):
     with open(tree + DEFAULTS) as f:
         assert all(not line.strip() or line.startswith("#") for line in f)
     # run it as systemd would (no locale set), on loopback, then SIGTERM
-    port = _free_port()
+    port = free_port()
     env = env_for(tree, ZFSNG_TARGET_LISTEN="127.0.0.1:%d" % port,
                   ZFSNG_TARGET_STATE=str(tmp_path / "target.db"),
                   ZFSNG_TARGET_SOCKET=str(tmp_path / "target.sock"))
     proc = subprocess.Popen([py36, "-s", tree + argv[0]] + argv[1:], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True, start_new_session=True)
-    try:
-        deadline = time.time() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                if os.path.exists(env["ZFSNG_TARGET_SOCKET"]):
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "target did not come up"
-            time.sleep(0.1)
-        os.killpg(proc.pid, getattr(signal, svc["KillSignal"]))
-        rc = proc.wait(timeout=int(svc["TimeoutStopSec"]))
-        log = proc.stdout.read()
-        assert rc == 0 and "Traceback" not in log, log
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    rc, log, _took = run_as_unit(proc, port, env["ZFSNG_TARGET_SOCKET"], svc)
+    assert rc == 0 and "Traceback" not in log, log
 
 
 NBD_START = r'''

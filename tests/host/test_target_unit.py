@@ -6,13 +6,13 @@ sent to the whole control group as KillMode=control-group does."""
 import configparser
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
+
+from conftest import free_port, run_as_unit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNIT = os.path.join(ROOT, "nvmeof_target", "zfs-ng-target.service")
@@ -39,12 +39,6 @@ def test_systemd_accepts_the_unit():
     assert p.returncode == 0 and not p.stdout.strip(), p.stdout
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_execstart_serves_and_stops_on_sigterm(tmp_path, workers):
     cp, env = _unit()
@@ -52,7 +46,7 @@ def test_execstart_serves_and_stops_on_sigterm(tmp_path, workers):
     argv = shlex.split(svc["ExecStart"])
     assert argv[0] == "/usr/bin/python3"
     argv[0] = sys.executable              # the venv's interpreter has click
-    port = _free_port()
+    port = free_port()
     envfile = {"ZFSNG_TARGET_LISTEN": "127.0.0.1:%d" % port, "ZFSNG_TARGET_WORKERS": workers,
                "ZFSNG_TARGET_STATE": str(tmp_path / "target.db"),
                "ZFSNG_TARGET_SOCKET": str(tmp_path / "target.sock")}
@@ -60,29 +54,9 @@ def test_execstart_serves_and_stops_on_sigterm(tmp_path, workers):
     proc = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, **envfile),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             universal_newlines=True, start_new_session=True)
-    try:
-        deadline = time.time() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                if os.path.exists(envfile["ZFSNG_TARGET_SOCKET"]):
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "target did not come up"
-            time.sleep(0.1)
-        assert os.path.exists(envfile["ZFSNG_TARGET_STATE"])
-        t0 = time.time()
-        os.killpg(proc.pid, getattr(signal, svc["KillSignal"]))
-        rc = proc.wait(timeout=int(svc["TimeoutStopSec"]))
-        out = proc.stdout.read()
-        assert rc == 0, out
-        assert "Traceback" not in out, out
-        assert time.time() - t0 < 10
-        with pytest.raises(OSError):      # nothing left listening
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    rc, out, took = run_as_unit(proc, port, envfile["ZFSNG_TARGET_SOCKET"], svc)
+    assert rc == 0 and "Traceback" not in out, out
+    assert took < 10
+    assert os.path.exists(envfile["ZFSNG_TARGET_STATE"])
+    with pytest.raises(OSError):          # nothing left listening
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -1,0 +1,158 @@
+"""Our user-space NVMe/TCP target in the test VM, for the e2e tests that
+drive it with the kernel initiator (test_nvmeof*.py, test_nvme_auth.py): the
+target process (TargetProc), its CLI (cli), a module's pool and target
+(fixtures: import them into the test module), volumes served by it (Vol),
+finding a namespace's /dev node, fio, and the ZFS space a zvol uses."""
+
+import contextlib
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import make_file_vdevs, run, wait_for_path
+from kernel_nvmet import connect, disconnect
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PORT = 4420
+SOCK = "/run/zfs-ng/test-target.sock"
+HOSTNQN = open("/etc/nvme/hostnqn").read().strip()
+OTHER_HOST = "nqn.2014-08.org.example:not-this-host"
+FIO = ["fio", "--ioengine=libaio", "--direct=1", "--verify_state_save=0", "--randseed=42",
+       "--group_reporting"]
+
+
+class TargetProc(object):
+    def __init__(self, state):
+        self.state = state
+        self.proc = None
+        self.log = open(state + ".log", "a")
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
+             "127.0.0.1:%d" % PORT, "--state", self.state, "--socket", SOCK, "-v"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
+        deadline = time.time() + 60
+        while not os.path.exists(SOCK):
+            if self.proc.poll() is not None or time.time() > deadline:
+                pytest.fail("target did not start:\n" + open(self.state + ".log").read())
+            time.sleep(0.1)
+        return self
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def cli(*args, **kw):
+    return run(sys.executable, "-m", "sr_tools", "target", "--help", **kw) if not args else \
+        run(sys.executable, "-m", "sr_tools", "target", *(list(args[:1]) + ["--socket", SOCK]
+                                                          + list(args[1:])), cwd=ROOT, **kw)
+
+
+def pool_fixture(prefix):
+    """A module-scoped fixture: a pool named PREFIX + 6 hex digits on a 1 GiB
+    file vdev, destroyed after the module."""
+    @pytest.fixture(scope="module")
+    def pool():
+        name = "%s%s" % (prefix, uuid.uuid4().hex[:6])
+        vdev = make_file_vdevs(1, 1 << 30)
+        run("zpool", "create", "-f", "-o", "ashift=12", "-O", "compression=lz4", name, *vdev)
+        yield name
+        subprocess.run(["zpool", "destroy", "-f", name])
+        for v in vdev:
+            os.unlink(v)
+    return pool
+
+
+@contextlib.contextmanager
+def running_target(state, tail=3000):
+    """TargetProc(state) started; after the block every host is disconnected,
+    the target stopped (exit status 0 asserted) and its log's tail printed."""
+    t = TargetProc(state).start()
+    yield t
+    subprocess.run(["nvme", "disconnect-all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rc = t.stop()
+    print(open(state + ".log").read()[-tail:])
+    assert rc == 0
+
+
+pool = pool_fixture("nvt")
+
+
+@pytest.fixture(scope="module")
+def target(pool):
+    with running_target("/var/lib/zfsng-test/target-%s.db" % pool) as t:
+        yield t
+
+
+def find_namespace(ns_uuid, timeout=30.0):
+    """/dev node of the namespace with this UUID: the multipath head nvmeXnY,
+    never a hidden per-path nvmeXcYnZ node."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in glob.glob("/sys/class/block/nvme*n*/uuid"):
+            name = path.split("/")[-2]
+            try:
+                if re.match(r"^nvme\d+n\d+$", name) and open(path).read().strip() == ns_uuid:
+                    if os.path.exists("/dev/" + name):
+                        return "/dev/" + name
+            except OSError:
+                pass
+        time.sleep(0.2)
+    pytest.fail("no NVMe namespace with uuid %s" % ns_uuid)
+
+
+def zfs_used(zname, pool):
+    run("zpool", "sync", pool)
+    return int(run("zfs", "get", "-Hp", "-o", "value", "used", zname).stdout)
+
+
+def wait_used(zname, pool, ok, what, timeout=30):
+    deadline = time.time() + timeout
+    used = zfs_used(zname, pool)
+    while not ok(used):
+        assert time.time() < deadline, "%s: used stays at %d" % (what, used)
+        time.sleep(0.5)
+        used = zfs_used(zname, pool)
+    return used
+
+
+class Vol(object):
+    """A zvol POOL/NAME served as nqn.2014-08.org.zfs-ng:POOL:NAME to `hosts`;
+    options: more for `zfs-ng target add`."""
+
+    def __init__(self, pool, name, size="128M", hosts=(HOSTNQN,), options=()):
+        self.zname = "%s/%s" % (pool, name)
+        run("zfs", "create", "-s", "-V", size, "-o", "volblocksize=16K", self.zname)
+        self.path = wait_for_path("/dev/zvol/" + self.zname)
+        self.uuid = str(uuid.uuid4())
+        self.nqn = "nqn.2014-08.org.zfs-ng:%s:%s" % (pool, name)
+        args = ["add", self.nqn, self.path, "--uuid", self.uuid]
+        for h in hosts:
+            args += ["--allow", h]
+        cli(*(args + list(options)))
+
+    def connect(self, *extra):
+        connect(self.nqn, PORT, extra=list(extra))
+        self.dev = find_namespace(self.uuid)
+        return self.dev
+
+    def disconnect(self):
+        disconnect(self.nqn)
+
+
+def fio(dev, *args):
+    return run(*(FIO + ["--filename=" + dev] + list(args)))
