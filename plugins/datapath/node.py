@@ -39,6 +39,12 @@ def _pool_of(sr_uuid):
     raise smapi.SrNotAttached(sr_uuid)
 
 
+def _auth_required(pool):
+    """Does the SR require DH-HMAC-CHAP of nvme+tcp hosts (nvme-auth=required)?"""
+    from plugins.volume import sr as srmod
+    return (srmod.read_root_props(pool) or {}).get("nvme-auth") == "required"
+
+
 def _client():
     from nvmeof_target.control import Client
     return Client()
@@ -78,6 +84,7 @@ def grant(subnqn, hostnqn):
         hosts = st.shared.setdefault("hosts", [])
         loc = devices.acquire(pool, key, NODE_USER)
         try:
+            required = _auth_required(pool)
             with _client() as c:
                 try:
                     sub = c.get(subnqn)
@@ -85,9 +92,12 @@ def grant(subnqn, hostnqn):
                     sub = None
                 if sub is None:
                     c.add(subnqn, loc["device"], loc["uuid"], readonly=loc["readonly"],
-                          allowed_hosts=[hostnqn])
-                elif hostnqn not in sub.get("allowed_hosts", []):
-                    c.allow(subnqn, hostnqn)
+                          allowed_hosts=[hostnqn], require_auth=required)
+                else:
+                    if hostnqn not in sub.get("allowed_hosts", []):
+                        c.allow(subnqn, hostnqn)
+                    if required and not sub.get("require_auth"):
+                        c.set_auth_required(subnqn, True)
         except ControlError as e:
             if not hosts:
                 devices.release(pool, key, NODE_USER)

@@ -36,7 +36,7 @@ STATE_DIR = os.environ.get("ZFSNG_STATE_DIR", "/var/lib/zfs-ng")
 
 VOLUME_PROPS = ["name", "description", "keys", "sharable"]
 ROOT_PROPS = ["sr-uuid", "sr-name", "sr-description", "generation", "created-pool",
-              "datapath", "nvme-node", "nbd-node", "remote-hosts"]
+              "datapath", "nvme-node", "nbd-node", "nvme-auth", "remote-hosts"]
 # what reconcile reads for every volume and snapshot, in one `zfs get -r`
 ZFS_PROPS = ["volsize", "referenced", "origin", "createtxg", "volblocksize"] + \
     [zfs.uprop(p) for p in VOLUME_PROPS] + [cbt.PROP_ENABLED]

@@ -242,6 +242,13 @@ def check_nvme_node(v):
     return check_endpoint(v, "nvme-node")
 
 
+def check_auth(v):
+    """nvme-auth: required or off."""
+    if v not in ("required", "off"):
+        raise InvalidParameters("nvme-auth %r must be required or off" % (v,))
+    return v
+
+
 def check_datapath(v):
     if v not in ("raw", "nbd", "nvme"):
         raise InvalidParameters("datapath %r must be raw, nbd or nvme" % v)

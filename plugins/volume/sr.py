@@ -34,6 +34,9 @@ CONFIGURATION = {
     "datapath": "raw (default), nbd or nvme: which volume URI comes first",
     "nvme-node": "host:port of the NVMe/TCP target serving this SR's volumes",
     "nbd-node": "host:port of the node's NBD-over-TLS endpoint serving this SR's volumes",
+    "nvme-auth": "required: hosts attaching over nvme+tcp must authenticate with "
+                 "DH-HMAC-CHAP (a key per host: zfs-ng target host-key set on the node, "
+                 "/etc/zfs-ng/dhchap-keys.json on the host); off (default)",
     "node": "[user@]host of the storage node that holds the pool: every other host "
             "of the pool reaches it over ssh and attaches over nvme-node/nbd-node",
 }
@@ -298,6 +301,8 @@ def _root_create_args(sr_uuid, name, description, created_pool, configuration):
         user["nvme-node"] = names.check_nvme_node(configuration["nvme-node"])
     if configuration.get("nbd-node"):
         user["nbd-node"] = names.check_endpoint(configuration["nbd-node"], "nbd-node")
+    if configuration.get("nvme-auth"):
+        user["nvme-auth"] = names.check_auth(configuration["nvme-auth"])
     for k, v in user.items():
         props[zfs.uprop(k)] = zfs.encode(v)
     return zfs.prop_args(props)
@@ -316,6 +321,7 @@ def create(uuid, configuration, name, description):
         names.check_nvme_node(configuration["nvme-node"])
     if configuration.get("nbd-node"):
         names.check_endpoint(configuration["nbd-node"], "nbd-node")
+    names.check_auth(configuration.get("nvme-auth", "off"))
     if configuration.get("node"):
         nodes.check_node(configuration["node"])
     given = configured_uuid(configuration)
@@ -413,11 +419,14 @@ def attach(configuration):
         if want_uuid and handle.uuid != want_uuid:
             raise BackendError("SR_mismatch", "pool %s holds SR %s, not %s"
                                % (pool, handle.uuid, want_uuid))
-        for k in ("datapath", "nvme-node", "nbd-node"):
+        for k, check in (("datapath", names.check_datapath),
+                         ("nvme-node", lambda v: names.check_endpoint(v, "nvme-node")),
+                         ("nbd-node", lambda v: names.check_endpoint(v, "nbd-node")),
+                         ("nvme-auth", names.check_auth)):
             v = configuration.get(k)
             if v is None or handle.props.get(k) == v:
                 continue
-            v = names.check_datapath(v) if k == "datapath" else names.check_endpoint(v, k)
+            v = check(v)
             zfs.zfs("set", "%s=%s" % (zfs.uprop(k), zfs.encode(v)), handle.root)
         handle.reload()
         from plugins.volume import cbt_methods  # it imports this module

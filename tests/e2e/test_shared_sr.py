@@ -26,6 +26,7 @@ import pytest
 from conftest import make_file_vdevs, run
 from dp_helpers import DATAPATH, PluginError, call as dp_call, destroy_pool, impl, pattern, pread, serving_target
 from netns import HostNs, node_command
+from nvmeof_target.control import Client
 from volume_calls import PLUGIN_DIR, call as node_call, check_error
 
 NODE_IP, B_IP = "10.78.0.1", "10.78.0.2"
@@ -60,9 +61,10 @@ def b_call(hb, method, env=None, **params):
     return doc
 
 
-def b_datapath(hb, method, fails=False, **params):
+def b_datapath(hb, method, fails=False, env=None, **params):
     params.setdefault("dbg", "test")
-    rc, doc, err = hb.plugin(os.path.join(DATAPATH, "nvme+tcp", method), params, B_ENV)
+    rc, doc, err = hb.plugin(os.path.join(DATAPATH, "nvme+tcp", method), params,
+                             dict(B_ENV, **(env or {})))
     if fails:
         assert rc != 0, (method, doc)
         check_error(doc)
@@ -282,6 +284,49 @@ def test_one_read_write_host_the_node_included(hb, shared):
                 dp_call("zfsng-raw", "Datapath.detach", uri=raw, domain="8")
         finally:
             b_datapath(hb, "Datapath.detach", uri=uri_b, domain="6")
+
+
+def test_sr_requiring_nvme_authentication(hb, shared):
+    """nvme-auth=required on the SR: the node's grant makes the subsystem
+    require DH-HMAC-CHAP, so B without a key is refused at connect; with its
+    key on the node (zfs-ng target host-key) and in B's 0600 key file, B
+    attaches and reads the volume."""
+    if "key" not in shared:
+        pytest.skip("needs test_volume_calls_on_b_run_on_the_node")
+    config, sr_b, key = shared["config"], shared["sr_b"], shared["key"]
+    pool = config["pool"]
+    node_call("SR.attach", configuration=dict(config, **{"nvme-auth": "required"}))
+    assert root_prop(pool, "nvme-auth") == "required"
+    uri = b_call(hb, "Volume.stat", sr=sr_b, key=key)["uri"][0]
+    keys = "/run/zfsng-hb/dhchap-keys.json"
+    state = "/var/lib/zfsng-test/shared-sr-target.db"
+    try:
+        with serving_target("%s:%d" % (NODE_IP, PORT), state, SOCK):
+            err = b_datapath(hb, "Datapath.attach", fails=True, uri=uri, domain="4")
+            assert err["params"][0] == "NVMe_connect_failed", err
+            b_datapath(hb, "Datapath.detach", uri=uri, domain="4")
+            secret = run("nvme", "gen-dhchap-key", "-n", B_NQN).stdout.strip()
+            with Client(SOCK) as c:
+                c.set_host_key(B_NQN, secret)
+            os.makedirs(os.path.dirname(keys), exist_ok=True)
+            fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({B_NQN: {"secret": secret}}, f)
+            env = {"ZFSNG_DHCHAP_KEYS": keys}
+            res = b_datapath(hb, "Datapath.attach", env=env, uri=uri, domain="4")
+            dev = impl(res, "BlockDevice")["path"]
+            try:
+                if "written" in shared:
+                    got = hb.run("python3", "-c", "import os,sys; fd=os.open(%r, os.O_RDONLY); "
+                                 "sys.stdout.write(os.pread(fd, %d, %d).hex())"
+                                 % (dev, MiB, 4 * MiB)).stdout
+                    assert bytes.fromhex(got) == shared["written"]
+            finally:
+                b_datapath(hb, "Datapath.detach", env=env, uri=uri, domain="4")
+    finally:
+        node_call("SR.attach", configuration=dict(config, **{"nvme-auth": "off"}))
+        if os.path.exists(keys):
+            os.unlink(keys)
 
 
 def test_unplug_order_and_node_unreachable(hb, shared):

@@ -204,3 +204,11 @@ def test_attach_refuses_an_sr_other_hosts_cannot_reach(monkeypatch):
         "pool": "zfsng-p", "sr_uuid": "u", "nvme-node": "192.0.2.200:4420", "nbd-node": None})
     assert remote.attach({"node": "192.0.2.200", "pool": "zfsng-p"}) == \
         "zfs-ng://192.0.2.200/zfsng-p"
+
+
+def test_nvme_auth_values():
+    from plugins.volume import names
+    assert names.check_auth("required") == "required" and names.check_auth("off") == "off"
+    for bad in ("on", "yes", "", None, "required "):
+        with pytest.raises(smapi.InvalidParameters):
+            names.check_auth(bad)
