@@ -72,10 +72,15 @@ class Image(object):
                 if time.time() > deadline:
                     raise BackupError("qemu-nbd did not start for %s" % path)
                 time.sleep(0.02)
-            try:
-                self.reader = Reader("nbd+unix:///?socket=" + sock)
-            except NbdError as e:
-                raise BackupError(str(e))
+            while self.reader is None:
+                try:
+                    self.reader = Reader("nbd+unix:///?socket=" + sock)
+                except NbdError as e:
+                    # qemu-nbd creates the socket (bind) a moment before it
+                    # listens: refused until then
+                    if self._proc.poll() is not None or time.time() > deadline:
+                        raise BackupError(str(e))
+                    time.sleep(0.05)
         except BaseException:
             self.close()
             raise
