@@ -154,3 +154,56 @@ def serving_target(listen, state, sock):
             proc.kill()
             proc.wait()
         log.close()
+
+
+PKI_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pki", "nbdtls")
+
+
+def copy_pki(dst):
+    """The test PKI (tests/e2e/pki/nbdtls: node/, h1/, h2/, forged/) copied to
+    dst with key files 0600 (whatever the 9p share shows); returns dst."""
+    import shutil
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(PKI_SRC, dst)
+    for d, _, files in os.walk(dst):
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o600 if f.endswith("key.pem") else 0o644)
+    return dst
+
+
+def _accepts(host, port):
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def serving_nbd_node(host, port, pki, log_path):
+    """`zfs-ng nbd serve-node` on host:port with the node certificate of the
+    PKI copy `pki` (copy_pki), until it accepts; terminated after."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "a")
+    proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "nbd", "serve-node", "-v",
+                             "--listen", "%s:%d" % (host, port),
+                             "--cert", os.path.join(pki, "node", "cert.pem"),
+                             "--key", os.path.join(pki, "node", "key.pem"),
+                             "--ca", os.path.join(pki, "node", "ca.pem")],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while not _accepts(host, port):
+            assert proc.poll() is None and time.time() < deadline, "serve-node did not start"
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

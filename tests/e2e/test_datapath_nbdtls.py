@@ -17,16 +17,15 @@ process reads /dev/nbdN and the node's zvol directly.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import make_file_vdevs, run
-from dp_helpers import (PluginError, call, destroy_pool, impl, make_snapshot, make_sr,
-                        make_volume, pattern, pread, pwrite)
+from conftest import make_file_vdevs
+from dp_helpers import (PluginError, call, copy_pki, destroy_pool, impl, make_snapshot,
+                        make_sr, make_volume, pattern, pread, pwrite, serving_nbd_node)
 from netns import HostNs, node_command
 from plugins.datapath import node_nbd, uri as urimod
 
@@ -35,7 +34,6 @@ NODE_IP, HOST_IP = "10.81.0.1", "10.81.0.2"
 PORT = 10811
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-PKI_SRC = os.path.join(HERE, "pki", "nbdtls")
 PKI = "/run/zfsng-nbdtls-pki"           # copied: keys 0600 whatever 9p shows
 MiB = 1 << 20
 LOG = os.path.join(ROOT, "build", "nbdtls-serve-node.log")   # kept after the VM is gone
@@ -60,14 +58,6 @@ def h2(method, env=None, **params):
 
 def h1(method, **params):
     return call(NT, method, env=H1, **params)
-
-
-def _accepts(host, port):
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def _nbd_devices_of(export):
@@ -95,33 +85,15 @@ def connected(dev):
 def node():
     ns = HostNs(NS, NODE_IP, HOST_IP, "nqn.2014-08.org.zfs-ng:netns-nt",
                 "3c0b8a52-6f1e-4d6b-9a1e-1f2e3d4c5b6a").setup()
-    shutil.rmtree(PKI, ignore_errors=True)
-    shutil.copytree(PKI_SRC, PKI)
-    for d, _, files in os.walk(PKI):
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o600 if f.endswith("key.pem") else 0o644)
+    copy_pki(PKI)
     vdev = make_file_vdevs(1, 1 << 30)[0]
     pool = make_sr(vdev)
     from plugins.volume import sr as srmod
     sr_uuid = srmod.read_root_props(pool)["sr-uuid"]
-    log = open(LOG, "a")
-    srv = subprocess.Popen([sys.executable, "-m", "sr_tools", "nbd", "serve-node", "-v",
-                            "--listen", "%s:%d" % (NODE_IP, PORT),
-                            "--cert", os.path.join(PKI, "node", "cert.pem"),
-                            "--key", os.path.join(PKI, "node", "key.pem"),
-                            "--ca", os.path.join(PKI, "node", "ca.pem")],
-                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
-                           stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while not _accepts(NODE_IP, PORT):
-            assert srv.poll() is None and time.time() < deadline, "serve-node did not start"
-            time.sleep(0.2)
-        yield {"pool": pool, "sr": sr_uuid, "ns": ns}
+        with serving_nbd_node(NODE_IP, PORT, PKI, LOG):
+            yield {"pool": pool, "sr": sr_uuid, "ns": ns}
     finally:
-        srv.terminate()
-        srv.wait(30)
-        log.close()
         ns.teardown()
         destroy_pool(pool)
         os.unlink(vdev)

@@ -25,22 +25,18 @@ certificate); A and C are namespaces (tests/e2e/netns.py).
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 
 from conftest import make_file_vdevs
-from dp_helpers import DATAPATH, destroy_pool, impl, serving_target
+from dp_helpers import DATAPATH, copy_pki, destroy_pool, impl, serving_nbd_node, serving_target
 from netns import HostNs, node_command
 from volume_calls import PLUGIN_DIR, call as node_call, check_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-PKI_SRC = os.path.join(HERE, "pki", "nbdtls")
 PKI = "/run/zfsng-migration-pki"
 NVME_IP, NBD_IP = "10.82.0.1", "10.81.0.1"
 NVME_PORT, NBD_PORT = 4428, 10813
@@ -95,53 +91,28 @@ class Host(object):
         return p.returncode, out, p.stderr
 
 
-def _accepts(host, port):
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def pool_of_hosts():
     ns_a = HostNs("zfsng-ma", NVME_IP, "10.82.0.2", A_NQN,
                   "5a1d3c2b-4e5f-4a6b-8c7d-9e0f1a2b3c4d").setup()
     ns_c = HostNs("zfsng-mc", NBD_IP, "10.81.0.2", C_NQN,
                   "6b2e4d3c-5f6a-4b7c-9d8e-0f1a2b3c4d5e").setup()
-    shutil.rmtree(PKI, ignore_errors=True)
-    shutil.copytree(PKI_SRC, PKI)
-    for d, _, files in os.walk(PKI):
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o600 if f.endswith("key.pem") else 0o644)
+    copy_pki(PKI)
     vdev = make_file_vdevs(1, 1 << 30)[0]
     config = {"device": vdev, "node": NVME_IP, "nvme-node": "%s:%d" % (NVME_IP, NVME_PORT),
               "nbd-node": "%s:%d" % (NBD_IP, NBD_PORT)}
     config = node_call("SR.create", uuid=str(uuid.uuid4()), configuration=config,
                        name="migration", description="")
     pool = node_call("SR.attach", configuration=config)
-    log = open("/var/lib/zfsng-test/migration-serve-node.log", "a")
-    nbd = subprocess.Popen([sys.executable, "-m", "sr_tools", "nbd", "serve-node",
-                            "--listen", "%s:%d" % (NBD_IP, NBD_PORT),
-                            "--cert", os.path.join(PKI, "node", "cert.pem"),
-                            "--key", os.path.join(PKI, "node", "key.pem"),
-                            "--ca", os.path.join(PKI, "node", "ca.pem")],
-                           cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
-                           stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while not _accepts(NBD_IP, NBD_PORT):
-            assert nbd.poll() is None and time.time() < deadline, "serve-node did not start"
-            time.sleep(0.2)
-        with serving_target("%s:%d" % (NVME_IP, NVME_PORT),
-                            "/var/lib/zfsng-test/migration-target.db", SOCK):
+        with serving_nbd_node(NBD_IP, NBD_PORT, PKI,
+                              "/var/lib/zfsng-test/migration-serve-node.log"), \
+                serving_target("%s:%d" % (NVME_IP, NVME_PORT),
+                               "/var/lib/zfsng-test/migration-target.db", SOCK):
             a = Host(ns_a, host_env("/run/zfsng-ma", "nvme+tcp"))
             c = Host(ns_c, host_env("/run/zfsng-mc", "nbd+tls", os.path.join(PKI, "h2")))
             yield {"a": a, "c": c, "config": config, "pool": pool}
     finally:
-        nbd.terminate()
-        nbd.wait(30)
-        log.close()
         ns_a.teardown()
         ns_c.teardown()
         destroy_pool(pool)
