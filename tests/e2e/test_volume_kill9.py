@@ -245,9 +245,11 @@ def test_kill_9_at_random_points_of_plugin_calls(sr):
                                                      "mutated" if e[5] else ""))
     assert len(killed) >= CALLS * 3 // 10, "too few calls killed mid-way"
     # kills inside a mutation: a fraction that depends on the machine's load
-    # (8-11 of 100 seen under TCG); at least one in 20 calls, never none
-    assert sum(1 for e in killed if e[5]) >= max(1, CALLS // 20), \
-        "too few kills inside a mutation"
+    # (8-13 of 100 seen under TCG).  The long run (>= 50 calls) must have at
+    # least one in 20; a short CI run of 30 has none with a few % chance, so
+    # there it is printed (above), and the killed share is what must hold
+    if CALLS >= 50:
+        assert sum(1 for e in killed if e[5]) >= CALLS // 20, "too few kills inside a mutation"
     assert len(log) - len(killed) >= CALLS // 10, "too few calls completed"
 
     # the crash reset, then everything must agree
