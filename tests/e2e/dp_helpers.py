@@ -130,6 +130,16 @@ def zfs_exists(name):
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
+def stop(proc, timeout=30):
+    """SIGTERM, then SIGKILL after timeout s; reaped either way."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def serving_target(listen, state, sock):
     """`zfs-ng target serve` on listen (ADDR:PORT) with its control socket at
@@ -147,12 +157,7 @@ def serving_target(listen, state, sock):
             time.sleep(0.1)
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 
@@ -200,10 +205,5 @@ def serving_nbd_node(host, port, pki, log_path):
             time.sleep(0.2)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
