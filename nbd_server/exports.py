@@ -51,6 +51,45 @@ class Export:
         return "Export(%r, %r%s)" % (self.name, self.path, ", ro" if self.readonly else "")
 
 
+class _SharedBackends:
+    """One Backend per key, shared by its users: opened with the first
+    acquire, closed with the last release (or close_all at shutdown)."""
+
+    def __init__(self, opener):
+        self._opener = opener
+        self._lock = threading.Lock()
+        self._open = {}     # key -> [Backend, users]
+
+    def acquire(self, key, path, readonly):
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:
+                entry = self._open[key] = [self._opener(path, readonly=readonly), 0]
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, key):
+        with self._lock:
+            entry = self._open.get(key)
+            if entry is None:       # close_all() ran first (server shutdown)
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._open[key]
+                entry[0].close()
+
+    def count(self, key):
+        with self._lock:
+            entry = self._open.get(key)
+            return entry[1] if entry else 0
+
+    def close_all(self):
+        with self._lock:
+            for backend, _ in self._open.values():
+                backend.close()
+            self._open.clear()
+
+
 class ExportTable:
     def __init__(self, exports, opener=Backend):
         self.exports = collections.OrderedDict()
@@ -58,9 +97,7 @@ class ExportTable:
             if e.name in self.exports:
                 raise ValueError("export %r defined twice" % e.name)
             self.exports[e.name] = e
-        self._opener = opener
-        self._lock = threading.Lock()
-        self._open = {}     # name -> [Backend, users]
+        self._backends = _SharedBackends(opener)     # by export name
 
     def get(self, name):
         return self.exports.get(name)
@@ -72,33 +109,16 @@ class ExportTable:
         """The shared Backend of export `name`, opened if nobody holds it.
         Raises KeyError (unknown export) or OSError (cannot open)."""
         export = self.exports[name]
-        with self._lock:
-            entry = self._open.get(name)
-            if entry is None:
-                entry = self._open[name] = [self._opener(export.path, readonly=export.readonly), 0]
-            entry[1] += 1
-            return entry[0]
+        return self._backends.acquire(name, export.path, export.readonly)
 
     def release(self, name):
-        with self._lock:
-            entry = self._open.get(name)
-            if entry is None:       # close_all() ran first (server shutdown)
-                return
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._open[name]
-                entry[0].close()
+        self._backends.release(name)
 
     def open_count(self, name):
-        with self._lock:
-            entry = self._open.get(name)
-            return entry[1] if entry else 0
+        return self._backends.count(name)
 
     def close_all(self):
-        with self._lock:
-            for backend, _ in self._open.values():
-                backend.close()
-            self._open.clear()
+        self._backends.close_all()
 
 
 class DynamicExports:
@@ -121,9 +141,7 @@ class DynamicExports:
     def __init__(self, lookup, names=None, opener=Backend):
         self._lookup = lookup
         self._names = names or (lambda identity: [])
-        self._opener = opener
-        self._lock = threading.Lock()
-        self._open = {}     # (path, readonly) -> [Backend, users]
+        self._backends = _SharedBackends(opener)     # by (path, readonly)
 
     def view(self, peercert):
         """The table of one connection, from its peer certificate
@@ -161,33 +179,16 @@ class DynamicExports:
 
     def acquire_export(self, export):
         key = (export.path, export.readonly)
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is None:
-                entry = self._open[key] = [self._opener(export.path, readonly=export.readonly), 0]
-            entry[1] += 1
-            return key, entry[0]
+        return key, self._backends.acquire(key, export.path, export.readonly)
 
     def release_key(self, key):
-        with self._lock:
-            entry = self._open.get(key)
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._open[key]
-                entry[0].close()
+        self._backends.release(key)
 
     def open_count(self, path, readonly):
-        with self._lock:
-            entry = self._open.get((path, bool(readonly)))
-            return entry[1] if entry else 0
+        return self._backends.count((path, bool(readonly)))
 
     def close_all(self):
-        with self._lock:
-            for backend, _ in self._open.values():
-                backend.close()
-            self._open.clear()
+        self._backends.close_all()
 
 
 class _View:
