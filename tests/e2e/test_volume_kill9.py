@@ -1,8 +1,11 @@
 """kill -9 at random points of plugin calls (issue 12, item 4c): create,
 snapshot, clone, destroy, revert, resize, enable_cbt and disable_cbt on one SR,
-each call SIGKILLed after a random delay (seeded, printed) drawn from that
-call's measured duration, so a good share really die mid-way (returncode -9,
-asserted).  After every call ZFS is compared with what the call may have
+three calls in four SIGKILLed after a random delay (seeded, printed) drawn
+from that call's measured duration, so a good share really die mid-way
+(returncode -9, asserted); every fourth call runs to its end, must succeed
+after the kills before it, and its time becomes the method's duration (a call
+after a kill also finishes the killed one's work, and the machine's load
+changes: a duration measured once, up front, made a CI run kill 19 of 20).  After every call ZFS is compared with what the call may have
 done: no key appears but from a create/snapshot/clone (at most one, the one it
 returned if it completed), none disappears but the one a destroy named.  At
 the end SR.attach (the crash reset), then: SR.ls == ZFS, every volume that
@@ -88,11 +91,13 @@ def write_mib(pool, key, data):
 
 
 def run_call(method, params, delay):
-    """Start a plugin call, SIGKILL it after delay s if still running:
-    ('killed', None) / ('ok', result) / ('error', error JSON)."""
+    """Start a plugin call, SIGKILL it after delay s (None: never) if still
+    running: ('killed', None) / ('ok', result) / ('error', error JSON)."""
     import json
     p = start(method, **params)
-    deadline = time.time() + delay
+    if delay is None:
+        p.wait()
+    deadline = time.time() + (delay or 0)
     while p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     if p.poll() is None:
@@ -188,15 +193,20 @@ def test_kill_9_at_random_points_of_plugin_calls(sr):
     for i in range(CALLS):
         method, params = pick(rng, t, base)
         # most of a call is the interpreter starting: aim at its second half,
-        # where the ZFS work is, and past its end (some must complete)
-        delay = round(rng.uniform(0.5, 1.3) * dur[method], 3)
+        # where the ZFS work is; every fourth call runs to its end and is timed
+        full = i % 4 == 3
+        delay = None if full else round(rng.uniform(0.5, 1.05) * dur[method], 3)
         gen0 = generation(pool)
+        t0 = time.time()
         outcome, doc = run_call(method, dict(params, sr=pool), delay)
+        if full:
+            dur[method] = time.time() - t0
+            assert outcome == "ok", "call %d %s %r after kills: %s" % (i, method, params, doc)
         wait_zfs_idle()               # the killed script's zfs children finish on their own
         after = truth(pool)
         mutated = generation(pool) != gen0
         log.append((i, method, params, delay, outcome, mutated))
-        where = "call %d %s %r (delay %.3f s, %s)" % (i, method, params, delay, outcome)
+        where = "call %d %s %r (delay %s s, %s)" % (i, method, params, delay, outcome)
         assert outcome != "error", "%s failed: %s" % (where, doc)
         new, gone = set(after) - set(t), set(t) - set(after)
         key = params.get("key")
@@ -241,16 +251,17 @@ def test_kill_9_at_random_points_of_plugin_calls(sr):
           "completed: %d" % (len(log), len(killed), sum(1 for e in killed if e[5]),
                              len(log) - len(killed)))
     for e in log:
-        print("  %3d %-20s delay %6.3f s  %-6s %s" % (e[0], e[1], e[3], e[4],
+        print("  %3d %-20s delay %8s s  %-6s %s" % (e[0], e[1], e[3] or "-", e[4],
                                                      "mutated" if e[5] else ""))
     assert len(killed) >= CALLS * 3 // 10, "too few calls killed mid-way"
+    # the calls that ran to their end, at least one in four, all succeeded
+    # (asserted above); of the killed-at-random others some may complete too
     # kills inside a mutation: a fraction that depends on the machine's load
     # (8-13 of 100 seen under TCG).  The long run (>= 50 calls) must have at
     # least one in 20; a short CI run of 20 has none with ~7% chance, so
     # there it is printed (above), and the killed share is what must hold
     if CALLS >= 50:
         assert sum(1 for e in killed if e[5]) >= CALLS // 20, "too few kills inside a mutation"
-    assert len(log) - len(killed) >= CALLS // 10, "too few calls completed"
 
     # the crash reset, then everything must agree
     call("SR.attach", configuration={"pool": pool})
