@@ -55,7 +55,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the pool")
     args = ap.parse_args()
     import libzfs_core as lzc
-    from plugins.volume import names, zfs
+    from plugins import zfs
+    from plugins.volume import names
 
     state = tempfile.mkdtemp(prefix="zfsng-bench-")
     env = dict(os.environ, ZFSNG_STATE_DIR=state)

@@ -53,7 +53,7 @@ def _target(sr, key, datapath, uri):
     if uri:
         if sr or key:
             fail("give either SR KEY or --uri, not both")
-        from plugins.datapath import uri as urimod
+        from plugins import uri as urimod
         try:
             return uri, urimod.parse(uri).scheme
         except urimod.BadUri as e:
@@ -158,7 +158,7 @@ def export(sr, key, hostnqn, stop, as_json):
 @json_option
 def attachments(as_json):
     """Volumes attached on this host, by domain."""
-    from plugins.datapath import state
+    from plugins import state
     rows = []
     for st in state.list_states():
         for domain, rec in sorted((st.get("attached") or {}).items()):

@@ -16,8 +16,7 @@ _attach/_activate/_deactivate/_detach/_open/_close/_release.
 import logging
 import re
 
-from plugins import smapi
-from plugins.datapath import state, uri as urimod
+from plugins import smapi, state, uri as urimod
 
 log = logging.getLogger("zfs-ng")
 

@@ -10,7 +10,7 @@ with the last.  Users are recorded under the device's lock in the node state
 directory (the machine that owns the pool).
 """
 
-from plugins.datapath import state
+from plugins import state
 
 
 def _device_id(pool, key):

@@ -18,8 +18,8 @@ block status shows where it was never written; live volumes report all data.
 
 import os
 
-from plugins import smapi
-from plugins.datapath import allocmap, local, nbd_client, state, uri
+from plugins import smapi, state, uri
+from plugins.datapath import allocmap, local, nbd_client
 
 
 def socket_path(key):

@@ -28,8 +28,8 @@ it too.  The node's certificate must name the URI's host (DNS or IP SAN).
 import os
 import subprocess
 
-from plugins import smapi
-from plugins.datapath import core, nbd_client, node, node_nbd, state, uri
+from plugins import smapi, state, uri
+from plugins.datapath import core, nbd_client, node, node_nbd
 
 DEFAULT_CLIENT_DIR = "/etc/zfs-ng/nbd-client"
 CA, CERT, KEY = "ca-cert.pem", "client-cert.pem", "client-key.pem"

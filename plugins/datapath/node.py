@@ -22,8 +22,8 @@ line of arguments on stdin and prints one JSON line of result or error.
 import json
 import sys
 
-from plugins import nodes, smapi
-from plugins.datapath import devices, state, uri as urimod
+from plugins import nodes, smapi, state, uri as urimod
+from plugins.datapath import devices
 
 NODE_USER = "nvme-target"
 RO = "ro"

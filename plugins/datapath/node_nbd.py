@@ -37,8 +37,8 @@ import json
 import os
 import re
 
-from plugins import smapi
-from plugins.datapath import devices, state, uri as urimod
+from plugins import smapi, state, uri as urimod
+from plugins.datapath import devices
 
 NBD_USER = "nbd-node"         # devices.py user: independent of the NVMe/TCP target's
 RO = "ro"

@@ -17,8 +17,8 @@ Host NQN: the attach parameter `hostnqn`, else $ZFSNG_HOSTNQN, else
 
 import os
 
-from plugins import smapi
-from plugins.datapath import core, node, nvme_host, uri
+from plugins import smapi, uri
+from plugins.datapath import core, node, nvme_host
 
 
 def _hostnqn(given=None):

@@ -17,8 +17,8 @@ plus BlockDevice.  Set ZFSNG_REQUIRE_TAPDISK=1 to make that a clear error.
 
 import os
 
-from plugins import smapi
-from plugins.datapath import core, local, tapctl, uri
+from plugins import smapi, uri
+from plugins.datapath import core, local, tapctl
 
 
 def _require_tapdisk():

@@ -21,13 +21,12 @@ Every CBT call runs under the SR lock (cbt.py has none).
 
 import os
 
-from plugins import smapi
+from plugins import smapi, zfs
 from plugins.smapi import BackendError, InvalidParameters
 from plugins.volume import cbt
 from plugins.volume import metadata
 from plugins.volume import names
 from plugins.volume import sr as sr_mod
-from plugins.volume import zfs
 
 BM_FIELDS = ["name", "description", "keys", "sharable", "volsize"]
 # datasets per `zfs get` when reading bookmark metadata (output is datasets x props)

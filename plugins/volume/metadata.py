@@ -30,7 +30,7 @@ import time
 
 from plugins.volume import cbt
 from plugins.volume import names
-from plugins.volume import zfs
+from plugins import zfs
 
 STATE_DIR = os.environ.get("ZFSNG_STATE_DIR", "/var/lib/zfs-ng")
 

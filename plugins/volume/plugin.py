@@ -1,9 +1,8 @@
 """The Plugin interface of org.xen.xapi.storage.zfs-ng: query, ls, diagnostics."""
 
-from plugins import smapi
+from plugins import smapi, zfs
 from plugins.volume import names
 from plugins.volume import sr as sr_mod
-from plugins.volume import zfs
 
 VERSION = "0.1.0"
 

@@ -14,12 +14,11 @@ import os
 import stat as stat_mod
 import subprocess
 
-from plugins import nodes, smapi
+from plugins import nodes, smapi, zfs
 from plugins.smapi import BackendError, InvalidParameters
 from plugins.volume import lock
 from plugins.volume import metadata
 from plugins.volume import names
-from plugins.volume import zfs
 
 # configuration keys SR.create/attach understand (Plugin.query lists them)
 CONFIGURATION = {

@@ -22,12 +22,11 @@ import os
 import subprocess
 import time
 
-from plugins import smapi
+from plugins import smapi, zfs
 from plugins.smapi import BackendError, InvalidParameters
 from plugins.volume import cbt_methods
 from plugins.volume import lock
 from plugins.volume import names
-from plugins.volume import zfs
 from plugins.volume import sr as sr_mod
 from plugins.volume.sr import SR
 

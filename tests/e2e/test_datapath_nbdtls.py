@@ -27,7 +27,8 @@ from conftest import make_file_vdevs
 from dp_helpers import (PluginError, call, copy_pki, destroy_pool, impl, make_snapshot,
                         make_sr, make_volume, pattern, pread, pwrite, serving_nbd_node)
 from netns import HostNs, node_command
-from plugins.datapath import node_nbd, uri as urimod
+from plugins import uri as urimod
+from plugins.datapath import node_nbd
 
 NT = "nbd+tls"
 NODE_IP, HOST_IP = "10.81.0.1", "10.81.0.2"

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from plugins import smapi
-from plugins.datapath import core, nvme_host, state, tapctl, uri
+from plugins import smapi, state, uri
+from plugins.datapath import core, nvme_host, tapctl
 
 KEY = "0f8fad5b-d9cb-469f-a165-70867728950e"
 SRU = "5b1f2a8e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"

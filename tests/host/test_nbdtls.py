@@ -17,8 +17,8 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as hst
 
-from plugins import smapi
-from plugins.datapath import devices, nbdtls, node, node_nbd, uri
+from plugins import smapi, uri
+from plugins.datapath import devices, nbdtls, node, node_nbd
 from conftest import free_port, wait_for
 from test_nbd_tls_auth import _ca, _client_dir, _leaf
 

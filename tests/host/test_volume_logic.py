@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from plugins import smapi
-from plugins.volume import metadata, methods, names, plugin, volume, zfs
+from plugins import smapi, zfs
+from plugins.volume import metadata, methods, names, plugin, volume
 
 KEY = "0d7c1b9e-4f8e-4b1a-9c3d-2e5f6a7b8c9d"
 KEY2 = "1e8d2cae-5a9f-4c2b-8d4e-3f6a7b8c9d0e"
