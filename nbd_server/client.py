@@ -11,7 +11,10 @@ server, qemu-nbd and nbdkit.
       then READ and BLOCK_STATUS: the backup engine (sr_tools/backup).
 
 URIs (parse_uri): nbd+unix:///NAME?socket=PATH and nbd://HOST[:PORT]/NAME
-(NAME may be empty: the default export).  No TLS (nbds:// is refused).
+(NAME may be empty: the default export).  No nbds:// URIs; a Connection made
+with tls=(ssl context, server hostname) does NBD_OPT_STARTTLS right after the
+greeting (client certificates are the context's): the nbd+tls relay
+(plugins/datapath/nbd_relay.py) opens the node's export so, with go().
 
 Failures are NbdError, the message meant for the user and led by the
 connection's label (the URI, or the address); connecting and the handshake
@@ -31,6 +34,11 @@ _ERROR = 1 << 31                         # option reply types with this bit are 
 
 class NbdError(Exception):
     """NBD failure; the message is meant for the user."""
+
+
+class NbdRefused(NbdError):
+    """The server answered and refused the export (no such export, or not
+    for this client)."""
 
 
 def parse_uri(uri):
@@ -62,8 +70,9 @@ class Connection(object):
     """A connection in the option haggling phase.  Subclasses add what they
     negotiate in _negotiate(); a failure there closes the socket."""
 
-    def __init__(self, label, unix=None, tcp=None, timeout=60.0):
+    def __init__(self, label, unix=None, tcp=None, timeout=60.0, tls=None):
         self.label = label
+        self._tls = tls
         if unix:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             address = unix
@@ -78,6 +87,8 @@ class Connection(object):
         try:
             s.connect(address)
             self._greeting()
+            if tls is not None:
+                self._starttls(*tls)
             self._negotiate()
         except socket.timeout:
             s.close()
@@ -96,8 +107,27 @@ class Connection(object):
         cflags = C.FLAG_C_FIXED_NEWSTYLE | (flags & C.FLAG_NO_ZEROES and C.FLAG_C_NO_ZEROES)
         self.sock.sendall(struct.pack(">I", cflags))
 
+    def _starttls(self, context, hostname):
+        rtype, msg, _ = self.option(C.OPT_STARTTLS)
+        if rtype != C.REP_ACK:
+            raise NbdError("%s: the server refused TLS: %s" % (
+                self.label, msg.decode("utf-8", "replace") or hex(rtype)))
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+
     def _negotiate(self):
         """The options after the greeting (none here)."""
+
+    def go(self, name):
+        """NBD_OPT_GO for export `name` -> (size, transmission flags); a
+        refusal is NbdRefused."""
+        rtype, msg, replies = self.option(C.OPT_GO, _name(name) + struct.pack(">H", 0))
+        if rtype != C.REP_ACK:
+            raise NbdRefused("%s: export %r refused: %s" % (
+                self.label, name, msg.decode("utf-8", "replace") or hex(rtype)))
+        for t, p in replies:
+            if t == C.REP_INFO and len(p) >= 12 and p[:2] == b"\0\0":
+                return struct.unpack(">QH", p[2:12])
+        raise NbdError("%s: no export size in the GO reply" % self.label)
 
     def _recv(self, n):
         buf = bytearray(n)
@@ -200,16 +230,7 @@ class Reader(Connection):
                     if t == C.REP_META_CONTEXT and len(p) >= 4:
                         self.contexts[p[4:].decode("utf-8", "replace")] = \
                             struct.unpack(">I", p[:4])[0]
-        rtype, msg, replies = self.option(C.OPT_GO, _name(self.name) + struct.pack(">H", 0))
-        if rtype != C.REP_ACK:
-            raise NbdError("%s: export %r refused: %s" % (
-                self.uri, self.name, msg.decode("utf-8", "replace") or hex(rtype)))
-        for t, p in replies:
-            if t == C.REP_INFO and len(p) >= 12 and p[:2] == b"\0\0":
-                self.size, self.flags = struct.unpack(">QH", p[2:12])
-                break
-        else:
-            raise NbdError("%s: no export size in the GO reply" % self.uri)
+        self.size, self.flags = self.go(self.name)
         self.readonly = bool(self.flags & C.FLAG_READ_ONLY)
 
     # -- transmission -------------------------------------------------------------

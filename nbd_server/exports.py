@@ -130,7 +130,9 @@ class DynamicExports:
     names(identity) -> [name] (NBD_OPT_LIST) are called by every connection's
     view when the client asks (INFO, GO, EXPORT_NAME, LIST, META_CONTEXT):
     nothing is cached between options, so a grant or a revoke counts from the
-    next option on.  The identity is the CN of the client's certificate
+    next option on; and a connection in transmission whose grant is revoked
+    (or changed) is cut before its next request, within a second (the
+    server asks still_granted()).  The identity is the CN of the client's certificate
     (verified by the TLS context against its CA); a connection without one
     (before STARTTLS, or on a unix socket) sees no export at all.
 
@@ -217,6 +219,14 @@ class _View:
 
     def names(self):
         return [n for n in self.source.names(self.identity) if self.get(n) is not None]
+
+    def still_granted(self, name):
+        """Does the source still give this identity the export its open
+        connection holds (same device, same mode)?  No: the server cuts it."""
+        seen = self._seen.get(name)
+        now = self.source.export(self.identity, name)
+        return seen is not None and now is not None and \
+            (now.path, now.readonly) == (seen.path, seen.readonly)
 
     def acquire(self, name):
         export = self._seen.get(name) or self.get(name)

@@ -121,8 +121,11 @@ class _Reader:
 
 
 class Handshake:
-    def __init__(self, table, tls=False, tls_required=False):
+    def __init__(self, table, tls=False, tls_required=False, structured=True):
+        """structured=False refuses NBD_OPT_STRUCTURED_REPLY (UNSUP): a
+        relay that passes simple replies through."""
         self.table = table
+        self.structured_available = structured
         self.tls_available = bool(tls)
         self.tls_required = bool(tls) and bool(tls_required)
         self.tls_active = False
@@ -235,6 +238,8 @@ class Handshake:
                 return self._starttls(data)
             elif opt in (C.OPT_INFO, C.OPT_GO):
                 return self._info_go(opt, data)
+            elif opt == C.OPT_STRUCTURED_REPLY and not self.structured_available:
+                raise _OptionError(C.REP_ERR_UNSUP, "structured replies are not offered")
             elif opt == C.OPT_STRUCTURED_REPLY:
                 if data:
                     raise _OptionError(C.REP_ERR_INVALID, "STRUCTURED_REPLY takes no data")

@@ -342,12 +342,15 @@ class Server:
                          [name for _, name, _ in ready.contexts] or "none")
                 # an SSL object is not safe for a recv in one thread and sends
                 # in others (seen: EAGAIN mid-connection): TLS runs in order
+                granted = _Recheck(table, ready.export.name)
                 if self.workers > 1 and not isinstance(sock, ssl.SSLSocket):
-                    self._transmission_parallel(sock, ready, early)
+                    self._transmission_parallel(sock, ready, early, granted)
                 else:
-                    self._transmission(sock, ready, early)
+                    self._transmission(sock, ready, early, granted)
         except ProtocolError as e:
             log.warning("%s: protocol error, disconnecting: %s", peer, e)
+        except Revoked as e:
+            log.warning("%s: %s", peer, e)
         except (OSError, EOFError) as e:
             if not self._stopping:
                 log.info("%s: connection ended: %s", peer, e)
@@ -418,14 +421,14 @@ class Server:
                 log.info("%s: handshake ended: %s", peer, ev.reason)
                 return sock, None, b"", hs.table
 
-    def _transmission(self, sock, ready, early):
+    def _transmission(self, sock, ready, early, granted):
         tr, parser, rx = self._begin(sock, ready, early)
         try:
-            self._serve_in_order(sock, tr, parser, rx)
+            self._serve_in_order(sock, tr, parser, rx, granted)
         finally:
             self.budget.release(parser.held(), rx.client)
 
-    def _serve_in_order(self, sock, tr, parser, rx):
+    def _serve_in_order(self, sock, tr, parser, rx, granted):
         idle = rx.idle
         while True:
             # Answer every complete request buffered, then read more.
@@ -435,6 +438,7 @@ class Server:
                 if req is None:
                     break
                 rx.progress()
+                granted.check()
                 try:
                     reply = tr.handle(req)
                 finally:
@@ -474,7 +478,7 @@ class Server:
         parser.receive_data(early)
         return tr, parser, rx
 
-    def _transmission_parallel(self, sock, ready, early):
+    def _transmission_parallel(self, sock, ready, early, granted):
         tr, parser, rx = self._begin(sock, ready, early)
         send_lock = threading.Lock()
         # Bounded in flight: a client cannot queue unbounded work or memory
@@ -510,6 +514,7 @@ class Server:
                 rx.progress()
                 if req.type == C.CMD_DISC:
                     break               # in-flight requests finish below
+                granted.check()
                 slots.acquire()
                 pool.submit(req)
         finally:
@@ -518,6 +523,31 @@ class Server:
         if failed and not isinstance(failed[0], OSError):
             raise failed[0]
         log.info("export %r: client disconnected", ready.export.name)
+
+
+class Revoked(EOFError):
+    """The connection's grant is gone: it is cut."""
+
+
+class _Recheck(object):
+    """For a table that can withdraw an export from an open connection
+    (DynamicExports' view: the grant was revoked), check() raises Revoked
+    once it has, asked at most every `period` seconds, before a request is
+    served: a revoked host's open connection is cut within a second of its
+    next request.  Other tables: nothing to check."""
+
+    def __init__(self, table, name, period=1.0):
+        self._still = getattr(table, "still_granted", None)
+        self._name = name
+        self._period = period
+        self._next = time.monotonic() + period
+
+    def check(self):
+        if self._still is None or time.monotonic() < self._next:
+            return
+        if not self._still(self._name):
+            raise Revoked("export %r: its grant was revoked; connection cut" % self._name)
+        self._next = time.monotonic() + self._period
 
 
 def _sendall(sock, buf, stall):

@@ -7,12 +7,9 @@ disconnect is `nbd-client -disconnect /dev/nbdN`.  (xapi adds -persist; with
 the netlink interface of current nbd-client it has no effect, and a server we
 stop is stopped on purpose.)
 
-connect_tls() is the same over TCP with TLS client certificates (the nbd+tls
-datapath): `nbd-client HOST PORT /dev/nbdN -timeout 90 -name EXPORT -certfile
-C -keyfile K -cacertfile CA -tlshostname NAME`.  nbd-client does the TLS
-handshake in a proxy process it forks (daemon(3): it outlives the call and
-ends when the device is disconnected) and hands the kernel the plaintext end
-of a socketpair.  An nbd-client built without TLS is Unavailable.
+The nbd+tls datapath connects the same way, to the unix socket of its relay
+(nbd_relay.py), which does TLS and reconnects: nbd-client's own TLS
+(-certfile ...) is not used, its proxy dies with the TCP connection.
 
 This is what gives blkback/tapdisk a block device for a volume served over NBD:
 XCP-ng 8.3 has no qdisk backend for guests (qemuback is disabled in the
@@ -102,32 +99,6 @@ def _lock(run_dir):
 def connect(unix_path, export, run_dir, timeout=30.0):
     """Connect a free /dev/nbdN to the export on unix_path; return its path."""
     return _connect(["-unix", unix_path], [], export, run_dir, timeout)
-
-
-def tls_supported(client):
-    """Was this nbd-client built with TLS (its usage lists -certfile)?"""
-    try:
-        rc, out, err = _run([client, "-h"], timeout=30)
-    except NbdClientError:
-        return False
-    return "-certfile" in out + err
-
-
-def connect_tls(host, port, export, run_dir, certfile, keyfile, cacertfile, tlshostname=None,
-                timeout=30.0):
-    """Connect a free /dev/nbdN to `export` of the NBD server at host:port over
-    TLS, presenting certfile/keyfile and checking the server against cacertfile
-    and tlshostname (default: host); return the device path.  host and port
-    must have been validated by the caller (uri.py)."""
-    client = find()
-    if client is not None and not tls_supported(client):
-        raise Unavailable("%s has no TLS support (-certfile)" % client)
-    for f in (certfile, keyfile, cacertfile):
-        if not os.path.isfile(f):
-            raise Unavailable("TLS credential %s is missing" % f)
-    tls = ["-certfile", certfile, "-keyfile", keyfile, "-cacertfile", cacertfile,
-           "-tlshostname", tlshostname or host]
-    return _connect([host, str(int(port))], tls, export, run_dir, timeout)
 
 
 def _connect(server, extra, export, run_dir, timeout):

@@ -5,17 +5,21 @@ nvme-tcp, but has nbd).
 attach:     the node grants our client identity (the CN of our certificate) the
             volume on its NBD-over-TLS endpoint (node_nbd.nbd_grant, through
             node.call like nvme+tcp); then one kernel NBD device per host and
-            volume, shared by its attachments (nbd_client.connect_tls).
-            Returns XenDisk(vbd) + BlockDevice /dev/nbdN for blkback.
-            Snapshots come read-only (the node serves them so).
+            volume, shared by its attachments: a relay process opens the
+            export over TLS (nbd_relay.py: it reconnects when the node
+            restarts, and replays what the node acknowledged since the last
+            FLUSH) and `nbd-client -unix` hands the kernel its socket
+            (nbd_client.connect).  Returns XenDisk(vbd) + BlockDevice
+            /dev/nbdN for blkback.  Snapshots come read-only (the node serves
+            them so).
 activate:   the node records the activation: read-write on one host excludes
             every other host, nvme+tcp ones included (Activated_on_another_host);
             read-only is shared.
 deactivate: the node drops it once no local domain is active any more.
-detach:     the last local attachment disconnects the device (its TLS proxy
-            ends with it) and the node revokes the grant (never fails).
-No nbd-client, one without TLS, no nbd module or no credentials:
-Nbd_client_unavailable (before anything is asked of the node).
+detach:     the last local attachment disconnects the device (the relay ends
+            with it) and the node revokes the grant (never fails).
+No nbd-client, no nbd module or no credentials: Nbd_client_unavailable (before
+anything is asked of the node).
 
 Credentials: the directory $ZFSNG_NBD_CLIENT_DIR (default
 /etc/zfs-ng/nbd-client/) holds ca-cert.pem (the CA that signed the node's
@@ -29,7 +33,7 @@ import os
 import subprocess
 
 from plugins import smapi, state, uri
-from plugins.datapath import core, nbd_client, node, node_nbd
+from plugins.datapath import core, nbd_client, nbd_relay, node, node_nbd
 
 DEFAULT_CLIENT_DIR = "/etc/zfs-ng/nbd-client"
 CA, CERT, KEY = "ca-cert.pem", "client-cert.pem", "client-key.pem"
@@ -100,11 +104,8 @@ class NbdTlsDatapath(core.Datapath):
         if not sh.get("device"):
             creds = credentials(u)
             client = identity(u, creds)
-            exe = nbd_client.find()
-            if exe is None:
+            if nbd_client.find() is None:
                 raise _unavailable(u, "nbd-client not found (XCP-ng: the nbd package)")
-            if not nbd_client.tls_supported(exe):
-                raise _unavailable(u, "%s has no TLS support" % exe)
             sh["client"] = client
             sh["granted"] = True  # recorded first: _release revokes even after a failure
             try:
@@ -120,10 +121,17 @@ class NbdTlsDatapath(core.Datapath):
                 raise smapi.BackendError("NBD_client_failed", "the node granted %r for %s"
                                          % (got.get("export"), u.volume_id))
             sh["readonly"] = bool(got.get("readonly"))
+            # (a unix socket path has at most 107 bytes: the state's id, shortened)
+            sock = os.path.join(state.run_dir(), "relay-%s.sock"
+                                % os.path.basename(st.path).split(".")[0][:16])
             try:
-                sh["device"] = nbd_client.connect_tls(
-                    u.host, u.port, got["export"], state.run_dir(), creds["cert"], creds["key"],
-                    creds["ca"])
+                sh["relay"] = nbd_relay.start(sock, u.host, u.port, got["export"], creds["cert"],
+                                              creds["key"], creds["ca"])["pid"]
+                sh["relay_socket"] = sock
+            except nbd_relay.RelayFailed as e:
+                raise smapi.BackendError("NBD_client_failed", "%s: %s" % (u.volume_id, e))
+            try:
+                sh["device"] = nbd_client.connect(sock, got["export"], state.run_dir())
             except nbd_client.Unavailable as e:
                 raise _unavailable(u, str(e))
             except nbd_client.NbdClientError as e:
@@ -135,6 +143,8 @@ class NbdTlsDatapath(core.Datapath):
     def _still_attached(self, u, st, domain, rec):
         dev = st.shared.get("device")
         if not dev or dev != rec.get("device"):
+            return False
+        if not nbd_relay.alive(st.shared.get("relay"), st.shared.get("relay_socket", "")):
             return False
         try:
             return nbd_client.connected(dev)
@@ -166,6 +176,8 @@ class NbdTlsDatapath(core.Datapath):
         try:
             if sh.get("device") and not nbd_client.disconnect(sh["device"]):
                 smapi.log.error("detach %s: %s is still connected", u.uri, sh["device"])
+            if sh.get("relay"):
+                nbd_relay.stop(sh["relay"], sh["relay_socket"])
         finally:
             if sh.get("granted"):
                 try:

@@ -14,9 +14,11 @@ make-nbdtls-pki.sh made them).  Block devices are not per-namespace: the test
 process reads /dev/nbdN and the node's zvol directly.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -62,7 +64,7 @@ def h1(method, **params):
 
 
 def _nbd_devices_of(export):
-    """Kernel NBD devices whose nbd-client (or its TLS proxy) serves export."""
+    """pids of the nbd-client or nbd+tls relay (nbd_relay.py) serving export."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -72,7 +74,8 @@ def _nbd_devices_of(export):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"nbd-client") and export.encode() in argv:
+        if argv and (argv[0].endswith(b"nbd-client") or b"plugins.datapath.nbd_relay" in argv) \
+                and export.encode() in argv:
             out.append(int(pid))
     return out
 
@@ -91,9 +94,22 @@ def node():
     pool = make_sr(vdev)
     from plugins.volume import sr as srmod
     sr_uuid = srmod.read_root_props(pool)["sr-uuid"]
+    serving = contextlib.ExitStack()
+
+    def restart(down_seconds):
+        """The node's NBD endpoint killed (-9) and started again after down_seconds."""
+        proc = node_["serve"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        serving.close()
+        time.sleep(down_seconds)
+        node_["serve"] = serving.enter_context(serving_nbd_node(NODE_IP, PORT, PKI, LOG))
+
+    node_ = {"pool": pool, "sr": sr_uuid, "ns": ns, "restart": restart}
     try:
-        with serving_nbd_node(NODE_IP, PORT, PKI, LOG):
-            yield {"pool": pool, "sr": sr_uuid, "ns": ns}
+        with serving:
+            node_["serve"] = serving.enter_context(serving_nbd_node(NODE_IP, PORT, PKI, LOG))
+            yield node_
     finally:
         ns.teardown()
         destroy_pool(pool)
@@ -146,7 +162,7 @@ def test_h2_attach_rw_write_read_detach(node):
     h2("Datapath.detach", uri=uri, domain="7")                        # never fails
     assert not connected(dev)
     assert node_nbd.lookup("h2", export) is None                      # grant revoked
-    assert _nbd_devices_of(export) == []                              # no TLS proxy left
+    assert _nbd_devices_of(export) == []                              # no relay left
     assert nbdinfo(node["ns"], export, "h2").returncode != 0
     assert not os.listdir("/run/zfsng-nt-h2/datapath") or all(
         not f.endswith(".json") for f in os.listdir("/run/zfsng-nt-h2/datapath"))
@@ -233,4 +249,53 @@ def test_node_unreachable_and_endpoint_down(node):
         h2("Datapath.attach", uri=bad, domain="9")
     assert e.value.name == "NBD_client_failed"
     assert node_nbd.lookup("h2", export) is None
+    assert _nbd_devices_of(export) == []
+
+
+def test_node_restart_under_io_loses_nothing(node):
+    """The node's NBD endpoint dies (kill -9) under fio's writes from h2 and
+    comes back 5 s later: the relay reconnects (the same process: the kernel's
+    device never saw the break), the writes that waited complete, fio's
+    crc32c verify reads back every block, no I/O error reached the kernel."""
+    vol = make_volume(node["pool"], size=64 * MiB)
+    uri = nt_uri(node, vol)
+    export = urimod.nbd_tls_export(node["sr"], vol["key"])
+    dev = impl(h2("Datapath.attach", uri=uri, domain="5"), "BlockDevice")["path"]
+    h2("Datapath.activate", uri=uri, domain="5")
+    relays = _nbd_devices_of(export)
+    assert len(relays) == 1
+    mark = "zfsng-test: node restart under I/O begins %d" % os.getpid()
+    with open("/dev/kmsg", "w") as f:
+        f.write(mark + "\n")
+    since = time.time()
+    fio = subprocess.Popen(["fio", "--output-format=json", "--ioengine=libaio", "--direct=1",
+                            "--filename=" + dev, "--name=guest", "--bs=64k", "--iodepth=8",
+                            "--size=24M", "--rw=randwrite", "--verify=crc32c",
+                            "--verify_state_save=0", "--randseed=7"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True)
+    try:
+        time.sleep(4)
+        assert fio.poll() is None, "fio ended before the node went away"
+        node["restart"](5)
+        out, err = fio.communicate(timeout=900)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
+    took = time.time() - since
+    assert fio.returncode == 0, err[-2000:]
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] == 24 * MiB
+    assert job["read"]["io_bytes"] == 24 * MiB                       # the verify pass
+    assert _nbd_devices_of(export) == relays                         # reconnected, not replaced
+    kmsg = subprocess.run(["dmesg"], stdout=subprocess.PIPE, universal_newlines=True).stdout
+    name = os.path.basename(dev)
+    after = kmsg.split(mark)[-1].splitlines()
+    bad = [line for line in after if name in line and
+           ("error" in line.lower() or "fail" in line.lower() or "timed out" in line)]
+    assert not bad, bad
+    print("fio with a node restart (5 s down): %.1f s" % took)
+    h2("Datapath.deactivate", uri=uri, domain="5")
+    h2("Datapath.detach", uri=uri, domain="5")
     assert _nbd_devices_of(export) == []
