@@ -10,9 +10,11 @@ Who is the node: `is_local(host)`, decided by the address alone: the name
 resolves to an address a socket on this host can bind (one of its own
 interfaces, in its own network namespace), or to loopback.
 
-Transport: one op per process, `python3 -m plugins.datapath.node OP` on the
-node, one JSON object of arguments on stdin, one JSON line out: `{"result":
-...}` or `{"error": [name, message]}` (SMAPI errors cross unchanged).  The
+Transport (call): an op runs in-process when the node is this machine (the
+caller hands over the op's function), else one op per process,
+`python3 -m plugins.node_ops OP` on the node (plugins/node_ops.py: the table),
+one JSON object of arguments on stdin, one JSON line out: `{"result": ...}`
+or `{"error": [name, message]}` (SMAPI errors cross unchanged).  The
 argv prefix is ZFSNG_NODE_COMMAND (a JSON list, the host's explicit choice:
 tests use nsenter into the node's namespaces) or else ssh to the node:
 `ssh -o BatchMode=yes -o ConnectTimeout=10 [user@]host python3 -m ...`
@@ -31,7 +33,7 @@ import subprocess
 
 from plugins import smapi
 
-NODE_MODULE = ["python3", "-m", "plugins.datapath.node"]
+NODE_MODULE = ["python3", "-m", "plugins.node_ops"]
 SSH = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -168,6 +170,17 @@ def _kill_group(p):
         p.communicate(timeout=5)
     except subprocess.TimeoutExpired:
         pass    # the pipes die with the group; never wait on them forever
+
+
+def call(node, op, args, here):
+    """Run node op `op` with args (a dict) on `node` ([user@]host, or None: the
+    ZFSNG_NODE_COMMAND node if set, else this machine): here(**args) in-process
+    when the node is this machine (`here` is the function node_ops.OPS[op] names
+    for it), else through command(node); SMAPI errors cross as such."""
+    argv = command(node)
+    if argv is None:
+        return here(**args)
+    return run(argv, op, args)
 
 
 def run(argv, op, args):

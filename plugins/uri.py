@@ -1,6 +1,7 @@
-"""The volume URIs the datapath plugins are called with (sans-IO).
+"""The volume URIs: the volume plugin builds them (Volume.stat's "uri"), the
+datapath plugins are called with them (sans-IO; below both plugins).
 
-The volume plugin publishes, for every volume, URIs of three schemes:
+For every volume, URIs of four schemes:
 
     zfsng-raw://<sr>/<key>              local zvol for tapdisk (or blkback)
     zfsng-nbd://<sr>/<key>              local zvol served over NBD
@@ -8,9 +9,12 @@ The volume plugin publishes, for every volume, URIs of three schemes:
                                         subnqn = nqn.2014-08.org.zfs-ng:<sr-uuid>:<key>
     nbd+tls://<host>:<port>/<sr-uuid>/<key>
                                         remote zvol on a storage node over NBD with
-                                        TLS client certificates (nbd_tls_uri builds it)
+                                        TLS client certificates
 
-Everything here comes from outside (xapi, the CLI), so it is validated before
+One builder beside each parser: local_uri and remote_uri (nbd_tls_uri from a
+host and a port) / parse; subnqn_for / split_subnqn (the subsystem NQN,
+NQN_PREFIX); nbd_tls_export / split_nbd_tls_export (the node's NBD export
+name).  Everything here comes from outside (xapi, the CLI), so it is validated before
 any of it reaches zfs, nvme, a file name or the network.
 """
 
@@ -104,15 +108,35 @@ def _host_port(authority, uri, scheme):
     return check_host(host), int(port)
 
 
+def local_uri(scheme, sr, key):
+    """zfsng-raw://SR/KEY or zfsng-nbd://SR/KEY: volume KEY of the SR (a pool
+    name) of this host, as the volume plugin names them."""
+    if scheme not in (RAW, NBD):
+        raise BadUri("not a local scheme: %r" % (scheme,))
+    return "%s://%s/%s" % (scheme, sr, key)
+
+
+def remote_uri(scheme, endpoint, sr_uuid, key):
+    """nvme+tcp://ENDPOINT/SUBNQN or nbd+tls://ENDPOINT/SR_UUID/KEY: volume KEY
+    of SR sr_uuid served by the storage node at ENDPOINT, HOST:PORT as the SR's
+    configuration holds it (nvme-node, nbd-node)."""
+    if scheme == NVME_TCP:
+        path = subnqn_for(sr_uuid, key)
+    elif scheme == NBD_TLS:
+        path = nbd_tls_export(sr_uuid, key)
+    else:
+        raise BadUri("not a remote scheme: %r" % (scheme,))
+    return "%s://%s/%s" % (scheme, endpoint, path)
+
+
 def nbd_tls_uri(host, port, sr_uuid, key):
     """The nbd+tls URI of volume KEY of SR sr_uuid served by the node at
-    host:port (the one builder; parse() reads it back)."""
+    host:port, both checked (parse() reads it back)."""
     check_host(host)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise BadUri("invalid port %r" % (port,))
     authority = "[%s]" % host if ":" in host else host
-    return "%s://%s:%d/%s/%s" % (NBD_TLS, authority, port, check_uuid("SR", sr_uuid),
-                                 check_name("key", key))
+    return remote_uri(NBD_TLS, "%s:%d" % (authority, port), sr_uuid, key)
 
 
 def nbd_tls_export(sr_uuid, key):

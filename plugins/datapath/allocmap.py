@@ -27,7 +27,7 @@ def snapshot_map(loc):
     if not loc.get("readonly") or "@" not in loc.get("dataset", ""):
         return None
     from plugins.volume import cbt, metadata
-    state_dir = os.path.join(metadata.STATE_DIR, "cbt", loc["sr_uuid"])
+    state_dir = metadata.cbt_state_dir(loc["sr_uuid"])
     # Not under the SR lock: the first map of a large snapshot is a full
     # `zfs send` scan, and holding the lock would stall every SR operation
     # (other VMs' attaches too) for that long.  The scan only reads; the map

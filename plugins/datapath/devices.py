@@ -7,43 +7,27 @@ destroyed).  A volume can be used at once by local attachments (raw, NBD) and
 by the NVMe/TCP target for remote hosts, so both go through here:
 acquire(pool, key, user) activates with the first user, release() deactivates
 with the last.  Users are recorded under the device's lock in the node state
-directory (the machine that owns the pool).
+directory (the machine that owns the pool): plugins/records.py, which the
+volume plugin reads at SR.attach.
 """
 
-from plugins import state
+from plugins import records
 
 
-def _device_id(pool, key):
-    return "device:%s/%s" % (pool, key)
-
-
-def _lock(pool, key):
-    return state.locked(_device_id(pool, key), state.node_state_dir())
-
-
-def recorded_keys(pool):
-    """Keys of POOL that a datapath on this host records: device users (here)
-    and attachments (state.py, ids POOL/KEY as uri.VolumeUri.volume_id).
-    Read without locks: a snapshot in time, for the crash reset at SR.attach."""
-    keys = set()
-    for d, prefix in ((state.node_state_dir(), _device_id(pool, "")),
-                      (state.state_dir(), "%s/" % pool)):
-        for st in state.list_states(d):
-            vid = st.get("volume", "")
-            if vid.startswith(prefix):
-                keys.add(vid[len(prefix):])
-    return keys
+def _volumes():
+    # imported when needed: most datapath calls need no ZFS (see local.py)
+    from plugins.volume import volume
+    return volume
 
 
 def acquire(pool, key, user):
     """activate_device, recording user; returns volumes.locate()'s dict."""
-    from plugins.volume import volume as volumes
-    with _lock(pool, key) as st:
+    with records.device_lock(pool, key) as st:
         users = st.shared.setdefault("users", [])
         if user not in users:
             users.append(user)  # before activating: a failed activation is released
         try:
-            return volumes.activate_device(pool, key)
+            return _volumes().activate_device(pool, key)
         except BaseException:
             if users == [user]:
                 st.shared.clear()
@@ -51,11 +35,10 @@ def acquire(pool, key, user):
 
 
 def release(pool, key, user):
-    with _lock(pool, key) as st:
+    with records.device_lock(pool, key) as st:
         users = st.shared.get("users", [])
         if user in users:
             users.remove(user)
         if not users:
-            from plugins.volume import volume as volumes
-            volumes.deactivate_device(pool, key)
+            _volumes().deactivate_device(pool, key)
             st.shared.clear()

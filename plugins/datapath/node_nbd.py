@@ -10,7 +10,7 @@ the same transport as nvme+tcp) to
                          a snapshot.  Returns {"export", "readonly", "size"}.
   nbd_claim(sr_uuid, key, client, mode)   record an activation; read-write on
                          one host excludes every other host, nvme+tcp hosts
-                         included (node.claim_in on the volume's one record):
+                         included (records.claim_in on the volume's one record):
                          Activated_on_another_host
   nbd_unclaim(sr_uuid, key, client)       drop it
   nbd_revoke(sr_uuid, key, client)        forget the grant and the claim; with
@@ -19,7 +19,7 @@ the same transport as nvme+tcp) to
                          retries it)
 Every op is idempotent.  Records, all on the node (state.node_state_dir):
   * per volume, under the lock "nbd:<sr>/<key>": {"pool", "clients": {CN: mode}};
-  * the claims in the volume's shared node record (node._lock(subnqn));
+  * the claims in the volume's one node record (records.volume_lock(subnqn));
   * one grant file per (client, export): <node dir>/nbd-grants/<CN>/<hash>.json,
     {"client", "export", "device", "readonly"}, written atomically.  The NBD
     server (`zfs-ng nbd serve-node`) reads these per NBD_OPT_GO/INFO/LIST
@@ -37,12 +37,11 @@ import json
 import os
 import re
 
-from plugins import smapi, state, uri as urimod
+from plugins import records, smapi, state, uri as urimod
 from plugins.datapath import devices
+from plugins.records import RO, RW
 
 NBD_USER = "nbd-node"         # devices.py user: independent of the NVMe/TCP target's
-RO = "ro"
-RW = "rw"
 # A client identity: the CN of its certificate, a host name.  No ':' (never a
 # host NQN, which shares the claim records), no '/', no leading '.' or '-'.
 _IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -64,11 +63,6 @@ def _check(sr_uuid, key, client, mode=RW):
     if mode not in (RO, RW):
         raise smapi.InvalidParameters("mode must be ro or rw")
     return export, urimod.subnqn_for(sr_uuid, key)
-
-
-def _node():
-    from plugins.datapath import node    # node imports this module: not at the top
-    return node
 
 
 def _lock(export):
@@ -160,8 +154,10 @@ def nbd_grant(sr_uuid, key, client, mode=RW):
     export, _ = _check(sr_uuid, key, client, mode)
     with _lock(export) as st:
         sh = st.shared
-        pool = sh.get("pool") or _node()._pool_of(sr_uuid)
-        sh["pool"] = pool
+        if not sh.get("pool"):
+            from plugins.volume import sr    # only here: most ops read no pool
+            sh["pool"] = sr.attached_pool(sr_uuid)
+        pool = sh["pool"]
         clients = sh.setdefault("clients", {})
         loc = devices.acquire(pool, key, NBD_USER)
         readonly = bool(loc["readonly"]) or mode == RO
@@ -180,7 +176,6 @@ def nbd_grant(sr_uuid, key, client, mode=RW):
 
 def nbd_claim(sr_uuid, key, client, mode):
     export, subnqn = _check(sr_uuid, key, client, mode)
-    node = _node()
     with _lock(export) as st:          # always nbd lock, then the volume's record
         granted = st.shared.get("clients", {}).get(client)
         if granted is None:
@@ -188,16 +183,15 @@ def nbd_claim(sr_uuid, key, client, mode):
         if mode == RW and granted == RO:
             raise smapi.BackendError("Volume_read_only", "%s is granted %s read-only"
                                      % (client, export))
-        with node._lock(subnqn) as vol:
-            node.claim_in(vol, client, mode)
+        with records.volume_lock(subnqn) as vol:
+            records.claim_in(vol, client, mode)
     return None
 
 
 def nbd_unclaim(sr_uuid, key, client):
     export, subnqn = _check(sr_uuid, key, client)
-    node = _node()
     with _lock(export):
-        with node._lock(subnqn) as vol:
+        with records.volume_lock(subnqn) as vol:
             vol.active.pop(client, None)
     return None
 
@@ -205,10 +199,9 @@ def nbd_unclaim(sr_uuid, key, client):
 def nbd_revoke(sr_uuid, key, client):
     """Never fails (but for invalid names): logs what it could not undo."""
     export, subnqn = _check(sr_uuid, key, client)
-    node = _node()
     with _lock(export) as st:
         try:
-            with node._lock(subnqn) as vol:
+            with records.volume_lock(subnqn) as vol:
                 vol.active.pop(client, None)
         except Exception as e:
             smapi.log.error("nbd_revoke %s %s: claim: %s", export, client, e)

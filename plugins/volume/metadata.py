@@ -11,7 +11,7 @@ and unicode never break `zfs get -H` parsing):
                                 :datapath, :nvme-node
     on volumes and snapshots    org.zfs-ng:name, :description, :keys ({str: str}),
                                 :sharable (bool); zfs-ng-cbt:enabled (cbt.py)
-    data-destroyed snapshots    bookmarks DS#KEY, metadata on DS (cbt_methods.py)
+    data-destroyed snapshots    bookmarks DS#KEY, metadata on DS (bookmarks.py)
 
 The volume key is the ZFS name component (dataset name for volumes, snapshot
 name for snapshots), so keys and snapshot relations (origin, `ds@key`) need no
@@ -21,6 +21,7 @@ Locally: one sqlite file per SR under /var/lib/zfs-ng/ (ZFSNG_STATE_DIR), a
 cache of the above plus sizes.  It records the pool generation it reflects; a
 different generation on the pool (a mutation in progress, a crash mid-way, or
 another host) makes it stale and it is rebuilt from the pool under the SR lock.
+Beside it, <state dir>/cbt/<sr-uuid>/ caches CBT maps (cbt_state_dir).
 """
 
 import json
@@ -28,11 +29,18 @@ import os
 import sqlite3
 import time
 
+from plugins import zfs
+from plugins.volume import bookmarks
 from plugins.volume import cbt
 from plugins.volume import names
-from plugins import zfs
 
 STATE_DIR = os.environ.get("ZFSNG_STATE_DIR", "/var/lib/zfs-ng")
+
+
+def cbt_state_dir(sr_uuid):
+    """The file cache of an SR's CBT maps (cbt.py's state_dir)."""
+    return os.path.join(STATE_DIR, "cbt", sr_uuid)
+
 
 VOLUME_PROPS = ["name", "description", "keys", "sharable"]
 ROOT_PROPS = ["sr-uuid", "sr-name", "sr-description", "generation", "created-pool",
@@ -104,7 +112,6 @@ def entry_from_props(pool, zname, props):
 
 def read_entries(pool, targets=None):
     """Entries read from ZFS: the whole SR (targets=None) or the given names."""
-    from plugins.volume import cbt_methods  # imports sr, which imports us
     root = names.sr_root(pool)
     if targets is None:
         got = zfs.get([root], ZFS_PROPS, recursive=True, types="volume,snapshot")
@@ -118,7 +125,7 @@ def read_entries(pool, targets=None):
             out.append(e)
     # a bookmark beside its snapshot is an interrupted data_destroy: the snapshot wins
     seen = set(e["key"] for e in out)
-    out += [e for e in cbt_methods.bookmark_entries(pool, targets) if e["key"] not in seen]
+    out += [e for e in bookmarks.entries(pool, targets) if e["key"] not in seen]
     return out
 
 

@@ -1,5 +1,8 @@
 """Validation of everything that arrives from outside before it reaches zfs/zpool:
-volume keys, SR strings (pool names), device paths, vdev specs, user text.
+volume keys, SR strings (pool names), device paths, vdev specs, user text; and
+the dataset names of an SR: one builder each (sr_root, volume_dataset,
+readonly_dataset, session_dataset, session_snapshot, hidden_name) beside the
+one parser (classify).
 
 Layout of an SR on ZFS (one SR per pool):
 
@@ -14,7 +17,8 @@ Layout of an SR on ZFS (one SR per pool):
     POOL/zfs-ng/r-<key>          a revert in progress (finished or undone on attach)
     POOL/zfs-ng/ro-<key>         a read-only device for a snapshot (locate/activate)
     POOL/zfs-ng/np-<key>, <key>@np-<hex>   a datapath's non-persistent session
-                                 (plugins/datapath/zvol.py); never touched here
+                                 (plugins/datapath/zvol.py); only a crash's are
+                                 reset (sr.reset_stale_devices)
     POOL/zfs-ng/<key>@zfsng-cbt-*  plugins/volume/cbt.py's anchors; never touched
 """
 
@@ -27,7 +31,7 @@ SR_DATASET = "zfs-ng"
 HIDDEN = "h-"
 REVERTING = "r-"
 READONLY = "ro-"
-SESSION = "np-"  # non-persistent sessions of plugins/datapath/zvol.py: not ours
+SESSION = "np-"  # non-persistent sessions of plugins/datapath/zvol.py
 CBT = "zfsng-cbt-"  # plugins/volume/cbt.py's anchors: not ours either
 
 _KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -103,6 +107,26 @@ def sr_root(pool):
 
 def volume_dataset(pool, key):
     return "%s/%s/%s" % (pool, SR_DATASET, key)
+
+
+def readonly_dataset(pool, key):
+    """The read-only device clone of snapshot KEY (ro-KEY; classify: 'readonly')."""
+    return "%s/%s%s" % (sr_root(pool), READONLY, key)
+
+
+def session_dataset(pool, key):
+    """The clone of volume KEY's non-persistent session (np-KEY; classify: 'session')."""
+    return "%s/%s%s" % (sr_root(pool), SESSION, key)
+
+
+def session_snapshot(dataset, tag):
+    """The snapshot DATASET@np-TAG a session's clone is made from (classify:
+    ('session', None))."""
+    return "%s@%s%s" % (dataset, SESSION, tag)
+
+
+def is_session_snapshot(zname):
+    return "@" + SESSION in zname
 
 
 def classify(zname, pool):

@@ -12,7 +12,7 @@ it likes, usually the master.  An SR whose configuration has `node`
     node's own SR.detach does not export the pool under it), and returns the
     remote SR string  zfs-ng://NODE/POOL.  Every later call carrying that
     string (SR.stat/ls/detach/destroy/set_*, every Volume.*) is sent to the
-    node (op `volume`: the same method table there, with sr = POOL), and the
+    node (node op `volume`: the same method table there, with sr = POOL), and the
     volume URIs in its answer are cut down to what this host can attach from
     afar, best first: nvme+tcp when the kernel has nvme-tcp, else nbd+tls
     (ZFSNG_REMOTE_DATAPATHS, a comma list of schemes, overrides the choice).
@@ -116,15 +116,22 @@ def _rewrite(result, schemes):
 
 # -- the host side ----------------------------------------------------------------------
 
-def _node_call(node, op, **args):
-    from plugins.datapath import node as node_ops   # the node's op table and entry
-    return node_ops.call(op, node=node, **args)
+def _node_call(node, op, here, **args):
+    """Node op `op` (plugins/node_ops.py) on node; `here` runs it when the node
+    is this machine after all (nodes.call)."""
+    return nodes.call(node, op, args, here)
 
 
-def forward(node, full_name, params):
-    """Run SMAPI method full_name on the node with params (sr already the pool)."""
+def _method_here(fn):
+    """What node op `volume` runs for method fn when the node is this machine."""
+    return lambda method, params: fn(**params)
+
+
+def forward(node, full_name, params, fn):
+    """Run SMAPI method full_name (fn here) on the node with params (sr
+    already the pool)."""
     schemes = host_schemes()          # checked before the node is asked anything
-    result = _node_call(node, "volume", method=full_name, params=params)
+    result = _node_call(node, "volume", _method_here(fn), method=full_name, params=params)
     return _rewrite(result, schemes)
 
 
@@ -135,7 +142,7 @@ def routed(full_name, fn):
         if where is None:
             return fn(**kw)
         node, pool = where
-        return forward(node, full_name, dict(kw, sr=pool))
+        return forward(node, full_name, dict(kw, sr=pool), fn)
     run.__name__ = getattr(fn, "__name__", full_name)
     run.__doc__ = fn.__doc__
     return run
@@ -145,7 +152,8 @@ def attach(configuration):
     node = remote_node(configuration)
     if node is None:
         return sr_mod.attach(configuration)
-    got = _node_call(node, "sr_attach", configuration=configuration, host=nodes.identity())
+    got = _node_call(node, "sr_attach", op_sr_attach, configuration=configuration,
+                     host=nodes.identity())
     if not isinstance(got, dict) or not names.is_pool(got.get("pool", "")):
         raise smapi.BackendError("Node_unreachable", "node %s: bad SR.attach answer" % node)
     if not (got.get("nvme-node") or got.get("nbd-node")):
@@ -162,7 +170,7 @@ def detach(sr):
         return sr_mod.detach(sr)
     node, pool = where
     try:
-        _node_call(node, "sr_detach", pool=pool, host=nodes.identity())
+        _node_call(node, "sr_detach", op_sr_detach, pool=pool, host=nodes.identity())
     except smapi.SmapiError as e:
         # PBD.unplug must not fail on a node that is gone; the node keeps this
         # host in remote-hosts (its own SR.detach then leaves the pool imported)
@@ -175,7 +183,7 @@ def create(uuid, configuration, name, description):
     node = remote_node(configuration)
     if node is None:
         return sr_mod.create(uuid, configuration, name, description)
-    out = _node_call(node, "volume", method="SR.create",
+    out = _node_call(node, "volume", _method_here(sr_mod.create), method="SR.create",
                      params={"uuid": uuid, "configuration": configuration, "name": name,
                              "description": description})
     if isinstance(out, dict):
@@ -187,7 +195,7 @@ def probe(configuration):
     node = remote_node(configuration)
     if node is None:
         return sr_mod.probe(configuration)
-    results = _node_call(node, "volume", method="SR.probe",
+    results = _node_call(node, "volume", _method_here(sr_mod.probe), method="SR.probe",
                          params={"configuration": configuration})
     for r in results if isinstance(results, list) else []:
         if isinstance(r, dict) and isinstance(r.get("configuration"), dict):
@@ -195,31 +203,7 @@ def probe(configuration):
     return results
 
 
-# -- the node side (ops of plugins.datapath.node) ------------------------------------------
-
-# what another host may run on the node: the SR- and Volume-level methods that
-# take the SR string (SR.create/probe take a configuration)
-_NODE_METHODS = None
-
-
-def _node_methods():
-    global _NODE_METHODS
-    if _NODE_METHODS is None:
-        from plugins.volume import methods
-        _NODE_METHODS = {m.full_name: m for m in methods.SR + methods.VOLUME
-                         if m.full_name not in ("SR.attach", "SR.detach")}
-    return _NODE_METHODS
-
-
-def op_volume(method, params):
-    """Node op `volume`: run one SR/Volume method here, as a plugin call would."""
-    m = _node_methods().get(method)
-    if m is None:
-        raise smapi.Unimplemented(str(method))
-    if isinstance(params, dict) and parse_remote_sr(params.get("sr")) is not None:
-        raise smapi.InvalidParameters("a node does not forward again")
-    return m.fn(**m.bind(params))
-
+# -- the node side (ops of plugins/node_ops.py; `volume` is there) ----------------------
 
 def op_sr_attach(configuration, host):
     """Node op `sr_attach`: attach here, record host; the SR's network endpoints."""

@@ -6,6 +6,11 @@ pool name.
 `SR` is the handle every volume operation goes through: it checks the SR is
 there, keeps the local index in step with the pool generation, and wraps each
 mutation in the SR lock with the generation bumped first (`mutate`).
+
+SR.attach also clears what crashes and killed calls leave: hidden datasets
+nothing needs (collect_garbage), snapshots of interrupted CBT calls
+(drop_interrupted) and, after an import or the first attach since boot,
+devices no datapath records (reset_stale_devices, from plugins/records.py).
 """
 
 import contextlib
@@ -14,8 +19,10 @@ import os
 import stat as stat_mod
 import subprocess
 
-from plugins import nodes, smapi, zfs
+from plugins import nodes, records, smapi, zfs
 from plugins.smapi import BackendError, InvalidParameters
+from plugins.volume import bookmarks
+from plugins.volume import cbt
 from plugins.volume import lock
 from plugins.volume import metadata
 from plugins.volume import names
@@ -188,6 +195,15 @@ def locked(sr):
         if handle.index().generation() != handle.generation:
             handle.reconcile()
         yield handle
+
+
+def attached_pool(sr_uuid):
+    """The pool of the attached SR sr_uuid (SrNotAttached)."""
+    for pool in attached():
+        props = read_root_props(pool) or {}
+        if props.get("sr-uuid") == sr_uuid:
+            return pool
+    raise smapi.SrNotAttached(sr_uuid)
 
 
 def read_root_props(pool):
@@ -428,8 +444,7 @@ def attach(configuration):
             v = check(v)
             zfs.zfs("set", "%s=%s" % (zfs.uprop(k), zfs.encode(v)), handle.root)
         handle.reload()
-        from plugins.volume import cbt_methods  # it imports this module
-        cbt_methods.drop_interrupted(pool)
+        drop_interrupted(pool)
         collect_garbage(handle)
         if handle.index().generation() != handle.generation:
             handle.reconcile()
@@ -439,9 +454,8 @@ def attach(configuration):
             # imported at boot): devices left active by a crash.  Other
             # attaches leave devices alone: not every user is recorded
             # (Volume.compare, a restore into a volume).
-            from plugins.volume import volume  # it imports this module
             try:
-                volume.reset_stale_devices(handle)
+                reset_stale_devices(handle)
             except zfs.ZfsError as e:   # a cleanup: the SR is usable, retried next attach
                 smapi.log.error("%s: devices left active stay so: %s", pool, e.message)
             else:
@@ -471,8 +485,7 @@ def collect_garbage(handle):
         origins = set(r[1] for r in rows if len(r) > 1)
         has_snaps = set(r[0].split("@", 1)[0] for r in rows if "@" in r[0])
         # datasets holding data-destroyed snapshots (bookmarks) are not garbage
-        from plugins.volume import cbt_methods  # it imports this module
-        has_snaps |= cbt_methods.bookmarked_datasets(handle.pool)
+        has_snaps |= bookmarks.datasets(handle.pool)
         victims = []
         for r in rows:
             kind, _ = names.classify(r[0], handle.pool)
@@ -496,6 +509,79 @@ def collect_garbage(handle):
             except zfs.Busy:
                 smapi.log.info("garbage %s busy, kept for later", zname)
                 return
+
+
+def drop_interrupted(pool):
+    """Destroy the snapshots cbt.py makes and drops within one call (the
+    anchor snapshot of an enable, the temporary end of a live interval) that
+    a killed call left behind.  They would pin their volume for good: once
+    destroyed it stays as a hidden dataset collect_garbage keeps (it has a
+    snapshot).  Caller holds the SR lock, so no CBT call is using them."""
+    for r in zfs.list_names(names.sr_root(pool), ("name",), types="snapshot"):
+        snap = r[0].split("@", 1)[1] if "@" in r[0] else ""
+        if snap == cbt.ANCHOR or snap.startswith(cbt.TMP_PREFIX):
+            smapi.log.info("%s: left by an interrupted CBT call, destroyed", r[0])
+            try:
+                zfs.zfs("destroy", r[0])
+            except zfs.NotFound:
+                pass
+
+
+def reset_stale_devices(handle):
+    """Deactivate what a host crash left active: zvols with volmode=dev,
+    snapshots' read-only clones and non-persistent sessions' clones (np-KEY)
+    come back with their device nodes at the next import, and no
+    deactivate_device or Datapath.close would ever come for them.  Whatever no
+    datapath on this host records as its own (the records live on tmpfs: after
+    a reboot there are none) is reset: volumes inherit the SR's volmode=none,
+    read-only clones are destroyed, session clones are discarded with their
+    snapshot (a reset-on-boot VM's writes, which its next start discards
+    anyway; otherwise Volume.destroy of its VDI would find the session open).
+    One `zfs get` for the whole SR.  Returns the datasets reset.  Caller holds
+    the SR lock."""
+    out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
+                   "-o", "name,value", "volmode", handle.root])
+    used = records.recorded_keys(handle.pool) | records.served_keys(handle.uuid)
+    volumes, clones, sessions = [], [], []
+    for r in zfs.rows(out):
+        kind, key = names.classify(r[0], handle.pool)
+        if len(r) < 2 or r[1] != "dev" or key is None or key in used:
+            continue
+        if kind == "volume":
+            volumes.append(r[0])
+        elif kind == "readonly":
+            clones.append(r[0])
+        elif kind == "session":
+            sessions.append(r[0])
+    for i in range(0, len(volumes), 512):    # a node may have 100k: bounded argv
+        zfs.zfs("inherit", "volmode", *volumes[i:i + 512])
+    destroyed = []
+    for ro in clones:
+        try:
+            zfs.zfs("destroy", ro)
+        except zfs.NotFound:
+            continue
+        except zfs.Busy:   # opened since the import: leave it to its user
+            smapi.log.info("%s is open, left active", ro)
+            continue
+        destroyed.append(ro)
+    for np in sessions:
+        origin = zfs.get([np], ["origin"]).get(np, {}).get("origin", "-")
+        try:
+            zfs.zfs("destroy", np)
+        except zfs.NotFound:
+            continue
+        except zfs.Busy:
+            smapi.log.info("%s is open, left active", np)
+            continue
+        destroyed.append(np)
+        okind, _ = names.classify(origin, handle.pool)
+        if okind == "session":
+            zfs.run([zfs.ZFS, "destroy", origin], check=False)
+    if volumes or destroyed:
+        smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
+                       "records (left by a crash)", handle.pool, len(volumes), len(destroyed))
+    return volumes + destroyed
 
 
 def detach(sr):

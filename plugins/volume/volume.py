@@ -22,8 +22,9 @@ import os
 import subprocess
 import time
 
-from plugins import smapi, zfs
+from plugins import smapi, uri, zfs
 from plugins.smapi import BackendError, InvalidParameters
+from plugins.volume import bookmarks
 from plugins.volume import cbt_methods
 from plugins.volume import lock
 from plugins.volume import names
@@ -32,7 +33,6 @@ from plugins.volume.sr import SR
 
 DEFAULT_VOLBLOCKSIZE = 16384
 MAX_VOLUME_SIZE = 1 << 60
-NQN_PREFIX = "nqn.2014-08.org.zfs-ng"
 MAX_KEYS_JSON = 8000  # ZFS user property values are at most 8192 bytes
 
 
@@ -69,24 +69,20 @@ def _encode_keys(keys):
 # -- the volume record ------------------------------------------------------------
 
 def uris(handle, key):
-    """The URI list of a volume (contract with the datapath plugins)."""
-    raw = "zfsng-raw://%s/%s" % (handle.pool, key)
-    nbd = "zfsng-nbd://%s/%s" % (handle.pool, key)
-    out = {"raw": [raw], "nbd": [nbd], "nvme": []}
+    """The URI list of a volume (contract with the datapath plugins: plugins/uri.py)."""
+    out = {"raw": [uri.local_uri(uri.RAW, handle.pool, key)],
+           "nbd": [uri.local_uri(uri.NBD, handle.pool, key)], "nvme": [], "nbdtls": []}
     node = handle.props.get("nvme-node")
     if node:
-        out["nvme"] = ["nvme+tcp://%s/%s" % (node, subnqn(handle.uuid, key))]
+        out["nvme"] = [uri.remote_uri(uri.NVME_TCP, node, handle.uuid, key)]
     nbd_node = handle.props.get("nbd-node")
-    out["nbdtls"] = ["nbd+tls://%s/%s/%s" % (nbd_node, handle.uuid, key)] if nbd_node else []
+    if nbd_node:
+        out["nbdtls"] = [uri.remote_uri(uri.NBD_TLS, nbd_node, handle.uuid, key)]
     first = handle.props.get("datapath", "raw")
     if first not in out:
         first = "raw"
     order = [first] + [k for k in ("raw", "nbd", "nvme", "nbdtls") if k != first]
     return [u for k in order for u in out[k]]
-
-
-def subnqn(sr_uuid, key):
-    return "%s:%s:%s" % (NQN_PREFIX, sr_uuid, key)
 
 
 def record(handle, e):
@@ -120,7 +116,7 @@ def stat(sr, key):
     handle = SR.open(sr)
     e = handle.lookup(key)
     if e["kind"] == "bookmark":  # data-destroyed: no data, sizes as recorded
-        return record(handle, cbt_methods.stat_bookmark(handle, e))
+        return record(handle, bookmarks.stat(handle, e))
     # sizes fresh from ZFS (the index holds them as of the last mutation)
     try:
         got = zfs.get([e["zname"]], ["volsize", "referenced"]).get(e["zname"], {})
@@ -156,7 +152,7 @@ def snapshot(sr, key):
     new = names.new_key()
     with sr_mod.locked(sr) as handle:
         src = handle.find(key)
-        cbt_methods.check_has_data(src, "snapshotted")
+        bookmarks.check_has_data(src, "snapshotted")
         props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
         with handle.mutate() as txn:
             if src["kind"] == "volume":
@@ -178,7 +174,7 @@ def clone(sr, key):
     new = names.new_key()
     with sr_mod.locked(sr) as handle:
         src = handle.find(key)
-        cbt_methods.check_has_data(src, "cloned")
+        bookmarks.check_has_data(src, "cloned")
         ds = names.volume_dataset(handle.pool, new)
         props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
         with handle.mutate() as txn:
@@ -264,7 +260,7 @@ def _clone_on_boot_of(handle, e):
 def _check_idle(handle, e):
     """Refuse to retire a volume whose device is activated or that has an open
     non-persistent session (np-KEY, plugins/datapath/zvol.py)."""
-    np = "%s/np-%s" % (handle.root, e["key"])
+    np = names.session_dataset(handle.pool, e["key"])
     out = zfs.run([zfs.ZFS, "get", "-H", "-p", "-o", "name,value,source", "volmode",
                    e["zname"], np], check=False)
     for r in zfs.rows(out):
@@ -276,7 +272,7 @@ def _check_idle(handle, e):
 
 
 def _release_readonly(handle, e):
-    ro = "%s/%s%s" % (handle.root, names.READONLY, e["key"])
+    ro = names.readonly_dataset(handle.pool, e["key"])
     try:
         zfs.zfs("destroy", ro)
     except zfs.NotFound:
@@ -288,7 +284,7 @@ def _release_readonly(handle, e):
 def _destroy_volume(handle, e, txn):
     ds = e["zname"]
     try:
-        if cbt_methods.listed_bookmarks(ds):  # zfs destroy would take them along
+        if bookmarks.listed(ds):  # zfs destroy would take them along
             raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
         zfs.zfs("destroy", ds)
     except zfs.NotFound:
@@ -326,7 +322,7 @@ def _collect_from(handle, ds):
             return
         try:
             if zfs.list_names(ds, ("name",), types="snapshot", depth=1) or \
-                    cbt_methods.listed_bookmarks(ds):
+                    bookmarks.listed(ds):
                 return
             origin = zfs.get([ds], ["origin"]).get(ds, {}).get("origin", "-")
             zfs.zfs("destroy", ds)
@@ -346,7 +342,7 @@ def revert(sr, snapshot, key):
     with sr_mod.locked(sr) as handle:
         snap = handle.find(snapshot)
         vol = handle.find(key)
-        cbt_methods.check_has_data(snap, "reverted to")
+        bookmarks.check_has_data(snap, "reverted to")
         if snap["kind"] != "snapshot":
             raise InvalidParameters("%s is not a snapshot" % snapshot)
         if vol["kind"] != "volume":
@@ -360,7 +356,7 @@ def revert(sr, snapshot, key):
             # crash after any step: SR.reconcile finishes or undoes it (r-KEY)
             zfs.zfs("clone", *(props + [snap["zname"], tmp]))
             try:
-                if cbt_methods.listed_bookmarks(ds):  # keep data-destroyed snapshots
+                if bookmarks.listed(ds):  # keep data-destroyed snapshots
                     raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
                 zfs.zfs("destroy", ds)
             except zfs.HasChildren:
@@ -401,7 +397,7 @@ def _set_field(sr, key, field, compute, prop_text):
         value = compute(e)
         text = prop_text(value)
         with handle.mutate() as txn:
-            prop, target = cbt_methods.field_prop(e, field)
+            prop, target = bookmarks.field_prop(e, field)
             zfs.zfs("set", "%s=%s" % (prop, text), target)
             e[field] = value
             txn.entries.append(e)
@@ -514,7 +510,7 @@ def locate(sr, key):
     if e["kind"] == "volume":
         dev_ds = e["zname"]
     else:
-        dev_ds = "%s/%s%s" % (handle.root, names.READONLY, key)
+        dev_ds = names.readonly_dataset(handle.pool, key)
     device = "/dev/zvol/%s" % dev_ds
     return {
         "sr": handle.pool,
@@ -526,7 +522,7 @@ def locate(sr, key):
         "readonly": e["kind"] != "volume",
         "size": e["virtual_size"],
         "kind": e["kind"],
-        "subnqn": subnqn(handle.uuid, key),
+        "subnqn": uri.subnqn_for(handle.uuid, key),
         "active": os.path.exists(device),
     }
 
@@ -539,7 +535,7 @@ def activate_device(sr, key, timeout=60.0):
     activates."""
     handle = SR.open(sr)
     e = handle.lookup(key)
-    cbt_methods.check_has_data(e, "attached")
+    bookmarks.check_has_data(e, "attached")
     loc = locate(sr, key)
     with lock.sr_lock(handle.pool):
         if e["kind"] == "volume":
@@ -554,64 +550,6 @@ def activate_device(sr, key, timeout=60.0):
     return loc
 
 
-def reset_stale_devices(handle):
-    """Deactivate what a host crash left active: zvols with volmode=dev,
-    snapshots' read-only clones and non-persistent sessions' clones (np-KEY)
-    come back with their device nodes at the next import, and no
-    deactivate_device or Datapath.close would ever come for them.  Whatever no
-    datapath on this host records as its own (the records live on tmpfs: after
-    a reboot there are none) is reset: volumes inherit the SR's volmode=none,
-    read-only clones are destroyed, session clones are discarded with their
-    snapshot (a reset-on-boot VM's writes, which its next start discards
-    anyway; otherwise Volume.destroy of its VDI would find the session open).
-    One `zfs get` for the whole SR.  Returns the datasets reset.  Caller holds
-    the SR lock."""
-    out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
-                   "-o", "name,value", "volmode", handle.root])
-    from plugins.datapath import devices, node
-    used = devices.recorded_keys(handle.pool) | node.served_keys(handle.uuid)
-    volumes, clones, sessions = [], [], []
-    for r in zfs.rows(out):
-        kind, key = names.classify(r[0], handle.pool)
-        if len(r) < 2 or r[1] != "dev" or key is None or key in used:
-            continue
-        if kind == "volume":
-            volumes.append(r[0])
-        elif kind == "readonly":
-            clones.append(r[0])
-        elif kind == "session":
-            sessions.append(r[0])
-    for i in range(0, len(volumes), 512):    # a node may have 100k: bounded argv
-        zfs.zfs("inherit", "volmode", *volumes[i:i + 512])
-    destroyed = []
-    for ro in clones:
-        try:
-            zfs.zfs("destroy", ro)
-        except zfs.NotFound:
-            continue
-        except zfs.Busy:   # opened since the import: leave it to its user
-            smapi.log.info("%s is open, left active", ro)
-            continue
-        destroyed.append(ro)
-    for np in sessions:
-        origin = zfs.get([np], ["origin"]).get(np, {}).get("origin", "-")
-        try:
-            zfs.zfs("destroy", np)
-        except zfs.NotFound:
-            continue
-        except zfs.Busy:
-            smapi.log.info("%s is open, left active", np)
-            continue
-        destroyed.append(np)
-        okind, _ = names.classify(origin, handle.pool)
-        if okind == "session":
-            zfs.run([zfs.ZFS, "destroy", origin], check=False)
-    if volumes or destroyed:
-        smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
-                       "records (left by a crash)", handle.pool, len(volumes), len(destroyed))
-    return volumes + destroyed
-
-
 def deactivate_device(sr, key):
     """Undo activate_device (idempotent).  Fails with Volume_in_use while the
     snapshot's read-only device is open."""
@@ -622,7 +560,7 @@ def deactivate_device(sr, key):
             if _volmode_local(e["zname"]) is not None:
                 zfs.zfs("inherit", "volmode", e["zname"])
         else:
-            ro = "%s/%s%s" % (handle.root, names.READONLY, key)
+            ro = names.readonly_dataset(handle.pool, key)
             try:
                 zfs.zfs("destroy", ro)
             except zfs.NotFound:

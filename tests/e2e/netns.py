@@ -9,7 +9,7 @@ read the node's zvols directly to check data.
 
 NODE_COMMAND is the stand-in for ssh to the node: nsenter into pid 1's network
 and mount namespaces with a clean environment (ssh carries none of the
-host's variables), running `python3 -m plugins.datapath.node OP` from the
+host's variables), running `python3 -m plugins.node_ops OP` from the
 checkout (PYTHONPATH: on a real node the package is installed).
 """
 
@@ -29,7 +29,7 @@ def node_command(**env):
     return (["nsenter", "--net=/proc/1/ns/net", "--mount=/proc/1/ns/mnt", "--",
              "env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "HOME=/root", "PYTHONPATH=" + ROOT] + ["%s=%s" % kv for kv in sorted(env.items())] +
-            ["python3", "-m", "plugins.datapath.node"])
+            ["python3", "-m", "plugins.node_ops"])
 
 
 def _quiet(*argv):

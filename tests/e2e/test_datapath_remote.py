@@ -12,7 +12,7 @@ xapi-storage-script would run them on that host), with
   * its own attachment state (ZFSNG_RUN_DIR) and no target socket;
   * ZFSNG_NODE_COMMAND to reach the node.  On XCP-ng that is ssh; here the
     stand-in for ssh is `nsenter --net=/proc/1/ns/net --mount=/proc/1/ns/mnt`,
-    which runs `python3 -m plugins.datapath.node` in the node's network and
+    which runs `python3 -m plugins.node_ops` in the node's network and
     mount namespaces (the node's /etc, /sys, /run).
 
 The kernel initiator opens its TCP sockets in the netns of the process that
@@ -55,7 +55,7 @@ H2_ID = "6f1c2a8e-5d0b-4c1e-9a37-2b8d4e6f0a12"
 HOST_A = "nqn.2014-08.org.zfs-ng:test-host-a"
 
 NODE_COMMAND = ["nsenter", "--net=/proc/1/ns/net", "--mount=/proc/1/ns/mnt", "--",
-                "env", "ZFSNG_TARGET_SOCKET=" + SOCK, "python3", "-m", "plugins.datapath.node"]
+                "env", "ZFSNG_TARGET_SOCKET=" + SOCK, "python3", "-m", "plugins.node_ops"]
 H2 = {"ZFSNG_RUN_DIR": "/run/zfsng-h2", "ZFSNG_NODE_COMMAND": json.dumps(NODE_COMMAND),
       "ZFSNG_HOSTNQN": None, "ZFSNG_TARGET_SOCKET": None}
 # a host in the root netns, next to the node (node ops in-process)

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from plugins import smapi, zfs
-from plugins.volume import cbt, cbt_methods, metadata, methods, plugin, volume
+from plugins.volume import bookmarks, cbt, metadata, methods, plugin, volume
 
 KEY = "0d7c1b9e-4f8e-4b1a-9c3d-2e5f6a7b8c9d"
 KEY2 = "1e8d2cae-5a9f-4c2b-8d4e-3f6a7b8c9d0e"
@@ -17,9 +17,9 @@ ROOT = POOL + "/zfs-ng"
 
 
 def test_split_bookmark():
-    assert cbt_methods.split_bookmark("%s/%s#%s" % (ROOT, KEY, KEY2), POOL) == \
+    assert bookmarks.split("%s/%s#%s" % (ROOT, KEY, KEY2), POOL) == \
         ("%s/%s" % (ROOT, KEY), KEY2)
-    assert cbt_methods.split_bookmark("%s/h-ab#%s" % (ROOT, KEY2), POOL) == \
+    assert bookmarks.split("%s/h-ab#%s" % (ROOT, KEY2), POOL) == \
         ("%s/h-ab" % ROOT, KEY2)
     for bad in ("%s/%s#%s" % (ROOT, KEY, cbt.ANCHOR),       # cbt.py's own anchor
                 "%s/%s@%s" % (ROOT, KEY, KEY2),             # a snapshot
@@ -27,17 +27,17 @@ def test_split_bookmark():
                 "%s/a/%s#%s" % (ROOT, KEY, KEY2),
                 "other/zfs-ng/%s#%s" % (KEY, KEY2),
                 "%s/%s#%s" % (ROOT, KEY, KEY2.upper())):
-        assert cbt_methods.split_bookmark(bad, POOL) is None, bad
+        assert bookmarks.split(bad, POOL) is None, bad
 
 
 def test_bookmark_entry_and_field_props():
     bm = "%s/%s#%s" % (ROOT, KEY, KEY2)
-    props = {cbt_methods.bm_prop(KEY2, "name"): zfs.encode("n\u00e9 \"x\"\t"),
-             cbt_methods.bm_prop(KEY2, "keys"): zfs.encode({"vdi-type": "cbt_metadata"}),
-             cbt_methods.bm_prop(KEY2, "sharable"): "true",
-             cbt_methods.bm_prop(KEY2, "volsize"): "67108864",
-             cbt_methods.bm_prop(KEY, "name"): zfs.encode("another one")}
-    e = cbt_methods.bookmark_entry(POOL, bm, "77", props)
+    props = {bookmarks.prop(KEY2, "name"): zfs.encode("n\u00e9 \"x\"\t"),
+             bookmarks.prop(KEY2, "keys"): zfs.encode({"vdi-type": "cbt_metadata"}),
+             bookmarks.prop(KEY2, "sharable"): "true",
+             bookmarks.prop(KEY2, "volsize"): "67108864",
+             bookmarks.prop(KEY, "name"): zfs.encode("another one")}
+    e = bookmarks.entry(POOL, bm, "77", props)
     assert e["key"] == KEY2 and e["kind"] == "bookmark" and e["zname"] == bm
     assert e["name"] == "n\u00e9 \"x\"\t" and e["description"] == ""
     assert e["keys"] == {"vdi-type": "cbt_metadata"} and e["sharable"] is True
@@ -47,17 +47,17 @@ def test_bookmark_entry_and_field_props():
     assert r["read_write"] is False and r["cbt_enabled"] is True
     assert r["virtual_size"] == 64 << 20 and r["physical_utilisation"] == 0
     # metadata of a bookmark lives on its parent dataset, per key
-    assert cbt_methods.field_prop(e, "keys") == ("org.zfs-ng:bm.%s.keys" % KEY2,
+    assert bookmarks.field_prop(e, "keys") == ("org.zfs-ng:bm.%s.keys" % KEY2,
                                                  "%s/%s" % (ROOT, KEY))
     snap = dict(e, kind="snapshot", zname="%s/%s@%s" % (ROOT, KEY, KEY2))
-    assert cbt_methods.field_prop(snap, "keys") == ("org.zfs-ng:keys", snap["zname"])
+    assert bookmarks.field_prop(snap, "keys") == ("org.zfs-ng:keys", snap["zname"])
     # property names are valid ZFS user property names (lower case, < 256)
-    for f in cbt_methods.BM_FIELDS:
-        p = cbt_methods.bm_prop(KEY2, f)
+    for f in bookmarks.FIELDS:
+        p = bookmarks.prop(KEY2, f)
         assert len(p) < 256 and p == p.lower() and ":" in p
     # garbage values do not break listing
-    odd = cbt_methods.bookmark_entry(POOL, bm, "1", {
-        cbt_methods.bm_prop(KEY2, "keys"): "[1]", cbt_methods.bm_prop(KEY2, "volsize"): "x"})
+    odd = bookmarks.entry(POOL, bm, "1", {
+        bookmarks.prop(KEY2, "keys"): "[1]", bookmarks.prop(KEY2, "volsize"): "x"})
     assert odd["keys"] == {} and odd["virtual_size"] == 0
 
 
@@ -65,9 +65,9 @@ def test_no_data_refusals():
     e = {"key": KEY2, "kind": "bookmark"}
     for what in ("attached", "snapshotted", "cloned"):
         with pytest.raises(smapi.BackendError) as ei:
-            cbt_methods.check_has_data(e, what)
+            bookmarks.check_has_data(e, what)
         assert ei.value.name == "Volume_data_destroyed" and what in ei.value.message
-    cbt_methods.check_has_data({"key": KEY, "kind": "snapshot"}, "attached")
+    bookmarks.check_has_data({"key": KEY, "kind": "snapshot"}, "attached")
 
 
 class FakeHandle(object):
@@ -93,7 +93,7 @@ def test_index_keeps_bookmarks_and_moves_them_with_their_dataset(tmp_path):
     vol = metadata.entry_from_props(POOL, "%s/%s" % (ROOT, KEY), {
         "volsize": "1048576", cbt.PROP_ENABLED: "on"})
     vol.pop("cbt_enabled")  # entries built by hand (volume.create) may lack it
-    bm = cbt_methods.bookmark_entry(POOL, "%s/%s#%s" % (ROOT, KEY, KEY2), "9", {})
+    bm = bookmarks.entry(POOL, "%s/%s#%s" % (ROOT, KEY, KEY2), "9", {})
     idx.replace_all([vol, bm], 3)
     assert idx.get(KEY)["cbt_enabled"] is False
     assert idx.get(KEY2)["cbt_enabled"] is True and idx.get(KEY2)["kind"] == "bookmark"

@@ -267,7 +267,7 @@ def test_node_command_transport_carries_errors(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     monkeypatch.setenv("PYTHONPATH", root)
     monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps([sys.executable, "-m",
-                                                         "plugins.datapath.node"]))
+                                                         "plugins.node_ops"]))
     with pytest.raises(smapi.SmapiError) as e:
         node.call("claim", subnqn="nqn.2014-08.org.zfs-ng:%s:%s" % (SRU, KEY),
                   hostnqn="nqn.2014-08.org.example:h", mode="rw")

@@ -17,7 +17,7 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as hst
 
-from plugins import smapi, uri
+from plugins import records, smapi, uri
 from plugins.datapath import devices, nbdtls, node, node_nbd
 from conftest import free_port, wait_for
 from test_nbd_tls_auth import _ca, _client_dir, _leaf
@@ -111,7 +111,8 @@ def node_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(devices, "acquire", acquire)
     monkeypatch.setattr(devices, "release", release)
-    monkeypatch.setattr(node, "_pool_of", lambda sr: "tank")
+    from plugins.volume import sr
+    monkeypatch.setattr(sr, "attached_pool", lambda sr_uuid: "tank")
     return {"dir": tmp_path / "node", "img": imgs, "users": users}
 
 
@@ -131,8 +132,8 @@ def test_grant_claim_revoke_records(node_dir):
         assert e.value.name == "Activated_on_another_host" and "h1" in e.value.message
     # nvme+tcp hosts share the rule: one record per volume
     with pytest.raises(smapi.SmapiError) as e:
-        with node._lock(uri.subnqn_for(SRU, "v1")) as st:
-            node.claim_in(st, "nqn.2014-08.org.zfs-ng:nvme-host", "ro")
+        with records.volume_lock(uri.subnqn_for(SRU, "v1")) as st:
+            records.claim_in(st, "nqn.2014-08.org.zfs-ng:nvme-host", "ro")
     assert e.value.name == "Activated_on_another_host"
     node_nbd.nbd_unclaim(SRU, "v1", "h1")
     node_nbd.nbd_claim(SRU, "v1", "h2", "rw")                 # migrated
@@ -176,14 +177,14 @@ def test_node_ops_validate(node_dir, args):
 
 
 def test_node_op_over_the_transport(node_dir):
-    """`python3 -m plugins.datapath.node nbd_...`: JSON in, JSON out, errors as SMAPI."""
+    """`python3 -m plugins.node_ops nbd_...`: JSON in, JSON out, errors as SMAPI."""
     env = dict(os.environ, ZFSNG_NODE_RUN_DIR=str(node_dir["dir"]))
-    p = subprocess.run([sys.executable, "-m", "plugins.datapath.node", "nbd_claim"],
+    p = subprocess.run([sys.executable, "-m", "plugins.node_ops", "nbd_claim"],
                        input=json.dumps({"sr_uuid": SRU, "key": "k", "client": "h1",
                                          "mode": "rw"}) + "\n", cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert json.loads(p.stdout) == {"error": ["Not_attached", "h1 is not granted %s/k" % SRU]}
-    p = subprocess.run([sys.executable, "-m", "plugins.datapath.node", "nbd_revoke"],
+    p = subprocess.run([sys.executable, "-m", "plugins.node_ops", "nbd_revoke"],
                        input=json.dumps({"sr_uuid": SRU, "key": "k", "client": "h1"}) + "\n",
                        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        universal_newlines=True)

@@ -1,7 +1,7 @@
 """The shared-SR logic that needs no ZFS: the `node` key and the remote SR
 string (parsers fuzzed), who is the node, which transport runs a node op, which
 volume URIs a host keeps, and SMAPI errors crossing the transport from a real
-`python3 -m plugins.datapath.node` process.  The SR/Volume calls themselves run
+`python3 -m plugins.node_ops` process.  The SR/Volume calls themselves run
 against real ZFS in tests/e2e/test_shared_sr.py."""
 
 import json
@@ -55,7 +55,7 @@ def test_ssh_is_the_default_transport_and_the_override_wins(monkeypatch):
     argv = nodes.command("192.0.2.200")
     assert argv[:1] == ["ssh"] and "BatchMode=yes" in argv
     assert argv[argv.index("--") + 1] == "root@192.0.2.200"
-    assert argv[-3:] == ["python3", "-m", "plugins.datapath.node"]
+    assert argv[-3:] == ["python3", "-m", "plugins.node_ops"]
     assert nodes.command("admin@192.0.2.200")[argv.index("--") + 1] == "admin@192.0.2.200"
     assert nodes.command(None) is None                       # the node is here
     assert nodes.command("127.0.0.1") is None                # loopback: here
@@ -152,7 +152,7 @@ def node_process(monkeypatch, tmp_path):
     """ZFSNG_NODE_COMMAND = this interpreter running the node module: the same
     process an ssh to the node would start."""
     monkeypatch.setenv("ZFSNG_NODE_COMMAND", json.dumps([sys.executable, "-m",
-                                                         "plugins.datapath.node"]))
+                                                         "plugins.node_ops"]))
     monkeypatch.setenv("ZFSNG_NODE_RUN_DIR", str(tmp_path))
     monkeypatch.setenv("ZFSNG_REMOTE_DATAPATHS", "nvme+tcp")
 
@@ -164,13 +164,13 @@ def test_errors_of_the_node_cross_unchanged(node_process):
     assert (e.value.name, e.value.message) == ("Invalid_parameters",
                                                "Volume.stat: missing parameter 'key'")
     with pytest.raises(smapi.SmapiError) as e:
-        remote._node_call("192.0.2.200", "volume", method="Volume.nonesuch", params={})
+        remote._node_call("192.0.2.200", "volume", None, method="Volume.nonesuch", params={})
     assert e.value.name == "Unimplemented"
     with pytest.raises(smapi.SmapiError) as e:
-        remote._node_call("192.0.2.200", "volume", method="SR.attach", params={})
+        remote._node_call("192.0.2.200", "volume", None, method="SR.attach", params={})
     assert e.value.name == "Unimplemented"          # attach/detach have their own ops
     with pytest.raises(smapi.SmapiError) as e:
-        remote._node_call("192.0.2.200", "volume", method="SR.stat",
+        remote._node_call("192.0.2.200", "volume", None, method="SR.stat",
                           params={"sr": "zfs-ng://h/p"})
     assert e.value.name == "Invalid_parameters"     # no forwarding loops
 
@@ -195,12 +195,12 @@ def test_unreachable_node_is_a_clear_error_in_time(monkeypatch):
 
 
 def test_attach_refuses_an_sr_other_hosts_cannot_reach(monkeypatch):
-    monkeypatch.setattr(remote, "_node_call", lambda node, op, **a: {
+    monkeypatch.setattr(remote, "_node_call", lambda node, op, here, **a: {
         "pool": "zfsng-p", "sr_uuid": "u", "nvme-node": None, "nbd-node": None})
     with pytest.raises(smapi.SmapiError) as e:
         remote.attach({"node": "192.0.2.200", "pool": "zfsng-p"})
     assert e.value.name == "SR_not_shareable"
-    monkeypatch.setattr(remote, "_node_call", lambda node, op, **a: {
+    monkeypatch.setattr(remote, "_node_call", lambda node, op, here, **a: {
         "pool": "zfsng-p", "sr_uuid": "u", "nvme-node": "192.0.2.200:4420", "nbd-node": None})
     assert remote.attach({"node": "192.0.2.200", "pool": "zfsng-p"}) == \
         "zfs-ng://192.0.2.200/zfsng-p"
@@ -212,3 +212,16 @@ def test_nvme_auth_values():
     for bad in ("on", "yes", "", None, "required "):
         with pytest.raises(smapi.InvalidParameters):
             names.check_auth(bad)
+
+
+def test_in_process_ops_are_the_node_table():
+    """nodes.call runs the caller's function when the node is here: the same one
+    `python3 -m plugins.node_ops OP` would run there."""
+    from plugins import node_ops
+    from plugins.datapath import node, node_nbd
+    for op, fn in node.OPS.items():
+        assert node_ops.OPS[op] is fn
+    assert set(node_nbd.OPS) <= set(node.OPS)
+    assert node_ops.OPS["sr_attach"] is remote.op_sr_attach
+    assert node_ops.OPS["sr_detach"] is remote.op_sr_detach
+    assert set(node_ops.OPS) == set(node.OPS) | {"volume", "sr_attach", "sr_detach"}
