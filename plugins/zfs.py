@@ -1,15 +1,21 @@
-"""zfs and zpool, called with argv lists and parsed from `-H -p` output.
+"""zfs and zpool, called with argv lists (never a shell) and parsed from
+`-H -p` output.
 
-This is the only module that runs zfs/zpool.  Failures become ZfsError
-subclasses chosen from the command's message, so callers can tell "does not
-exist" from "busy" from "has dependent clones" without parsing text themselves.
-pyzfs is not used here: it cannot list or get/set properties (zfs.md §1), and
-one code path is easier to get right; the fork cost is paid once per call.
+This is the only module that runs zfs/zpool: both plugins (the volume
+plugin's library, cbt.py's send-stream scans, the datapaths' non-persistent
+sessions) and the CLI's backups go through run(), send() and the helpers
+here.  Failures become ZfsError subclasses chosen from the command's message,
+so callers can tell "does not exist" from "busy" from "has dependent clones"
+without parsing text themselves; modules with an error type of their own
+(cbt.CbtError, the backup's BackupError) translate at their edge.  pyzfs is
+not used: it cannot list or get/set properties, and one code path is easier
+to get right; the fork cost is paid once per call.
 """
 
 import json
 import os
 import subprocess
+import time
 
 from plugins.smapi import BackendError
 
@@ -91,6 +97,48 @@ def zfs(*args):
     return run([ZFS] + list(args))
 
 
+def send(args, stderr):
+    """A running `zfs send ARGS`: the stream is its stdout (unbuffered), its
+    messages go to the file `stderr`; the caller reads, waits and kills it."""
+    argv = [ZFS, "send"] + list(args)
+    try:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, bufsize=0)
+    except OSError as e:
+        raise ZfsError("cannot run %s: %s" % (argv[0], e), argv)
+
+
+def destroy_retrying(name, tries=40):
+    """zfs destroy NAME, retried while it is busy (udev opens a new zvol's or
+    snapshot's device node for a moment); Busy once `tries` are spent."""
+    delay = 0.05
+    for i in range(tries):
+        try:
+            zfs("destroy", name)
+            return
+        except Busy:
+            if i == tries - 1:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+def device_path(dataset):
+    """The block device node of a zvol (it exists only with volmode=dev)."""
+    return "/dev/zvol/" + dataset
+
+
+def wait_for_device(path, timeout):
+    """Wait for a zvol's device node (udev makes it); Device_timeout."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise BackendError("Device_timeout", "%s did not appear within %d s"
+                               % (path, timeout))
+        subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
+        time.sleep(0.05)
+
+
 def zpool(*args):
     return run([ZPOOL] + list(args))
 
@@ -128,7 +176,7 @@ def prop_args(props):
 
 def get(targets, props, recursive=False, types=None, local_only_prefix=True):
     """{name: {prop: value}} from one `zfs get -H -p`.  User properties are kept
-    only where set locally (they are always inherited, zfs.md §3)."""
+    only where set locally (they are always inherited)."""
     argv = [ZFS, "get", "-H", "-p", "-o", "name,property,value,source"]
     if recursive:
         argv.append("-r")
@@ -157,8 +205,11 @@ def list_names(root, props=("name", "origin"), types="volume,snapshot", depth=No
 
 
 def exists(name):
+    """Whether dataset, snapshot (DS@S) or bookmark (DS#B) `name` exists."""
+    # `zfs list DS#B` refuses the bookmark delimiter unless the type is given
+    kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
     try:
-        run([ZFS, "list", "-H", "-o", "name", name])
+        run([ZFS, "list", "-H", "-o", "name", "-t", kind, name])
         return True
     except NotFound:
         return False

@@ -64,12 +64,12 @@ import base64
 import binascii
 import os
 import re
-import subprocess
 import tempfile
 import time
 import zlib
 
-from . import sendstream as ss
+from plugins import zfs
+from plugins.volume import sendstream as ss
 
 GRANULARITY = 65536
 ZVOL_OBJ = 1
@@ -388,7 +388,7 @@ def map_from_props(guid, props):
 
 
 # --------------------------------------------------------------------------
-# zfs calls (argv only)
+# zfs calls: plugins/zfs.py runs them; its errors become CbtError here
 
 def _check_name(name):
     if not isinstance(name, str) or len(name) > 255 or not _NAME.match(name):
@@ -398,36 +398,25 @@ def _check_name(name):
 
 def _zfs(*args):
     try:
-        p = subprocess.run(["zfs"] + list(args), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True)
-    except OSError as e:
-        raise CbtError("cannot run zfs: %s" % e)
-    if p.returncode != 0:
-        raise CbtError("zfs %s: %s" % (args[0], p.stderr.strip() or "exit %d" % p.returncode))
-    return p.stdout
+        return zfs.zfs(*args)
+    except zfs.ZfsError as e:
+        raise CbtError("zfs %s: %s" % (args[0], e.message))
 
 
-def _destroy_snapshot(name, tries=40):
+def _destroy_snapshot(name):
     """zfs destroy of a snapshot, retried while it is busy: with
     snapdev=visible udev opens a new snapshot's device node for a moment."""
-    delay = 0.05
-    for i in range(tries):
-        p = subprocess.run(["zfs", "destroy", name], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True)
-        if p.returncode == 0:
-            return
-        if "busy" not in p.stderr or i == tries - 1:
-            raise CbtError("zfs destroy: %s" % (p.stderr.strip() or "exit %d" % p.returncode))
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
+    try:
+        zfs.destroy_retrying(name)
+    except zfs.ZfsError as e:
+        raise CbtError("zfs destroy: %s" % e.message)
 
 
 def _exists(name):
-    # `zfs list V#B` refuses the bookmark delimiter unless the type is given
-    kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
-    p = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", kind, name],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-    return p.returncode == 0
+    try:
+        return zfs.exists(name)
+    except zfs.ZfsError:
+        return False
 
 
 def _props(name, *props):
@@ -506,19 +495,19 @@ def _history(dataset):
 def _send(from_ref, to_snap, stats=None, bufsize=1 << 20, volsize=None):
     """Run zfs send (incremental if from_ref) and scan its headers: the
     stream's (writes, frees, volsize) for object 1, FREEs within volsize."""
-    argv = ["zfs", "send", "-c", "-e", "-L"]
+    args = ["-c", "-e", "-L"]
     if from_ref:
-        argv += ["-i", from_ref]
-    argv.append(to_snap)
+        args += ["-i", from_ref]
+    args.append(to_snap)
     if volsize is None:
         volsize = int(_props(to_snap, "volsize")["volsize"])
     t0 = time.time()
     err = tempfile.TemporaryFile()
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, bufsize=0)
-    except OSError as e:
+        proc = zfs.send(args, err)
+    except zfs.ZfsError as e:
         err.close()
-        raise CbtError("cannot run zfs send: %s" % e)
+        raise CbtError("cannot run zfs send: %s" % e.message)
     _grow_pipe(proc.stdout.fileno())
     parser = ss.StreamParser()
     try:

@@ -555,24 +555,10 @@ def reset_stale_devices(handle):
             sessions.append(r[0])
     for i in range(0, len(volumes), 512):    # a node may have 100k: bounded argv
         zfs.zfs("inherit", "volmode", *volumes[i:i + 512])
-    destroyed = []
-    for ro in clones:
-        try:
-            zfs.zfs("destroy", ro)
-        except zfs.NotFound:
-            continue
-        except zfs.Busy:   # opened since the import: leave it to its user
-            smapi.log.info("%s is open, left active", ro)
-            continue
-        destroyed.append(ro)
+    destroyed = [ro for ro in clones if _destroy_unless_open(ro)]
     for np in sessions:
         origin = zfs.get([np], ["origin"]).get(np, {}).get("origin", "-")
-        try:
-            zfs.zfs("destroy", np)
-        except zfs.NotFound:
-            continue
-        except zfs.Busy:
-            smapi.log.info("%s is open, left active", np)
+        if not _destroy_unless_open(np):
             continue
         destroyed.append(np)
         okind, _ = names.classify(origin, handle.pool)
@@ -582,6 +568,19 @@ def reset_stale_devices(handle):
         smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
                        "records (left by a crash)", handle.pool, len(volumes), len(destroyed))
     return volumes + destroyed
+
+
+def _destroy_unless_open(zname):
+    """zfs destroy zname: False when it is gone already, or open again since
+    the import (left to its user)."""
+    try:
+        zfs.zfs("destroy", zname)
+    except zfs.NotFound:
+        return False
+    except zfs.Busy:
+        smapi.log.info("%s is open, left active", zname)
+        return False
+    return True
 
 
 def detach(sr):

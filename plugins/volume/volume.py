@@ -19,8 +19,6 @@ Each mutation runs under the SR lock with the pool generation bumped first
 """
 
 import os
-import subprocess
-import time
 
 from plugins import smapi, uri, zfs
 from plugins.smapi import BackendError, InvalidParameters
@@ -511,7 +509,7 @@ def locate(sr, key):
         dev_ds = e["zname"]
     else:
         dev_ds = names.readonly_dataset(handle.pool, key)
-    device = "/dev/zvol/%s" % dev_ds
+    device = zfs.device_path(dev_ds)
     return {
         "sr": handle.pool,
         "sr_uuid": handle.uuid,
@@ -542,10 +540,10 @@ def activate_device(sr, key, timeout=60.0):
             if _volmode_local(e["zname"]) != "dev":
                 zfs.zfs("set", "volmode=dev", e["zname"])
         else:
-            ro = loc["device"][len("/dev/zvol/"):]
+            ro = names.readonly_dataset(handle.pool, key)
             if not zfs.exists(ro):
                 zfs.zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", e["zname"], ro)
-    _wait_for(loc["device"], timeout)
+    zfs.wait_for_device(loc["device"], timeout)
     loc["active"] = True
     return loc
 
@@ -568,14 +566,3 @@ def deactivate_device(sr, key):
             except zfs.Busy:
                 raise BackendError("Volume_in_use", "%s is still open" % ro)
     return None
-
-
-def _wait_for(path, timeout):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            raise BackendError("Device_timeout", "%s did not appear within %d s"
-                               % (path, timeout))
-        subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-        time.sleep(0.1)

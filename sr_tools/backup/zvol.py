@@ -12,13 +12,14 @@ still anchors the next incremental.
 A snapshot's data is read through a temporary read-only clone
 `<V>.zfsng-bk-<id>` with volmode=dev (SR volumes are volmode=none when idle
 and the SR hides snapshot devices); it is destroyed when the copy ends, and
-a resumed backup reuses it."""
+a resumed backup reuses it.  zfs runs through plugins/zfs.py; its errors
+become BackupError here."""
 
 import os
 import re
-import subprocess
-import time
 
+from plugins import zfs as zfs_lib
+from plugins.smapi import BackendError
 from plugins.volume import cbt
 from sr_tools.backup.manifest import BackupError
 
@@ -29,20 +30,16 @@ _DATASET = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_.:\-]+)+$")
 
 def zfs(*args):
     try:
-        p = subprocess.run(["zfs"] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True)
-    except OSError as e:
-        raise BackupError("cannot run zfs: %s" % e)
-    if p.returncode != 0:
-        raise BackupError("zfs %s: %s" % (args[0], p.stderr.strip() or "exit %d" % p.returncode))
-    return p.stdout
+        return zfs_lib.zfs(*args)
+    except zfs_lib.ZfsError as e:
+        raise BackupError("zfs %s: %s" % (args[0], e.message))
 
 
 def exists(name):
-    kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "volume"
-    p = subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", kind, name],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return p.returncode == 0
+    try:
+        return zfs_lib.exists(name)
+    except zfs_lib.ZfsError:
+        return False
 
 
 def props(name, *names):
@@ -138,10 +135,10 @@ def describe(snap):
 def guids(*names):
     """{name: guid} of the snapshots/bookmarks among names that exist (one zfs
     call: zfs get prints what it finds and complains about the rest)."""
-    p = subprocess.run(["zfs", "get", "-H", "-p", "-o", "name,value", "guid"] + list(names),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    text = zfs_lib.run([zfs_lib.ZFS, "get", "-H", "-p", "-o", "name,value", "guid"]
+                       + list(names), check=False)
     out = {}
-    for line in p.stdout.splitlines():
+    for line in text.splitlines():
         n, _, v = line.partition("\t")
         if v.isdigit():
             out[n] = int(v)
@@ -206,25 +203,20 @@ class SnapshotDevice(object):
             # left by an interrupted run? then it is ours to reuse
             if props(self.clone, "origin").get("origin") != self.snap:
                 raise BackupError("%s exists and is not a clone of %s" % (self.clone, self.snap))
-        path = "/dev/zvol/" + self.clone
-        deadline = time.time() + self.timeout
-        while not os.path.exists(path):
-            if time.time() > deadline:
-                self._destroy()
-                raise BackupError("%s did not appear within %d s" % (path, self.timeout))
-            subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-            time.sleep(0.05)
+        path = zfs_lib.device_path(self.clone)
+        try:
+            zfs_lib.wait_for_device(path, self.timeout)
+        except BackendError as e:
+            self._destroy()
+            raise BackupError(e.message)
         return path
 
     def _destroy(self):
-        for _ in range(50):     # udev may still hold the new device for a moment
-            p = subprocess.run(["zfs", "destroy", self.clone], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, universal_newlines=True)
-            if p.returncode == 0 or not exists(self.clone):
-                return
-            time.sleep(0.2)
-        raise BackupError("cannot destroy %s: %s" % (self.clone, p.stderr.strip()))
+        try:   # udev may still hold the new device for a moment
+            zfs_lib.destroy_retrying(self.clone, tries=50)
+        except zfs_lib.ZfsError as e:
+            if exists(self.clone):
+                raise BackupError("cannot destroy %s: %s" % (self.clone, e.message))
 
     def __exit__(self, *exc):
         self._destroy()
@@ -237,14 +229,11 @@ def create_volume(ds, size):
     if exists(ds):
         raise BackupError("%s already exists" % ds)
     zfs("create", "-s", "-V", str(size), "-o", "volmode=dev", ds)
-    path = "/dev/zvol/" + ds
-    deadline = time.time() + 60
-    while not os.path.exists(path):
-        if time.time() > deadline:
-            raise BackupError("%s did not appear" % path)
-        subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-        time.sleep(0.05)
+    path = zfs_lib.device_path(ds)
+    try:
+        zfs_lib.wait_for_device(path, 60)
+    except BackendError as e:
+        raise BackupError(e.message)
     return path
 
 
