@@ -11,12 +11,12 @@ on the name the script was called by."""
 import importlib
 import os
 
-from plugins import smapi
+from plugins import smapi, uri
 
 VOLUME_PLUGIN = "org.xen.xapi.storage.zfs-ng"
 
 # datapath plugin directory (the URI scheme) -> its module in plugins.datapath
-DATAPATHS = {"zfsng-raw": "raw", "zfsng-nbd": "nbd", "nvme+tcp": "nvme", "nbd+tls": "nbdtls"}
+DATAPATHS = {uri.RAW: "raw", uri.NBD: "nbd", uri.NVME_TCP: "nvme", uri.NBD_TLS: "nbdtls"}
 
 
 def methods_of(plugin):

@@ -11,17 +11,18 @@ They live here, not in vol_cmds.py, because the datapath is its own area;
 
 import click
 
+from plugins import uri as urimod
 from sr_tools.output import emit, fail, json_option
 
-DATAPATHS = {"raw": "zfsng-raw", "nbd": "zfsng-nbd", "nvme": "nvme+tcp"}
+DATAPATHS = {"raw": urimod.RAW, "nbd": urimod.NBD, "nvme": urimod.NVME_TCP}
 CLI_DOMAIN = "u0_cli"
 
 
 def _datapath(scheme):
-    if scheme == "zfsng-raw":
+    if scheme == urimod.RAW:
         from plugins.datapath.raw import RawDatapath
         return RawDatapath()
-    if scheme == "zfsng-nbd":
+    if scheme == urimod.NBD:
         from plugins.datapath.nbd import NbdDatapath
         return NbdDatapath()
     from plugins.datapath.nvme import NvmeDatapath
@@ -53,7 +54,6 @@ def _target(sr, key, datapath, uri):
     if uri:
         if sr or key:
             fail("give either SR KEY or --uri, not both")
-        from plugins import uri as urimod
         try:
             return uri, urimod.parse(uri).scheme
         except urimod.BadUri as e:
@@ -143,7 +143,7 @@ def export(sr, key, hostnqn, stop, as_json):
               "readonly": got["readonly"], "exported": True}, as_json)
         return
     uri = _uri(sr, key, "nbd")
-    dp = _datapath("zfsng-nbd")
+    dp = _datapath(urimod.NBD)
     domain = "u0_export"
     if stop:
         dp.detach(uri, domain)

@@ -28,12 +28,11 @@ import os
 import platform
 
 from plugins import nodes, smapi
+from plugins.uri import NBD_TLS, NVME_TCP
 from plugins.volume import names
 from plugins.volume import sr as sr_mod
 
 PREFIX = "zfs-ng://"
-NVME_TCP = "nvme+tcp"
-NBD_TLS = "nbd+tls"
 REMOTE_SCHEMES = (NVME_TCP, NBD_TLS)
 
 
