@@ -101,7 +101,7 @@ def data_destroy(sr, key):
         if e["kind"] != "snapshot":
             raise BackendError("Volume_not_a_snapshot",
                                "data_destroy applies to snapshots; %s is a live volume" % key)
-        ro = "%s/%s%s" % (handle.root, names.READONLY, key)
+        ro = names.readonly_dataset(handle.pool, key)
         if zfs.exists(ro):
             raise BackendError("Volume_in_use", "snapshot %s is activated read-only" % key)
         ds = e["zname"].split("@", 1)[0]

@@ -1,8 +1,8 @@
 """Validation of everything that arrives from outside before it reaches zfs/zpool:
 volume keys, SR strings (pool names), device paths, vdev specs, user text; and
 the dataset names of an SR: one builder each (sr_root, volume_dataset,
-readonly_dataset, session_dataset, session_snapshot, hidden_name) beside the
-one parser (classify).
+reverting_dataset, readonly_dataset, session_dataset, session_snapshot,
+hidden_name) beside the one parser (classify).
 
 Layout of an SR on ZFS (one SR per pool):
 
@@ -107,6 +107,11 @@ def sr_root(pool):
 
 def volume_dataset(pool, key):
     return "%s/%s/%s" % (pool, SR_DATASET, key)
+
+
+def reverting_dataset(pool, key):
+    """Where Volume.revert builds KEY's new data (r-KEY; classify: 'reverting')."""
+    return "%s/%s%s" % (sr_root(pool), REVERTING, key)
 
 
 def readonly_dataset(pool, key):

@@ -347,7 +347,7 @@ def revert(sr, snapshot, key):
             raise InvalidParameters("%s is not a writable volume" % key)
         _check_idle(handle, vol)
         ds = vol["zname"]
-        tmp = "%s/%s%s" % (handle.root, names.REVERTING, key)
+        tmp = names.reverting_dataset(handle.pool, key)
         props = zfs.prop_args(_user_props(vol["name"], vol["description"], vol["sharable"],
                                           vol["keys"]))
         with handle.mutate() as txn:

@@ -39,6 +39,21 @@ def test_nvme_uri_and_subnqn():
     assert (v6.host, v6.port) == ("fd00::1", 4421)
 
 
+def test_the_builders_are_read_back_by_parse():
+    for scheme in (uri.RAW, uri.NBD):
+        u = uri.parse(uri.local_uri(scheme, "tank", KEY))
+        assert (u.scheme, u.sr, u.key) == (scheme, "tank", KEY)
+    for scheme in (uri.NVME_TCP, uri.NBD_TLS):
+        for endpoint, host in (("10.0.0.5:4420", "10.0.0.5"), ("[fd00::1]:4420", "fd00::1")):
+            u = uri.parse(uri.remote_uri(scheme, endpoint, SRU, KEY))
+            assert (u.scheme, u.host, u.port, u.sr, u.key) == (scheme, host, 4420, SRU, KEY)
+            assert u.subnqn == uri.subnqn_for(SRU, KEY)
+    with pytest.raises(uri.BadUri):
+        uri.local_uri(uri.NVME_TCP, "tank", KEY)
+    with pytest.raises(uri.BadUri):
+        uri.remote_uri(uri.RAW, "10.0.0.5:4420", SRU, KEY)
+
+
 @pytest.mark.parametrize("bad", [
     "zfsng-raw://tank/", "zfsng-raw://tank", "file:///x", "zfsng-raw://-o/x",
     "zfsng-raw://tank/a b", "zfsng-raw://tank/../x/y", "zfsng-raw://tank/a;rm",

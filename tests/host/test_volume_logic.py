@@ -47,6 +47,18 @@ def test_classify():
     assert names.classify("%s/a/%s" % (ROOT, KEY), POOL) == (None, None)
 
 
+def test_every_name_builder_is_read_back_by_classify():
+    vol = names.volume_dataset(POOL, KEY)
+    assert names.classify(vol, POOL) == ("volume", KEY)
+    assert names.classify(names.reverting_dataset(POOL, KEY), POOL) == ("reverting", KEY)
+    assert names.classify(names.readonly_dataset(POOL, KEY), POOL) == ("readonly", KEY)
+    assert names.classify(names.session_dataset(POOL, KEY), POOL) == ("session", KEY)
+    snap = names.session_snapshot(vol, "0a1b2c")
+    assert names.classify(snap, POOL) == ("session", None) and names.is_session_snapshot(snap)
+    assert not names.is_session_snapshot("%s@%s" % (vol, KEY2))
+    assert names.classify("%s/%s" % (ROOT, names.hidden_name()), POOL) == ("hidden", None)
+
+
 D = ["/dev/sda", "/dev/sdb", "/dev/sdc", "/dev/sdd"]
 
 
