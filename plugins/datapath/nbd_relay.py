@@ -231,6 +231,31 @@ def _handshake(sock, table):
             return None
 
 
+def _client(listener, table, seconds=60.0):
+    """The client that stays -> (socket, its first bytes past the handshake),
+    or (None, None) after `seconds`.  One that leaves before its first request
+    (an nbd-client that lost its /dev/nbdN to another, NLE_BUSY, and goes on
+    to the next device) is followed by the next one."""
+    deadline = time.time() + seconds
+    while True:
+        listener.settimeout(max(0.1, deadline - time.time()))
+        try:
+            down, _ = listener.accept()
+        except socket.timeout:
+            return None, None
+        try:
+            down.settimeout(30.0)
+            first = _handshake(down, table)
+            if first is not None:
+                down.settimeout(None)
+                first = first or down.recv(CHUNK)     # the kernel's first request, or EOF
+                if first:
+                    return down, first
+        except OSError:
+            pass
+        down.close()
+
+
 def _pump(down, up, node, relay, a):
     """Relay until the client leaves (0) or the node is lost for good (1)."""
     sel = selectors.DefaultSelector()
@@ -392,24 +417,18 @@ def main(argv=None):
     os.dup2(devnull, 2)
     try:
         try:
-            down, _ = listener.accept()
-        except socket.timeout:
-            smapi.log.error("nbd relay %s: no client came within 60 s", node.label)
-            return 1
+            down, first = _client(listener, table)
         finally:
             listener.close()
             try:
                 os.unlink(a.socket)
             except OSError:
                 pass
-        down.settimeout(30.0)
-        leftover = _handshake(down, table)
-        if leftover is None:
+        if down is None:
+            smapi.log.error("nbd relay %s: no client came within 60 s", node.label)
             return 1
-        down.settimeout(None)
         relay = Relay()
-        if leftover:
-            relay.from_down(leftover)
+        relay.from_down(first)
         smapi.log.info("nbd relay %s: serving (pid %d)", node.label, os.getpid())
         return _pump(down, up, node, relay, a)
     except Exception as e:      # a daemon: its end is logged, never a traceback on a tty

@@ -144,6 +144,20 @@ def test_node_restart_loses_nothing_acknowledged(node, tmp_path):
     assert wait_for(lambda: not nbd_relay.alive(r["pid"], r["sock"]), 10)
 
 
+def test_a_client_that_leaves_before_its_first_request_is_followed(node, tmp_path):
+    """nbd-client that lost its /dev/nbdN to another connect (NLE_BUSY) leaves
+    after its handshake and tries the next device with the same socket."""
+    r = start_relay(node, tmp_path)
+    first = Simple(r["sock"])
+    first.c.close()
+    d = Simple(r["sock"])
+    assert d.call(C.CMD_WRITE, 0, b"y" * 4096) == (0, b"")
+    assert d.call(C.CMD_READ, 0, length=4096) == (0, b"y" * 4096)
+    assert not os.path.exists(r["sock"])          # chosen: no third client
+    d.c.close()
+    assert wait_for(lambda: not nbd_relay.alive(r["pid"], r["sock"]), 10)
+
+
 def test_a_refused_export_ends_the_relay_at_once(node, tmp_path):
     r = start_relay(node, tmp_path, reconnect_seconds=60)
     d = Simple(r["sock"])
