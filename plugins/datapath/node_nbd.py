@@ -27,8 +27,11 @@ Every op is idempotent.  Records, all on the node (state.node_state_dir):
 
 The server serves an export only to the identity it was granted to (the CN of
 a certificate its CA signed, checked by TLS), read-only when the grant is.  A
-connection already open when its grant is revoked is not cut (the host's own
-detach disconnects before it revokes).
+connection still open when its grant is revoked is cut before its next request
+(within a second: nbd_server.exports.DynamicExports.still_granted); so a host
+that was fenced (its grant revoked from elsewhere: `zfs-ng` recovery of a dead
+host, another host's takeover) loses its access, and its relay, refused on
+reconnecting, ends.
 """
 
 import errno
