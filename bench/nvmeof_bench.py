@@ -168,7 +168,8 @@ def fio(job, devs, opts, pids, stats=None):
         for i, d in enumerate(devs["small"]):
             argv += ["--name=v%d" % i, "--filename=" + d]
     else:
-        argv = ["fio", "--size=%s" % opts.size] + common + ["--name=b", "--filename=" + devs["main"]]
+        argv = ["fio", "--size=%s" % opts.size, "--numjobs=%d" % opts.numjobs] + common + [
+            "--name=b", "--filename=" + devs["main"]]
     s0 = stats() if stats else {}
     b0, p0, t0 = guest_busy(), proc_cpu(pids), time.time()
     out = sh(*argv)
@@ -367,7 +368,8 @@ def goal_of(job, side):
 def summarize(rounds, sides, opts, load):
     """rounds: [{side: {job: figures}}]; returns the JSON summary, prints tables."""
     summary = {"jobs": [], "sides": sides, "rounds": len(rounds), "runtime_s": opts.runtime,
-               "size": opts.size, "arc": opts.arc, "loadavg": load}
+               "size": opts.size, "small_size": opts.small_size, "arc": opts.arc,
+               "numjobs": opts.numjobs, "loadavg": load, "argv": sys.argv[1:]}
     print()
     print("Per round (value: IOPS, MiB/s, or p99 us for QD1; order alternates each round)")
     for job in JOBS:
@@ -496,6 +498,9 @@ def main():
     ap.add_argument("--size", default="1g", help="the main zvol's working set (filled)")
     ap.add_argument("--small-size", default="32m", help="each of the 16 small zvols (filled)")
     ap.add_argument("--workers", default="1,2", help="our target's worker counts to run")
+    ap.add_argument("--numjobs", type=int, default=1,
+                    help="fio jobs on the main zvol (the host opens one I/O queue per CPU: "
+                    "2 jobs can use 2 queues, so 2 workers)")
     ap.add_argument("--arc", choices=("metadata", "all"), default="metadata",
                     help="primarycache of the bench pool (metadata: no data cached in the ARC)")
     ap.add_argument("--jobs", help="only the jobs whose key is in this comma list (%s)"
@@ -574,8 +579,9 @@ def main():
         load.append(loadavg())
         print()
         print("fio libaio --direct=1, %ds a job, main zvol %s filled, %d x %s small zvols, "
-              "volblocksize 16K lz4, primarycache=%s, caches dropped before every job"
-              % (opts.runtime, opts.size, NVOLS, opts.small_size, opts.arc))
+              "volblocksize 16K lz4, primarycache=%s, caches dropped before every job, "
+              "fio numjobs=%d" % (opts.runtime, opts.size, NVOLS, opts.small_size, opts.arc,
+                                  opts.numjobs))
         summary = summarize(rounds, sides, opts, load)
         if opts.json:
             with open(opts.json, "w") as f:

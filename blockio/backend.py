@@ -99,18 +99,20 @@ class Backend:
             done += n
 
     def direct_fd(self):
-        """A second, read-only O_DIRECT descriptor on the same volume (reads
-        that bypass the page cache, for async I/O; the kernel writes dirty cached
-        pages of the range back first, so it reads what write() wrote), or -1
-        where O_DIRECT is refused.  Opened on first use, closed by close().
-        Its I/O must be aligned to logical_block_size."""
+        """A second, O_DIRECT descriptor on the same volume, read-write unless
+        the backend is read-only (I/O that bypasses the page cache, for async
+        I/O; the kernel writes dirty cached pages of the range back first, and
+        drops cached pages a direct write covers, so either way sees what the
+        other wrote), or -1 where O_DIRECT is refused.  Opened on first use,
+        closed by close().  Its I/O must be aligned to logical_block_size."""
         if self._dfd is None:
             if self.fd < 0:
                 return -1
             # through our own fd, not the path: the same device even if the
             # path (a /dev/zvol link) now names another volume
             try:
-                fd = os.open("/proc/self/fd/%d" % self.fd, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                mode = os.O_RDONLY if self.readonly else os.O_RDWR
+                fd = os.open("/proc/self/fd/%d" % self.fd, mode | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 fd = -1
             if fd >= 0:

@@ -1,19 +1,47 @@
-"""Small reads in flight side by side, without threads: Linux native AIO
-(io_setup/io_submit/io_getevents, linux/aio_abi.h) on an O_DIRECT descriptor,
-completions signalled on an eventfd that sits in the server's selector.
+"""Reads and writes in flight side by side, without threads: Linux native
+AIO (io_setup/io_submit/io_getevents, linux/aio_abi.h) on an O_DIRECT
+descriptor, completions signalled on an eventfd that sits in the server's
+selector.
 
 Why: a buffered pread that misses the page cache waits for the zvol's own
-threads, one read at a time, while the kernel target keeps QD bios in flight.
-O_DIRECT AIO submits them all (the zvol taskq runs them in parallel); the
-event loop goes on parsing commands meanwhile.
+threads, one read at a time, and buffered writes only move the work to the
+writeback (paid at the next Flush, one page at a time), while the kernel
+target keeps QD bios in flight.  O_DIRECT AIO submits them all (the zvol
+taskq runs them in parallel); the event loop goes on parsing commands.
 
-Reads land in fixed SLOT-sized slots of one page-aligned mmap; a completion
-copies its bytes out and frees the slot.  Everything falls back to the
-synchronous path: no AIO syscalls (unknown arch, seccomp, aio-max-nr),
-O_DIRECT refused, slots exhausted, or a read the kernel failed (the
-synchronous read then gives the real error or data).  Raw syscalls through
-ctypes (no libaio, no os.eventfd before Python 3.10)."""
+Contract:
+- submit(fd, offset, length, token) queues a read, submit_write(fd, offset,
+  data, token, dsync) a write (dsync: RWF_DSYNC, the write is durable when it
+  completes: FUA).  fd is a descriptor, or an object whose direct_fd() gives
+  it when the I/O starts (a volume closed meanwhile gives -1: the I/O fails,
+  never lands on a descriptor number reused by another file).  They return
+  False only when AIO cannot take the I/O at all (no AIO here, or longer than
+  BIG): the caller does it synchronously.  With every slot of its size busy,
+  the I/O waits here and starts when one frees up (no synchronous fallback
+  that would mix buffered and direct I/O on one volume).
+- submit_fsync(fd, token) queues an fsync (a Flush: the zvol commits what
+  completed before), completed by write_done like a write.
+- flush() hands what was queued this loop turn to the kernel (one io_submit).
+- done(token, data) per read: the bytes, or None when AIO and a synchronous
+  O_DIRECT retry both failed (the caller's synchronous read gives the error);
+  write_done(token, err) per write: 0, the errno of the failed write, or -1
+  when AIO went away for good while it waited for a slot (not done: the
+  caller writes it synchronously).
+  A write is reported done only once the kernel completed it (in the zvol:
+  a later Flush covers it; with dsync, durable already).
+- Anything the kernel refuses at submission or fails (a short transfer, an
+  error) is retried once synchronously (pread/pwrite on the same O_DIRECT fd
+  from the same aligned slot, fdatasync after a dsync write), so a kernel
+  without RWF_DSYNC still gets exact FUA semantics.
 
+I/O lands in (or leaves from) fixed slots of one page-aligned mmap: SLOT-sized
+ones for small I/O, BIG ones up to the largest transfer; a read completion
+copies its bytes out, a write copies its data in.  No AIO syscalls (unknown
+arch, seccomp, aio-max-nr), O_DIRECT refused: every I/O goes the synchronous
+way.  Raw syscalls through ctypes (no libaio, no os.eventfd before Python
+3.10); Linux 4.19 (XCP-ng 8.3 dom0) has all of it."""
+
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -26,12 +54,15 @@ import struct
 
 log = logging.getLogger("nvmeof_target")
 
-SLOT = 16384          # largest read served here (smaller ones share a slot size)
-NSLOTS = 256          # reads in flight per process: 4 MiB of address space, unused until used
+SLOT = 16384          # small I/O slots
+NSLOTS = 256          # of them per process: 4 MiB of address space, unused until used
+BIG = 1 << 20         # the largest transfer (identify.MAX_TRANSFER)
+NBIG = 32             # 32 MiB of address space; a 128 KiB I/O touches 128 KiB of its slot
 # (io_setup, io_destroy, io_getevents, io_submit)
 _NR = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
-IOCB_CMD_PREAD = 0
+IOCB_CMD_PREAD, IOCB_CMD_PWRITE, IOCB_CMD_FSYNC = 0, 1, 2     # FSYNC: Linux >= 4.18
 IOCB_FLAG_RESFD = 1
+RWF_DSYNC = 0x2
 EFD_NONBLOCK, EFD_CLOEXEC = 0o4000, 0o2000000
 # struct iocb: data, key, rw_flags, opcode, reqprio, fildes, buf, nbytes, offset,
 # reserved2, flags, resfd (little endian field order of aio_abi.h)
@@ -53,30 +84,40 @@ def _lib():
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.syscall.restype = ctypes.c_long
+        for name in ("pread", "pwrite"):
+            f = getattr(_libc, name)
+            f.restype = ctypes.c_ssize_t
+            f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
     return _libc
 
 
-class AioReads(object):
-    """One per event loop.  submit() queues a read, flush() hands the queued
-    ones to the kernel (one io_submit per loop turn), and done(token, data)
-    runs for each when it completes: data is bytes, or None when the read
-    must be redone synchronously."""
+class Aio(object):
+    """One per event loop (see the module's contract)."""
 
-    def __init__(self, sel, done, nslots=NSLOTS):
+    def __init__(self, sel, done, nslots=NSLOTS, write_done=None, nbig=NBIG):
         self.sel = sel
         self.done = done
-        self.nslots = nslots
+        self.write_done = write_done
+        self.nslots = nslots              # small slots; big ones follow them
+        self.nbig = nbig
         self.ok = None            # None: not set up yet (first use), then True/False
         self.queued = []          # slot indexes to submit
-        self.tokens = [None] * nslots
+        self.waiting = collections.deque()   # (kind, fd, offset, length, data, token, dsync)
+        n = nslots + nbig
+        self.tokens = [None] * n
         self.inflight = 0
-        self.reads = 0            # completed here
-        self.redone = 0           # handed back to the synchronous path
+        self.reads = self.writes = self.fsyncs = 0      # completed here
+        self.redone = 0           # retried synchronously
         self.submits = self.wakeups = 0     # io_submit calls, eventfd wakeups
+        self.waited = 0           # I/O that waited for a free slot
+        self.sync_reads = 0       # read_now()
 
     def stats(self):
-        return {"aio": bool(self.ok), "aio_reads": self.reads, "aio_redone": self.redone,
-                "aio_submits": self.submits, "aio_wakeups": self.wakeups}
+        return {"aio": bool(self.ok), "aio_reads": self.reads, "aio_writes": self.writes,
+                "aio_fsyncs": self.fsyncs,
+                "aio_redone": self.redone, "aio_submits": self.submits,
+                "aio_wakeups": self.wakeups, "aio_waited": self.waited,
+                "aio_sync_reads": self.sync_reads}
 
     def _setup(self):
         self.ok = False
@@ -87,14 +128,15 @@ class AioReads(object):
         try:
             self._setup_ctx(nr)
         except (OSError, ValueError, MemoryError) as e:   # mmap, selector: stay synchronous
-            log.info("no Linux AIO (%s): synchronous reads", e)
+            log.info("no Linux AIO (%s): synchronous I/O", e)
             self._teardown()
 
     def _setup_ctx(self, nr):
         lib = _lib()
         ctx = ctypes.c_ulong(0)
-        if lib.syscall(_L(nr[0]), _L(self.nslots), ctypes.byref(ctx)) < 0:
-            log.info("no Linux AIO (%s): synchronous reads", os.strerror(ctypes.get_errno()))
+        n = self.nslots + self.nbig
+        if lib.syscall(_L(nr[0]), _L(n), ctypes.byref(ctx)) < 0:
+            log.info("no Linux AIO (%s): synchronous I/O", os.strerror(ctypes.get_errno()))
             return
         efd = lib.eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if efd < 0:
@@ -103,16 +145,22 @@ class AioReads(object):
         self._nr = [_L(x) for x in nr]
         self._lib, self.ctx, self.efd = lib, ctx, efd
         self._ctx_live = True
-        self.mm = mmap.mmap(-1, self.nslots * SLOT)
+        self.mm = mmap.mmap(-1, self.nslots * SLOT + self.nbig * BIG)
         self._mm_ref = ctypes.c_char.from_buffer(self.mm)
         self.base = ctypes.addressof(self._mm_ref)
-        self.iocbs = ctypes.create_string_buffer(self.nslots * IOCB.size)
+        # slot i: bytes [off[i], off[i] + cap[i]) of mm
+        self.off = [i * SLOT for i in range(self.nslots)] + [
+            self.nslots * SLOT + i * BIG for i in range(self.nbig)]
+        self.cap = [SLOT] * self.nslots + [BIG] * self.nbig
+        self.iocbs = ctypes.create_string_buffer(n * IOCB.size)
         self.iocb_base = ctypes.addressof(self.iocbs)
-        self.ptrs = (ctypes.c_void_p * self.nslots)()
-        self.events = ctypes.create_string_buffer(self.nslots * EVENT.size)
+        self.ptrs = (ctypes.c_void_p * n)()
+        self.events = ctypes.create_string_buffer(n * EVENT.size)
         self.zero = (ctypes.c_long * 2)(0, 0)      # struct timespec {0, 0}: never block
         self.free = list(range(self.nslots - 1, -1, -1))
-        self.lengths = [0] * self.nslots
+        self.free_big = list(range(n - 1, self.nslots - 1, -1))
+        self.lengths = [0] * n
+        self.io = [None] * n              # (opcode, fd, offset, dsync) for a synchronous retry
         self.ring = self._map_ring(ctx.value)
         self.sel.register(efd, selectors.EVENT_READ, self)
         self.ok = True
@@ -129,18 +177,77 @@ class AioReads(object):
         return (ctypes.c_char * (_RING.size + hdr[1] * EVENT.size)).from_address(addr)
 
     def submit(self, fd, offset, length, token):
-        """Queue a read of length (<= SLOT) bytes at offset; False: do it synchronously."""
+        """Queue a read of length (<= BIG) bytes at offset; False: do it synchronously."""
+        return self._submit(IOCB_CMD_PREAD, fd, offset, length, None, token, False)
+
+    def submit_write(self, fd, offset, data, token, dsync=False):
+        """Queue a write of data (<= BIG bytes) at offset; False: do it synchronously."""
+        return self._submit(IOCB_CMD_PWRITE, fd, offset, len(data), data, token, dsync)
+
+    def submit_fsync(self, fd, token):
+        """Queue an fsync of fd (a Flush), completed by write_done(token, err)
+        like a write; a kernel without AIO fsync gets a synchronous one."""
+        return self._submit(IOCB_CMD_FSYNC, fd, 0, 0, None, token, False)
+
+    def _submit(self, op, fd, offset, length, data, token, dsync):
         if self.ok is None:
             self._setup()
-        if not self.ok or not self.free or length > SLOT:
+        if not self.ok or length > BIG:
             return False
-        i = self.free.pop()
-        IOCB.pack_into(self.iocbs, i * IOCB.size, i, 0, 0, IOCB_CMD_PREAD, 0, fd,
-                       self.base + i * SLOT, length, offset, 0, IOCB_FLAG_RESFD, self.efd)
+        free = self.free if length <= SLOT else self.free_big
+        if not free or self.waiting:
+            self.waited += 1
+            self.waiting.append((op, fd, offset, length, data, token, dsync))
+            return True
+        self._start(free.pop(), op, fd, offset, length, data, token, dsync)
+        return True
+
+    def _start(self, i, op, fd, offset, length, data, token, dsync):
+        if not isinstance(fd, int):
+            fd = fd.direct_fd()
+        off = self.off[i]
+        if data is not None:
+            self.mm[off:off + length] = data
+        IOCB.pack_into(self.iocbs, i * IOCB.size, i, 0, RWF_DSYNC if dsync else 0, op, 0,
+                       fd & 0xFFFFFFFF, self.base + off if length else 0, length, offset, 0,
+                       IOCB_FLAG_RESFD, self.efd)
         self.tokens[i] = token
         self.lengths[i] = length
+        self.io[i] = (op, fd, offset, dsync)
         self.queued.append(i)
-        return True
+
+    def idle(self):
+        """Nothing in flight, queued or waiting."""
+        return not (self.inflight or self.queued or self.waiting)
+
+    def read_now(self, fd, offset, length):
+        """A synchronous O_DIRECT read through a free slot: the bytes, or None
+        (no AIO here, no slot, the kernel refused: the caller goes the usual
+        way).  For a lone read when nothing is in flight (QD1): it saves the
+        io_submit, the eventfd wakeup and the reaping."""
+        if not self.ok or length > BIG:
+            return None
+        free = self.free if length <= SLOT else self.free_big
+        if not free:
+            return None
+        i = free[-1]
+        off = self.off[i]
+        if self._lib.pread(fd, self.base + off, length, offset) != length:
+            return None
+        self.reads += 1
+        self.sync_reads += 1
+        return self.mm[off:off + length]
+
+    def _start_waiting(self):
+        """Slots freed: start the I/O that waited for them, in order."""
+        w = self.waiting
+        while w and self.ok:
+            length = w[0][3]
+            free = self.free if length <= SLOT else self.free_big
+            if not free:
+                return
+            op, fd, offset, length, data, token, dsync = w.popleft()
+            self._start(free.pop(), op, fd, offset, length, data, token, dsync)
 
     def flush(self):
         """Submit what was queued during this loop turn."""
@@ -152,7 +259,7 @@ class AioReads(object):
         pos, n = 0, len(q)
         while pos < n:
             # io_submit stops at the first iocb it refuses (EBADF, EINVAL...):
-            # that one goes the synchronous way, the ones behind it are retried
+            # that one is retried synchronously, the ones behind it submitted again
             sent = self._lib.syscall(self._nr[3], self.ctx, _L(n - pos),
                                      ctypes.byref(ptrs, pos * ctypes.sizeof(ctypes.c_void_p)))
             self.submits += 1
@@ -163,22 +270,57 @@ class AioReads(object):
             err = ctypes.get_errno() if sent < 0 else errno.EAGAIN
             log.debug("io_submit: %s", os.strerror(err))
             if err in (errno.ENOSYS, errno.EPERM):   # refused for good (seccomp...)
-                log.info("io_submit refused (%s): synchronous reads", os.strerror(err))
+                log.info("io_submit refused (%s): synchronous I/O", os.strerror(err))
                 self.ok = False
-                err = errno.EAGAIN                  # every read left: synchronous
+                err = errno.EAGAIN                  # every I/O left: synchronous
             for i in q[pos:] if err == errno.EAGAIN else q[pos:pos + 1]:
-                self.redone += 1
-                self._finish(i, None)
+                self._retry(i)
             pos = n if err == errno.EAGAIN else pos + 1
+        if not self.ok:
+            self._drain_waiting()
 
-    def _finish(self, i, data):
+    def _retry(self, i):
+        """The kernel refused or failed slot i's I/O: once more, synchronously,
+        same fd, same aligned slot; then complete it whatever the outcome."""
+        self.redone += 1
+        op, fd, offset, dsync = self.io[i]
+        n = self.lengths[i]
+        addr = self.base + self.off[i]
+        lib = self._lib
+        err = 0
+        done = 0
+        if op == IOCB_CMD_FSYNC:
+            dsync, n = True, 0
+        while done < n:
+            f = lib.pread if op == IOCB_CMD_PREAD else lib.pwrite
+            r = f(fd, addr + done, n - done, offset + done)
+            if r <= 0:
+                err = ctypes.get_errno() if r < 0 else errno.EIO
+                break
+            done += r
+        if not err and dsync:
+            try:
+                (os.fsync if op == IOCB_CMD_FSYNC else os.fdatasync)(fd)
+            except OSError as e:
+                err = e.errno or errno.EIO
+        self._finish(i, not err, err)
+
+    def _finish(self, i, ok, err=0):
         token = self.tokens[i]
+        op = self.io[i][0]
         self.tokens[i] = None
-        self.free.append(i)
+        self.io[i] = None
         try:
-            self.done(token, data)
+            if op == IOCB_CMD_PREAD:
+                off = self.off[i]
+                data = self.mm[off:off + self.lengths[i]] if ok else None
+                (self.free if i < self.nslots else self.free_big).append(i)
+                self.done(token, data)
+            else:
+                (self.free if i < self.nslots else self.free_big).append(i)
+                self.write_done(token, 0 if ok else (err or errno.EIO))
         except Exception:     # one bad completion must not lose the others
-            log.exception("read completion failed")
+            log.exception("I/O completion failed")
 
     def on_event(self, mask):
         self.wakeups += 1
@@ -186,22 +328,28 @@ class AioReads(object):
             os.read(self.efd, 8)
         except (BlockingIOError, InterruptedError):
             pass
-        mm, lengths = self.mm, self.lengths
+        lengths, io = self.lengths, self.io
         while self.inflight:
             done = self._reap()
             if not done:
-                return
+                break
             self.inflight -= len(done)
             for i, res in done:
                 if res == lengths[i]:
-                    self.reads += 1
-                    self._finish(i, mm[i * SLOT:i * SLOT + res])
-                else:          # error or short read: the synchronous path decides
-                    self.redone += 1
-                    self._finish(i, None)
+                    op = io[i][0]
+                    if op == IOCB_CMD_PREAD:
+                        self.reads += 1
+                    elif op == IOCB_CMD_PWRITE:
+                        self.writes += 1
+                    else:
+                        self.fsyncs += 1
+                    self._finish(i, True)
+                else:          # error or short transfer: once more, synchronously
+                    self._retry(i)
+        self._start_waiting()
 
     def _reap(self):
-        """[(slot, res)] of the completed reads, without blocking."""
+        """[(slot, res)] of the completed I/O, without blocking."""
         ring = self.ring
         if ring is not None:
             # the completion ring is mapped in our memory (fs/aio.c struct
@@ -217,16 +365,36 @@ class AioReads(object):
             _U32.pack_into(ring, 8, head)
             return [(i, res) for i, _, res in out]
         ev = self.events
-        n = self._lib.syscall(self._nr[2], self.ctx, _L0, _L(self.nslots), ev, self.zero)
+        n = self._lib.syscall(self._nr[2], self.ctx, _L0, _L(len(self.tokens)), ev, self.zero)
         if n < 0:
             if ctypes.get_errno() != errno.EINTR:
                 log.error("io_getevents: %s", os.strerror(ctypes.get_errno()))
             return []
         return [EVENT.unpack_from(ev, k * EVENT.size)[::2] for k in range(n)]
 
+    def _drain_waiting(self):
+        """io_submit refused for good: what waited for a slot goes back to
+        the caller's synchronous path (reads: data None; writes: err -1)."""
+        w, self.waiting = self.waiting, collections.deque()
+        for op, fd, offset, length, data, token, dsync in w:
+            try:
+                if op == IOCB_CMD_PREAD:
+                    self.done(token, None)
+                else:
+                    self.write_done(token, -1)
+            except Exception:
+                log.exception("I/O completion failed")
+
+    def drop_waiting(self, owner):
+        """Forget the waiting I/O whose token's first item is owner (a queue
+        whose connection closed: nobody waits for their completions)."""
+        if self.waiting:
+            self.waiting = collections.deque(w for w in self.waiting if w[5][0] is not owner)
+
     def close(self):
-        """Wait for reads in flight (io_destroy does), then free everything."""
+        """Wait for I/O in flight (io_destroy does), then free everything."""
         self.ok = False
+        self.waiting = collections.deque()
         self._teardown()
 
     def _teardown(self):
@@ -250,5 +418,8 @@ class AioReads(object):
             self.mm.close()
             self.mm = None
         self.queued = []
-        self.tokens = [None] * self.nslots
+        self.tokens = [None] * len(self.tokens)
         self.inflight = 0
+
+
+AioReads = Aio        # the name before writes came here

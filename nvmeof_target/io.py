@@ -1,10 +1,23 @@
 """NVM command set I/O (NVMe NVM command set spec; drivers/nvme/target/io-cmd-bdev.c),
-executed on a blockio.backend.Backend: a zvol or a regular file alike."""
+executed on a blockio.backend.Backend: a zvol or a regular file alike.
 
+Reads and writes go by the loop's AIO (aio.py) on the volume's O_DIRECT
+descriptor when it has one, several in flight like the kernel target's bios:
+no page cache, so a write completes once it is in the zvol (a later Flush,
+an fsync of the volume, makes it durable; FUA: RWF_DSYNC, durable when it
+completes) and the writeback is never left for later.  Without AIO or
+O_DIRECT (old kernel, seccomp, a filesystem that refuses it) everything is
+synchronous and buffered: pread/pwrite, reads >= SPAN_MIN by sendfile from
+the page cache (filespan.py), FUA by fdatasync.  A volume is served one way or
+the other, not both, except for I/O the kernel refuses to take direct (not
+aligned to the device's logical block: never with zvols)."""
+
+import errno
+import os
 import struct
 
 from . import status as st
-from .aio import SLOT
+from .aio import BIG
 from .command import DEFERRED, Result
 from .filespan import FileSpan
 
@@ -40,9 +53,14 @@ def execute(queue, cmd, data):
         raise st.NvmeError(st.INVALID_NS | st.DNR)
     try:
         if op == READ:
+            if queue.aio is not None and cmd.sgl_len <= BIG and _read_async(queue, sub, cmd):
+                return DEFERRED
             if cmd.sgl_len >= SPAN_MIN and not queue.ddgst:
                 return _read_span(sub, cmd)
-            if queue.aio is not None and cmd.sgl_len <= SLOT and _read_async(queue, sub, cmd):
+        elif queue.aio is not None:
+            if op == WRITE and _write_async(queue, sub, cmd, data):
+                return DEFERRED
+            if op == FLUSH and _flush_async(queue, sub, cmd):
                 return DEFERRED
         return _OPS[op](sub, cmd, data)
     except OSError as e:
@@ -97,8 +115,20 @@ def _read_async(queue, sub, cmd):
     if (offset | length) & (be.logical_block_size - 1):
         return False             # O_DIRECT alignment
     fd = be.direct_fd()
-    if fd < 0 or not queue.aio.submit(fd, offset, length, (queue, cmd.cid, sub, offset, length)):
+    if fd < 0:
         return False
+    aio = queue.aio
+    if aio.idle() and not queue.more_ready():
+        data = aio.read_now(fd, offset, length)      # a lone read: no round trip
+        if data is not None:
+            queue.complete_read(cmd.cid, data)
+            return _count_read(sub, length)
+    if not aio.submit(be, offset, length, (queue, cmd.cid, sub, offset, length)):
+        return False
+    return _count_read(sub, length)
+
+
+def _count_read(sub, length):
     stats = sub.stats
     stats["reads"] += 1
     stats["read_bytes"] += length
@@ -115,6 +145,46 @@ def read_done(token, data):
         except OSError as e:
             return queue.complete(cid, Result(st.error_from_oserror(e)))
     queue.complete_read(cid, data)
+
+
+def _write_async(queue, sub, cmd, data):
+    """Queue the write on the loop's AIO; False: write it synchronously."""
+    _writable(sub)
+    offset, length = _rw_args(sub, cmd)
+    be = sub.backend
+    if length > BIG or (offset | length) & (be.logical_block_size - 1):
+        return False
+    fua = bool(cmd.cdw12 & FUA)
+    if be.direct_fd() < 0 or not queue.aio.submit_write(
+            be, offset, data, (queue, cmd.cid, sub, offset, data, fua), dsync=fua):
+        return False
+    stats = sub.stats
+    stats["writes"] += 1
+    stats["write_bytes"] += length
+    return True
+
+
+def write_done(token, err):
+    """AIO completion of a write or a Flush (data None) (Aio.write_done): 0,
+    an errno, or -1: not done, do it synchronously (AIO went away while it
+    waited for a slot)."""
+    queue, cid, sub, offset, data, fua = token
+    if queue.closing:
+        return        # never acknowledged: whether it landed does not matter
+    if err == errno.EINVAL or err == -1:
+        # O_DIRECT refused this one (alignment of a file's filesystem): buffered
+        try:
+            if data is None:              # a Flush
+                sub.backend.flush()
+            else:
+                sub.backend.write(offset, data, fua=fua, checked=True)
+            err = 0
+        except OSError as e:
+            err = e.errno or errno.EIO
+    if err:
+        return queue.complete(cid, Result(st.error_from_oserror(OSError(err, os.strerror(err)),
+                                                                write=True)))
+    queue.complete(cid, _OK)
 
 
 def _read_span(sub, cmd):
@@ -138,6 +208,17 @@ def _flush(sub, cmd, data):
     if not sub.readonly:
         sub.backend.flush()
     return Result()
+
+
+def _flush_async(queue, sub, cmd):
+    """Queue the Flush as an AIO fsync (the loop goes on meanwhile); it
+    covers every write completed before it, as the kernel's does.  False:
+    flush synchronously."""
+    if sub.readonly:
+        return False
+    be = sub.backend
+    return be.direct_fd() >= 0 and queue.aio.submit_fsync(be, (queue, cmd.cid, sub, 0, None,
+                                                                  False))
 
 
 def _write_zeroes(sub, cmd, data):
@@ -164,4 +245,5 @@ def _dsm(sub, cmd, data):
     return Result()
 
 
+_OK = Result()
 _OPS = {READ: _read, WRITE: _write, FLUSH: _flush, WRITE_ZEROES: _write_zeroes, DSM: _dsm}

@@ -22,7 +22,7 @@ import socket
 import time
 
 from . import control, io
-from .aio import AioReads
+from .aio import Aio
 from .filespan import FileSpan
 from .limits import Budget, Limits
 from .queue import Queue
@@ -177,6 +177,7 @@ class Conn(object):
         # the kernel (which then holds the file) before anything can close it
         if server.aio.queued:
             server.aio.flush()
+        server.aio.drop_waiting(self.queue)      # I/O not started: never acknowledged
         if self.mask:
             server.sel.unregister(self.sock)
         self.mask = 0
@@ -212,7 +213,7 @@ class Server(object):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self)
-        self.aio = AioReads(self.sel, io.read_done)
+        self.aio = Aio(self.sel, io.read_done, write_done=io.write_done)
         target.io_stats = self.stats
         for addr, port in listen:
             self._listen(addr, port, reuse_port)
