@@ -1,4 +1,5 @@
-"""`zfs-ng vol attach/detach/export/attachments`: the datapath plugins by hand.
+"""`zfs-ng vol attach/detach/export/attachments/holders/release`: the datapath
+plugins by hand, and a dead host's hold on a volume undone on its node.
 
 The commands run the same code xapi runs through the plugin executables
 (plugins.datapath.*), so an admin attach is an ordinary attachment: it shows
@@ -169,7 +170,82 @@ def attachments(as_json):
     emit(rows, as_json, columns=["volume", "domain", "datapath", "active", "device"])
 
 
-COMMANDS = (attach, detach, export, attachments)
+def _node_record(sr, key):
+    """(sr_uuid, subnqn, {who: {"transport", "granted", "active"}}) of volume
+    KEY of SR on this node: its one node record (records.volume_lock: NVMe/TCP
+    hosts granted, every activation) and its NBD grants (node_nbd)."""
+    from plugins import records, state
+    from plugins.datapath import node
+    from plugins.volume import sr as srmod
+    sr_uuid = (_smapi(srmod.read_root_props, sr) or {}).get("sr-uuid")
+    if not sr_uuid:
+        fail("%s is not a zfs-ng SR attached on this node" % sr)
+    subnqn = urimod.subnqn_for(sr_uuid, key)
+    out = {}
+
+    def row(who, transport):
+        return out.setdefault(who, {"holder": who, "transport": transport, "granted": False,
+                                    "active": "-"})
+    with records.volume_lock(subnqn) as st:
+        for h in st.shared.get("hosts", []):
+            row(h, urimod.NVME_TCP)["granted"] = True
+        for who, mode in st.active.items():
+            transport = ("local" if who.startswith(node.LOCAL) else
+                         urimod.NVME_TCP if ":" in who else urimod.NBD_TLS)
+            row(who, transport)["active"] = mode
+    export = urimod.nbd_tls_export(sr_uuid, key)
+    with state.locked("nbd:" + export, state.node_state_dir()) as st:
+        for cn in (st.shared.get("clients") or {}):
+            row(cn, urimod.NBD_TLS)["granted"] = True
+    return sr_uuid, subnqn, out
+
+
+@click.command()
+@click.argument("sr")
+@click.argument("key")
+@json_option
+def holders(sr, key, as_json):
+    """Who holds volume KEY of SR, on its storage node: hosts granted it over
+    NVMe/TCP (host NQN) or NBD with TLS (certificate CN), and who has it
+    active (rw/ro).  A host that died holding it read-write keeps every other
+    host out (Activated_on_another_host) until `release`d."""
+    _, _, rows = _node_record(sr, key)
+    emit([rows[w] for w in sorted(rows)], as_json,
+         columns=["holder", "transport", "granted", "active"])
+
+
+@click.command()
+@click.argument("sr")
+@click.argument("key")
+@click.argument("holder")
+@json_option
+def release(sr, key, holder, as_json):
+    """Take volume KEY of SR away from HOLDER (a host NQN, an NBD client CN,
+    or a local: activation of this node), as `holders` names it: its
+    activation and grant go, and its open connection is cut (NVMe/TCP: the
+    target drops the host; NBD: within a second).  For a host that died or
+    must be fenced; a live host loses its disk.  Idempotent."""
+    from plugins import records
+    from plugins.datapath import node, node_nbd
+    sr_uuid, subnqn, rows = _node_record(sr, key)
+    if holder not in rows:
+        emit({"holder": holder, "released": False, "why": "holds nothing"}, as_json)
+        return
+    transport = rows[holder]["transport"]
+    if transport == "local":
+        with records.volume_lock(subnqn) as st:
+            st.active.pop(holder, None)
+    elif transport == urimod.NVME_TCP:
+        node.revoke(subnqn, holder)
+    else:
+        node_nbd.nbd_revoke(sr_uuid, key, holder)
+    left = _node_record(sr, key)[2].get(holder)
+    if left and (left["granted"] or left["active"] != "-"):
+        fail("%s still holds %s: %s (see the log)" % (holder, key, left))
+    emit({"holder": holder, "transport": transport, "released": True}, as_json)
+
+
+COMMANDS = (attach, detach, export, attachments, holders, release)
 
 
 def add_to(grp):

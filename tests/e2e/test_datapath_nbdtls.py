@@ -52,19 +52,18 @@ def env_h2(**extra):
 
 H1 = {"ZFSNG_RUN_DIR": "/run/zfsng-nt-h1", "ZFSNG_NODE_COMMAND": None,
       "ZFSNG_NBD_CLIENT_DIR": os.path.join(PKI, "h1")}
-NS = "zfsng-nt"
-
-
-def h2(method, env=None, **params):
-    return call(NT, method, env=env or env_h2(), netns=NS, **params)
+HOST2 = HostNs("zfsng-nt", NODE_IP, HOST_IP, "nqn.2014-08.org.zfs-ng:netns-nt",
+               "3c0b8a52-6f1e-4d6b-9a1e-1f2e3d4c5b6a", env=env_h2())
+h2 = HOST2.datapath                     # h2(METHOD, uri=URI, env=MORE, ...): a call on h2
 
 
 def h1(method, **params):
     return call(NT, method, env=H1, **params)
 
 
-def _nbd_devices_of(export):
-    """pids of the nbd-client or nbd+tls relay (nbd_relay.py) serving export."""
+def _nbd_devices_of(export, run_dir=""):
+    """pids of the nbd-client or nbd+tls relay (nbd_relay.py) serving export
+    (with an argument under run_dir: one host's)."""
     out = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -75,7 +74,7 @@ def _nbd_devices_of(export):
         except OSError:
             continue
         if argv and (argv[0].endswith(b"nbd-client") or b"plugins.datapath.nbd_relay" in argv) \
-                and export.encode() in argv:
+                and export.encode() in argv and run_dir.encode() in b"\0".join(argv):
             out.append(int(pid))
     return out
 
@@ -87,8 +86,7 @@ def connected(dev):
 
 @pytest.fixture(scope="module")
 def node():
-    ns = HostNs(NS, NODE_IP, HOST_IP, "nqn.2014-08.org.zfs-ng:netns-nt",
-                "3c0b8a52-6f1e-4d6b-9a1e-1f2e3d4c5b6a").setup()
+    ns = HOST2.setup()
     copy_pki(PKI)
     vdev = make_file_vdevs(1, 1 << 30)[0]
     pool = make_sr(vdev)
@@ -127,11 +125,10 @@ def zvol(node, vol):
 
 def nbdinfo(ns, export, who):
     """libnbd from the host namespace with a client directory of the PKI."""
-    argv = ["ip", "netns", "exec", NS, "nbdinfo", "--json",
-            "nbds://%s:%d/%s?tls-certificates=%s" % (NODE_IP, PORT, export,
-                                                      os.path.join(PKI, who))]
-    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=120)
+    return ns.run("nbdinfo", "--json",
+                  "nbds://%s:%d/%s?tls-certificates=%s" % (NODE_IP, PORT, export,
+                                                            os.path.join(PKI, who)),
+                  check=False, timeout=120)
 
 
 def test_h2_attach_rw_write_read_detach(node):
@@ -299,3 +296,54 @@ def test_node_restart_under_io_loses_nothing(node):
     h2("Datapath.deactivate", uri=uri, domain="5")
     h2("Datapath.detach", uri=uri, domain="5")
     assert _nbd_devices_of(export) == []
+
+
+def test_a_dead_hosts_hold_is_released_from_the_cli(node):
+    """h2 "dies" holding a volume read-write over nbd+tls (no deactivate, no
+    detach): h1 is refused (Activated_on_another_host).  On the node,
+    `zfs-ng vol holders` names h2 and `zfs-ng vol release` fences it: h2's
+    connection is cut and its relay, refused on reconnecting, ends (h2's
+    next write fails, nothing of it lands); h1 then activates and reads what
+    h2 wrote before."""
+    from click.testing import CliRunner
+    from sr_tools.vol_attach_cmds import group
+
+    def cli(*args):
+        r = CliRunner().invoke(group, list(args))
+        return r.exit_code, r.output
+
+    vol = make_volume(node["pool"])
+    uri = nt_uri(node, vol)
+    export = urimod.nbd_tls_export(node["sr"], vol["key"])
+    dev2 = impl(h2("Datapath.attach", uri=uri, domain="4"), "BlockDevice")["path"]
+    h2("Datapath.activate", uri=uri, domain="4")
+    pwrite(dev2, 0, pattern(61, MiB))
+    dev1 = impl(h1("Datapath.attach", uri=uri, domain="6"), "BlockDevice")["path"]
+    with pytest.raises(PluginError) as e:
+        h1("Datapath.activate", uri=uri, domain="6")
+    assert e.value.name == "Activated_on_another_host"
+    rc, out = cli("holders", node["pool"], vol["key"], "--json")
+    assert rc == 0, out
+    rows = {r["holder"]: r for r in json.loads(out)}
+    assert rows["h2"] == {"holder": "h2", "transport": "nbd+tls", "granted": True,
+                          "active": "rw"}
+    assert rows["h1"]["granted"] is True and rows["h1"]["active"] == "-"
+    time.sleep(1.5)                       # the server re-checks a grant at most every second
+    rc, out = cli("release", node["pool"], vol["key"], "h2", "--json")
+    assert rc == 0 and json.loads(out) == {"holder": "h2", "transport": "nbd+tls",
+                                           "released": True}, out
+    assert node_nbd.lookup("h2", export) is None
+    with pytest.raises(OSError):
+        pwrite(dev2, MiB, pattern(62, 64 * 1024))            # cut: EIO, not written
+    deadline = time.time() + 60
+    while _nbd_devices_of(export, "/run/zfsng-nt-h2/") and time.time() < deadline:
+        time.sleep(0.5)
+    assert _nbd_devices_of(export, "/run/zfsng-nt-h2/") == [], "h2's relay did not end"
+    assert len(_nbd_devices_of(export, "/run/zfsng-nt-h1/")) == 1          # h1's goes on
+    assert pread(zvol(node, vol), MiB, 64 * 1024) != pattern(62, 64 * 1024)
+    h1("Datapath.activate", uri=uri, domain="6")
+    assert pread(dev1, 0, MiB) == pattern(61, MiB)
+    assert cli("release", node["pool"], vol["key"], "h2", "--json")[0] == 0   # idempotent
+    h2("Datapath.detach", uri=uri, domain="4")                                # never fails
+    h1("Datapath.deactivate", uri=uri, domain="6")
+    h1("Datapath.detach", uri=uri, domain="6")

@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as hst
 from plugins import records, smapi, uri
 from plugins.datapath import devices, nbdtls, node, node_nbd
 from conftest import free_port, wait_for
-from test_nbd_tls_auth import _ca, _client_dir, _leaf
+from nbd_peer import client_dir, make_ca, make_leaf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SRU = "5b1f2a8e-3c4d-4e5f-8a9b-0c1d2e3f4a5b"
@@ -244,18 +244,18 @@ def pki(tmp_path_factory):
     if not shutil.which("openssl"):
         pytest.skip("needs openssl")
     d = str(tmp_path_factory.mktemp("pki"))
-    ca = _ca(d, "/CN=zfs-ng pool CA")
+    ca = make_ca(d, "/CN=zfs-ng pool CA")
     od = os.path.join(d, "other")
     os.mkdir(od)
-    other = _ca(od, "/CN=another CA")
-    server = _leaf(d, "node", "/CN=node", ca, "serverAuth", "DNS:localhost,IP:127.0.0.1")
+    other = make_ca(od, "/CN=another CA")
+    server = make_leaf(d, "node", "/CN=node", ca, "serverAuth", "DNS:localhost,IP:127.0.0.1")
     p = {"ca": ca[1], "server": server}
     for name in ("h1", "h2"):
-        p[name] = _client_dir(d, "c-" + name, ca[1], *_leaf(d, name, "/O=pool/CN=" + name, ca,
+        p[name] = client_dir(d, "c-" + name, ca[1], *make_leaf(d, name, "/O=pool/CN=" + name, ca,
                                                              "clientAuth"))
-    p["forged"] = _client_dir(d, "c-forged", ca[1], *_leaf(od, "h1", "/O=pool/CN=h1", other,
+    p["forged"] = client_dir(d, "c-forged", ca[1], *make_leaf(od, "h1", "/O=pool/CN=h1", other,
                                                            "clientAuth"))
-    p["nocert"] = _client_dir(d, "c-nocert", ca[1], None, None)
+    p["nocert"] = client_dir(d, "c-nocert", ca[1], None, None)
     return p
 
 
@@ -388,3 +388,49 @@ def test_revoke_cuts_an_open_connection(endpoint, pki):
     assert "grant was revoked; connection cut" in open(ep["log"]).read()
     c1.close()
     c2.close()
+
+
+def test_holders_and_release_from_the_cli(node_dir, monkeypatch):
+    """`zfs-ng vol holders/release` on the node's records (ZFS and the
+    NVMe/TCP target stood in for: which revoke runs for which holder is what
+    is checked here; the real fencing is in the VM, test_datapath_nbdtls.py)."""
+    from click.testing import CliRunner
+    from plugins.volume import sr as srmod
+    from sr_tools.vol_attach_cmds import group
+    monkeypatch.setattr(srmod, "read_root_props",
+                        lambda pool: {"sr-uuid": SRU} if pool == "tank" else None)
+    nq = "nqn.2014-08.org.zfs-ng:nvme-host"
+    subnqn = uri.subnqn_for(SRU, "v1")
+    node_nbd.nbd_grant(SRU, "v1", "h2", "rw")
+    node_nbd.nbd_claim(SRU, "v1", "h2", "rw")
+    with records.volume_lock(subnqn) as st:
+        st.shared.setdefault("hosts", []).append(nq)         # granted over NVMe/TCP
+    revoked = []
+
+    def revoke(s, h):                                        # the target's side of it
+        revoked.append((s, h))
+        with records.volume_lock(s) as st:
+            st.shared["hosts"].remove(h)
+            st.active.pop(h, None)
+    monkeypatch.setattr(node, "revoke", revoke)
+
+    def cli(*args):
+        r = CliRunner().invoke(group, list(args))
+        return r.exit_code, r.output
+
+    rc, out = cli("holders", "tank", "v1", "--json")
+    assert rc == 0, out
+    assert json.loads(out) == [
+        {"holder": "h2", "transport": "nbd+tls", "granted": True, "active": "rw"},
+        {"holder": nq, "transport": "nvme+tcp", "granted": True, "active": "-"}]
+    rc, out = cli("release", "tank", "v1", "h2", "--json")
+    assert (rc, json.loads(out)) == (0, {"holder": "h2", "transport": "nbd+tls",
+                                         "released": True})
+    assert node_nbd.lookup("h2", "%s/v1" % SRU) is None and revoked == []
+    rc, out = cli("release", "tank", "v1", nq, "--json")
+    assert rc == 0 and revoked == [(subnqn, nq)]
+    assert json.loads(cli("holders", "tank", "v1", "--json")[1]) == []
+    rc, out = cli("release", "tank", "v1", "h2", "--json")           # again: nothing held
+    assert rc == 0 and json.loads(out)["released"] is False
+    rc, out = cli("holders", "nope", "v1")
+    assert rc == 1 and "not a zfs-ng SR" in out and "Traceback" not in out
