@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from nvmeof_target import pdu  # noqa: E402
 from nvmeof_target.command import build_sqe  # noqa: E402
 from nvmeof_target.control import Client, ControlError  # noqa: E402
-from test_nvme_initiator import HOSTNQN, Host, SocketTransport  # noqa: E402
+from nvme_peer import HOSTNQN, Host, SocketTransport  # noqa: E402
 
 NQN = "nqn.2014-08.org.zfs-ng:bench:prof"
 HDR = struct.Struct("<BBBBI")

@@ -4,14 +4,18 @@
   the environment) serve image files under pytest's temporary directory and
   tempfile's: ZFSNG_TARGET_FILE_DIRS names them (blockio/volpath.py:
   otherwise only block devices are served).
+- `target`: a running `zfs-ng target serve` (nvme_peer.TargetProcess; the
+  NVMe/TCP host and the other peers of the tests are in nvme_peer.py), killed
+  after the test.
 - `nvme_target(*args, gc=True)`: a running `zfs-ng target serve` with more
-  options (test_nvme_server.TargetProcess), stopped after the test; gc=False
+  options (nvme_peer.TargetProcess), stopped after the test; gc=False
   runs it with Python's cycle collector off, so memory only a cycle holds
   shows up as a leak.
 - `nbd_server(exports, gc=True, **options)`: a running NBD server
   (nbd_server.run.start, as the datapaths start it), stopped after the test;
   gc=False: with the cycle collector off, as above.
 - `rss(pid)`: resident memory in bytes, from /proc/PID/status.
+- `python36()`: a working python3.6 interpreter, or None; ROOT: the checkout.
 - `free_port()`: a TCP port free on 127.0.0.1 now; `wait_for(cond)`: cond()'s
   first true value within the timeout (else its last value).
 - `run_as_unit(proc, port, sock, service)`: a target started as its systemd
@@ -20,8 +24,11 @@
   returns (exit status, output, seconds the stop took).
 """
 
+import glob
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +37,7 @@ import pytest
 
 from blockio.volpath import FILE_DIRS_ENV
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GC_OFF = (sys.executable, "-c", "import gc; gc.disable(); from sr_tools.cli import main; main()")
 
 
@@ -87,6 +95,18 @@ def run_as_unit(proc, port, sock, service, timeout=30.0):
             proc.wait()
 
 
+def python36():
+    """A working python3.6 (pyenv shims that cannot run it do not count)."""
+    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3.6")))
+    candidates += [p for p in [shutil.which("python3.6")] if p]
+    for py in candidates:
+        ok = subprocess.run([py, "-c", "import sys; assert sys.version_info[:2] == (3, 6)"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if ok.returncode == 0:
+            return py
+    return None
+
+
 def rss(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -96,8 +116,18 @@ def rss(pid):
 
 
 @pytest.fixture
+def target(tmp_path):
+    from nvme_peer import TargetProcess
+    t = TargetProcess(tmp_path).start()
+    yield t
+    if t.proc.poll() is None:
+        t.proc.kill()
+        t.proc.wait()
+
+
+@pytest.fixture
 def nvme_target(tmp_path):
-    from test_nvme_server import TargetProcess
+    from nvme_peer import TargetProcess
     started = []
 
     def start(*args, **kw):

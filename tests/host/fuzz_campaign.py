@@ -50,7 +50,7 @@ from nbd_server import constants as C                                       # no
 from nvmeof_target import pdu                                               # noqa: E402
 from nvmeof_target.command import build_sqe                                 # noqa: E402
 from blockio.volpath import FILE_DIRS_ENV                             # noqa: E402
-from test_nvme_initiator import CONNECT_DATA, HOSTNQN, Host, SocketTransport  # noqa: E402
+from nvme_peer import CONNECT_DATA, HOSTNQN, Host, SocketTransport  # noqa: E402
 
 MiB = 1 << 20
 FUZZ_NQN = "nqn.2014-08.org.zfs-ng:fuzz:target"
@@ -478,12 +478,12 @@ def alive(pid):
 
 
 class NvmeServer(object):
-    """`zfs-ng target serve` (tests/host/test_nvme_server.TargetProcess) with
+    """`zfs-ng target serve` (tests/host/nvme_peer.TargetProcess) with
     a fuzz volume and a legitimate one, both sparse files."""
 
     def __init__(self, workdir):
         import pathlib
-        from test_nvme_server import TargetProcess
+        from nvme_peer import TargetProcess
         self.dir = pathlib.Path(workdir)
         self.fuzz_img = str(self.dir / "fuzz.img")
         self.legit_img = str(self.dir / "legit.img")
@@ -524,7 +524,7 @@ class NvmeServer(object):
 
     def legit(self, rng):
         """A host from 127.0.0.1 on its own volume: write 64 KiB, read it back."""
-        from test_nvme_server import controller
+        from nvme_peer import controller
         admin, cntlid = controller(self.port, LEGIT_NQN)
         try:
             admin.set_features(0x07, 0)
@@ -589,7 +589,7 @@ class NbdServer(object):
                 pass
 
     def legit(self, rng):
-        from test_nbd_peers import xo_connect
+        from nbd_peer import xo_connect
         s, size, _ = xo_connect(("127.0.0.1", self.port), "rw")
         try:
             assert size == NBD_SIZE

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from plugins.volume import cbt
 from plugins.volume import sendstream as ss
 
-from test_sendstream import begin, end, free, obj, stream, write, embedded
+from sendstream_records import begin, embedded, end, free, obj, stream, write
 
 K64 = 65536
 MiB = 1 << 20

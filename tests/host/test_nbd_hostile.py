@@ -13,7 +13,8 @@ import pytest
 
 from conftest import rss, wait_for
 from nbd_server import constants as C
-from test_nbd_peers import free_port, recv_exact, xo_connect
+from conftest import free_port
+from nbd_peer import recv_exact, xo_connect
 
 MiB = 1 << 20
 REQ = struct.Struct(">IHHQQI")

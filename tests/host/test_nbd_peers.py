@@ -23,6 +23,7 @@ from nbd_server import run as nbd_run
 from nbd_server.exports import Export, ExportTable
 from nbd_server.server import Server
 from conftest import free_port
+from nbd_peer import recv_exact, xo_connect
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -241,31 +242,6 @@ def test_python_libnbd(served, tmp_path):
 
 
 # -- Xen Orchestra's dialect ---------------------------------------------------------
-
-def recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("server closed after %d of %d bytes" % (len(buf), n))
-        buf += chunk
-    return bytes(buf)
-
-
-def xo_connect(address, name, family=socket.AF_INET):
-    """@vates/nbd-client: fixed newstyle, EXPORT_NAME, 134-byte answer."""
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(address)
-    magic, opt, hflags = struct.unpack(">QQH", recv_exact(s, 18))
-    assert (magic, opt) == (C.NBDMAGIC, C.IHAVEOPT) and hflags & C.FLAG_FIXED_NEWSTYLE
-    s.sendall(struct.pack(">I", C.FLAG_C_FIXED_NEWSTYLE))
-    raw = name.encode()
-    s.sendall(struct.pack(">QII", C.IHAVEOPT, C.OPT_EXPORT_NAME, len(raw)) + raw)
-    size, flags = struct.unpack(">QH", recv_exact(s, 10))
-    assert recv_exact(s, 124) == bytes(124)
-    return s, size, flags
-
 
 def test_xo_style_client_2mib_reads_in_flight(served):
     s, size, flags = xo_connect(("127.0.0.1", served.port), "snap")

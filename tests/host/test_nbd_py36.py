@@ -3,14 +3,11 @@ in-process under python3.6, nbdcopy both ways and nbdinfo --map against it.
 vermin checks the syntax; this checks the behaviour (stdlib APIs, bytes
 handling) of the interpreter itself."""
 
-import glob
-import os
-import shutil
 import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import ROOT, python36
 
 SCRIPT = r'''
 import hashlib, os, subprocess, sys, threading
@@ -45,18 +42,6 @@ finally:
     t.join()
 print(sys.version_info[:2])
 '''
-
-
-def python36():
-    """A working python3.6 (pyenv shims that cannot run it do not count)."""
-    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3.6")))
-    candidates += [p for p in [shutil.which("python3.6")] if p]
-    for py in candidates:
-        ok = subprocess.run([py, "-c", "import sys; assert sys.version_info[:2] == (3, 6)"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if ok.returncode == 0:
-            return py
-    return None
 
 
 def test_server_runs_on_python36(tmp_path):

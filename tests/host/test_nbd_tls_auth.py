@@ -22,6 +22,7 @@ from nbd_server import constants as C
 from nbd_server import run as nbd_run
 from nbd_server import tlsauth
 from conftest import free_port
+from nbd_peer import client_dir, make_ca, make_leaf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MiB = 1 << 20
@@ -41,62 +42,25 @@ def sha(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-# ---- a small PKI with openssl ------------------------------------------------------------
-def _ca(d, subj):
-    key, cert = os.path.join(d, "ca-key.pem"), os.path.join(d, "ca-cert.pem")
-    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-       "-days", "2", "-subj", subj, "-addext", "basicConstraints=critical,CA:TRUE",
-       "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    return key, cert
-
-
-def _leaf(d, name, subj, ca, usage, san=None):
-    """name-key.pem / name-cert.pem signed by ca (key, cert)."""
-    key, csr, cert = (os.path.join(d, "%s-%s.pem" % (name, x)) for x in ("key", "csr", "cert"))
-    ext = os.path.join(d, name + ".ext")
-    with open(ext, "w") as f:
-        f.write("basicConstraints=critical,CA:FALSE\n"
-                "keyUsage=critical,digitalSignature,keyEncipherment\n"
-                "extendedKeyUsage=%s\n" % usage)
-        if san:
-            f.write("subjectAltName=%s\n" % san)
-    sh("openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-       "-subj", subj)
-    sh("openssl", "x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial",
-       "-out", cert, "-days", "2", "-extfile", ext)
-    return key, cert
-
-
-def _client_dir(base, name, ca_cert, key, cert):
-    """A directory as libnbd's tls-certificates and qemu's tls-creds-x509 dir= want."""
-    d = os.path.join(base, name)
-    os.mkdir(d)
-    shutil.copy(ca_cert, os.path.join(d, "ca-cert.pem"))
-    if cert:
-        shutil.copy(cert, os.path.join(d, "client-cert.pem"))
-        shutil.copy(key, os.path.join(d, "client-key.pem"))
-    return d
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("pki"))
-    ca = _ca(d, "/CN=zfs-ng test CA")
+    ca = make_ca(d, "/CN=zfs-ng test CA")
     od = os.path.join(d, "other")
     os.mkdir(od)
-    other = _ca(od, "/CN=another CA")
-    server = _leaf(d, "server", "/CN=localhost", ca, "serverAuth",
+    other = make_ca(od, "/CN=another CA")
+    server = make_leaf(d, "server", "/CN=localhost", ca, "serverAuth",
                    "DNS:localhost,IP:127.0.0.1")
-    good = _leaf(d, "client1", "/O=ZfsNg/CN=client1", ca, "clientAuth")
-    xo = _leaf(d, "xo", "/C=FR/O=Example, Inc./CN=xo", ca, "clientAuth")
-    intruder = _leaf(d, "intruder", "/O=ZfsNg/CN=intruder", ca, "clientAuth")
-    forged = _leaf(od, "client1", "/O=ZfsNg/CN=client1", other, "clientAuth")   # same name
+    good = make_leaf(d, "client1", "/O=ZfsNg/CN=client1", ca, "clientAuth")
+    xo = make_leaf(d, "xo", "/C=FR/O=Example, Inc./CN=xo", ca, "clientAuth")
+    intruder = make_leaf(d, "intruder", "/O=ZfsNg/CN=intruder", ca, "clientAuth")
+    forged = make_leaf(od, "client1", "/O=ZfsNg/CN=client1", other, "clientAuth")   # same name
     p = {"dir": d, "ca": ca[1], "server": server}
-    p["good"] = _client_dir(d, "c-good", ca[1], *good)
-    p["xo"] = _client_dir(d, "c-xo", ca[1], *xo)
-    p["intruder"] = _client_dir(d, "c-intruder", ca[1], *intruder)
-    p["forged"] = _client_dir(d, "c-forged", ca[1], *forged)
-    p["nocert"] = _client_dir(d, "c-nocert", ca[1], None, None)
+    p["good"] = client_dir(d, "c-good", ca[1], *good)
+    p["xo"] = client_dir(d, "c-xo", ca[1], *xo)
+    p["intruder"] = client_dir(d, "c-intruder", ca[1], *intruder)
+    p["forged"] = client_dir(d, "c-forged", ca[1], *forged)
+    p["nocert"] = client_dir(d, "c-nocert", ca[1], None, None)
     p["good_raw"], p["intruder_raw"] = good, intruder
     return p
 

@@ -32,7 +32,7 @@ from nvmeof_target.nqn import DISCOVERY_NQN
 from nvmeof_target.queue import Queue
 from nvmeof_target.registry import Registry
 from nvmeof_target.target import Target
-from test_nvme_initiator import CONNECT_DATA, HOSTNQN, Host, QueueTransport
+from nvme_peer import CONNECT_DATA, HOSTNQN, Host, QueueTransport
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUBNQN = "nqn.2014-08.org.zfs-ng:sr1:vol1"
@@ -93,7 +93,7 @@ def auth_sqe(fctype, length):
 
 
 class SpecHost(object):
-    """Runs DH-HMAC-CHAP over a test_nvme_initiator.Host, as the Linux host does."""
+    """Runs DH-HMAC-CHAP over a nvme_peer.Host, as the Linux host does."""
 
     def __init__(self, h, subnqn, hostnqn, secret, ctrl_secret=None, hashes=(1, 2, 3),
                  dhgroups=(0, 1, 2, 3, 4, 5)):
@@ -552,8 +552,7 @@ def test_control_ops(env):
 def test_cli_and_real_target_process(tmp_path):
     """`zfs-ng target host-key set --generate` on a running target, then a host
     over TCP: the printed secret authenticates, another is refused."""
-    from test_nvme_initiator import SocketTransport
-    from test_nvme_server import TargetProcess, sparse
+    from nvme_peer import SocketTransport, TargetProcess, sparse
     t = TargetProcess(tmp_path).start()
     try:
         env = dict(os.environ, PYTHONPATH=ROOT, ZFSNG_TARGET_SOCKET=t.sock)

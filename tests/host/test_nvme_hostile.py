@@ -26,8 +26,9 @@ from nvmeof_target import status as st
 from nvmeof_target.command import build_sqe
 from nvmeof_target.control import Client
 from nvmeof_target.nqn import DISCOVERY_NQN
-from test_nvme_initiator import HOSTNQN, Host, NvmeStatus, SocketTransport
-from test_nvme_server import ROOT, NQN, controller, sparse
+from conftest import ROOT
+from nvme_peer import (NQN, HOSTNQN, Host, NvmeStatus, QueueTransport, SocketTransport,
+                       TargetProcess, controller, sparse)
 
 MiB = 1 << 20
 LOG_PAGE_1M = ((MiB // 4 - 1) & 0xFFFF) << 16 | 0x70     # cdw10: discovery log, NUMDL
@@ -332,7 +333,6 @@ def test_accept_backs_off_when_out_of_descriptors(nvme_target, tmp_path):
     connections): accepting pauses instead of spinning (before: a core busy
     and 246k log lines in 5 s), a connected host keeps working, and new
     connections are accepted again once descriptors are free."""
-    from test_nvme_server import TargetProcess
     t = TargetProcess(tmp_path, ["--connect-timeout", "3"],
                       launcher=["prlimit", "--nofile=48:48", sys.executable, "-m", "sr_tools"])
     t.start()
@@ -392,7 +392,6 @@ def test_target_add_serves_only_volumes(nvme_target, tmp_path):
     images.mkdir()
     state_dir = tmp_path / "state"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    from test_nvme_server import TargetProcess
     t = TargetProcess(tmp_path, ["--file-dir", str(images)])   # not the tests' directories
     t.state = str(state_dir / "target.db")
     t.start()
@@ -443,7 +442,6 @@ def test_connect_refuses_a_path_that_is_no_longer_a_volume(tmp_path):
     from nvmeof_target.registry import Registry
     from nvmeof_target.target import Target
     from nvmeof_target.queue import Queue
-    from test_nvme_initiator import QueueTransport
     reg = Registry(":memory:")
     reg.add(NQN, "/etc/passwd", str(uuid.uuid4()), allow_any_host=True)
     target = Target(reg, file_dirs=[str(tmp_path)])

@@ -187,7 +187,7 @@ def test_fuzz_queue_with_mutated_capsules(sqe_tail, opcode, flags):
 
 
 def _live_io_queue(path):
-    from test_nvme_initiator import HOSTNQN, Host, QueueTransport
+    from nvme_peer import HOSTNQN, Host, QueueTransport
     nqn = "nqn.2014-08.org.zfs-ng:fuzz:v"
     target = Target(Registry())
     target.add(nqn, path, "0f4a3b3e-9c7c-4d3a-8d8e-1a2b3c4d5e6f", allowed_hosts=[HOSTNQN])
@@ -224,3 +224,8 @@ def test_fuzz_io_commands_stay_inside_the_namespace(opcode, slba, nlb, cdw11, ns
         out = b"".join(bytes(b) for b in q.out)
         assert out and out[0] in (pdu.RSP, pdu.R2T, pdu.C2H_DATA, pdu.C2H_TERM)
         assert os.path.getsize(f.name) == 1 << 20
+
+
+def test_icreq_is_the_128_byte_layout_of_the_spec():
+    raw = pdu.icreq(dgst=3)
+    assert len(raw) == 128 and raw[:8] == bytes([0, 0, 128, 0, 128, 0, 0, 0]) and raw[11] == 3

@@ -14,7 +14,7 @@ from nvmeof_target.nqn import DISCOVERY_NQN
 from nvmeof_target.queue import Queue
 from nvmeof_target.registry import Registry
 from nvmeof_target.target import Target
-from test_nvme_initiator import HOSTNQN, Host, NvmeStatus, QueueTransport
+from nvme_peer import CONNECT_DATA, HOSTNQN, Host, NvmeStatus, QueueTransport
 
 SUBNQN = "nqn.2014-08.org.zfs-ng:sr1:vol1"
 VOL_UUID = "0f4a3b3e-9c7c-4d3a-8d8e-1a2b3c4d5e6f"
@@ -311,7 +311,6 @@ def test_bad_data_digest_fails_the_command_only(env):
     q = Queue(target)
     h = Host(QueueTransport(q), hdgst=True, ddgst=True)
     h.icreq()
-    from test_nvme_initiator import CONNECT_DATA
     from nvmeof_target.command import build_sqe
     data = CONNECT_DATA.pack(b"\1" * 16, 0xFFFF, SUBNQN.encode(), HOSTNQN.encode())
     raw = bytearray(pdu.capsule_cmd(build_sqe(0x7F, 1, nsid=1, cdw11=31, sgl_len=1024,

@@ -8,15 +8,13 @@ import os
 import signal
 import struct
 import subprocess
-import time
 import uuid
 
 import pytest
 
-from nvmeof_target.control import Client, ControlError
-from test_nvme_initiator import HOSTNQN, Host, SocketTransport
-from test_nvme_server import ROOT, free_port, sparse
-from test_nbd_py36 import python36
+from nvmeof_target.control import Client
+from conftest import ROOT, free_port, python36
+from nvme_peer import HOSTNQN, Host, SocketTransport, sparse, wait_for_target
 
 SERVE = r'''
 import logging, sys
@@ -37,14 +35,7 @@ def test_target_runs_on_python36(tmp_path):
     proc = subprocess.Popen([py, str(script), ROOT, str(port), str(tmp_path / "t.db"), sock],
                             stderr=subprocess.PIPE, universal_newlines=True)
     try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                Client(sock).stats()
-                break
-            except ControlError:
-                assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-                time.sleep(0.05)
+        wait_for_target(proc, sock, 20, proc.stderr.read)
         nqn = "nqn.2014-08.org.zfs-ng:sr36:vol"
         path = sparse(tmp_path)
         Client(sock).add(nqn, path, str(uuid.uuid4()), allowed_hosts=[HOSTNQN])

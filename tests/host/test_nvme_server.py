@@ -5,7 +5,6 @@ clean exit on SIGTERM."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,77 +14,9 @@ import uuid
 import pytest
 
 from nvmeof_target.control import Client, ControlError
-from test_nvme_initiator import HOSTNQN, Host, NvmeStatus, SocketTransport
-from conftest import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-NQN = "nqn.2014-08.org.zfs-ng:sr1:vol-a"
-
-
-class TargetProcess(object):
-    """`zfs-ng target serve` on a free port; args: more options; launcher:
-    what runs the CLI (conftest.GC_OFF: with the cycle collector off).  Its
-    log goes to a file (a busy target would fill a pipe nobody reads)."""
-
-    def __init__(self, tmp, args=(), launcher=(sys.executable, "-m", "sr_tools")):
-        self.state = str(tmp / "target.db")
-        self.sock = str(tmp / "target.sock")
-        self.log = str(tmp / "target.log")
-        self.port = free_port()
-        self.args = list(args)
-        self.launcher = list(launcher)
-        self.proc = None
-
-    def start(self):
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                self.launcher + ["target", "serve", "--listen", "127.0.0.1:%d" % self.port,
-                                 "--state", self.state, "--socket", self.sock, "-v"] + self.args,
-                cwd=ROOT, env=env, stderr=log)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("target exited: %s" % self.output())
-            try:
-                Client(self.sock).stats()
-                return self
-            except ControlError:
-                time.sleep(0.05)
-        raise AssertionError("target did not start")
-
-    def output(self):
-        with open(self.log) as f:
-            return f.read()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(10)
-        return rc, self.output()
-
-
-@pytest.fixture
-def target(tmp_path):
-    t = TargetProcess(tmp_path).start()
-    yield t
-    if t.proc.poll() is None:
-        t.proc.kill()
-        t.proc.wait()
-
-
-def sparse(tmp_path, name="vol.img", size=32 << 20):
-    p = str(tmp_path / name)
-    with open(p, "wb") as f:
-        f.truncate(size)
-    return p
-
-
-def controller(port, subnqn, hostnqn=HOSTNQN):
-    h = Host(SocketTransport(("127.0.0.1", port)))
-    h.icreq()
-    cntlid = h.connect(subnqn, hostnqn)
-    h.enable()
-    return h, cntlid
+from conftest import ROOT
+from nvme_peer import (HOSTNQN, NQN, Host, NvmeStatus, SocketTransport, TargetProcess, controller,
+                       sparse)
 
 
 def test_identify_write_read_over_tcp(target, tmp_path):

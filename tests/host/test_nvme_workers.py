@@ -13,10 +13,10 @@ import uuid
 
 import pytest
 
-from nvmeof_target.control import Client, ControlError
+from nvmeof_target.control import Client
 from nvmeof_target.workers import SharedControllers
-from test_nvme_initiator import HOSTNQN, Host, SocketTransport
-from test_nvme_server import ROOT, free_port, sparse
+from conftest import ROOT, free_port
+from nvme_peer import HOSTNQN, Host, SocketTransport, sparse, wait_for_target
 
 NQN = "nqn.2014-08.org.zfs-ng:sr1:workers"
 
@@ -40,14 +40,7 @@ def workers(tmp_path):
          "127.0.0.1:%d" % port, "--state", str(tmp_path / "t.db"), "--socket", sock, "-v"],
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stderr=subprocess.PIPE,
         universal_newlines=True)
-    deadline = time.time() + 10
-    while True:
-        try:
-            Client(sock).stats()
-            break
-        except ControlError:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-            time.sleep(0.05)
+    wait_for_target(proc, sock, 10, proc.stderr.read)
     yield port, sock, proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -24,10 +24,7 @@ import sys
 import pytest
 
 from plugins import entry
-from conftest import free_port, run_as_unit
-from test_nbd_py36 import python36
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import ROOT, free_port, python36, run_as_unit
 SITE = "/usr/lib/python3.6/site-packages"
 PLUGINDIR = "/usr/libexec/xapi-storage-script"
 PLUGIN_DIRS = {entry.VOLUME_PLUGIN: PLUGINDIR + "/volume/" + entry.VOLUME_PLUGIN}

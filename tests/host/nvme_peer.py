@@ -1,13 +1,31 @@
-"""A tiny NVMe/TCP host written for the tests (not shipped): ICReq, Connect,
-properties, Identify, Read/Write with in-capsule data or R2T + H2CData.  It
-runs over any byte transport: a real socket, or the sans-IO Queue directly.
-Strict: it checks what the Linux host checks (hlen, digests, cid echo)."""
+"""The NVMe/TCP peers of the host tests (not shipped, not a test module).
 
+- Host: a tiny NVMe/TCP host: ICReq, Connect, properties, Identify,
+  Read/Write with in-capsule data or R2T + H2CData.  It runs over any byte
+  transport: a real socket (SocketTransport), or the sans-IO Queue directly
+  (QueueTransport).  Strict: it checks what the Linux host checks (hlen,
+  digests, cid echo).  controller(port, subnqn): an enabled admin queue.
+- TargetProcess: `zfs-ng target serve` as a real process on a free loopback
+  port (the `target` fixture of tests/host/conftest.py is one);
+  wait_for_target(proc, sock): until its control socket answers.
+- sparse(tmp_path): an image file; fill(path, size): random bytes written.
+- io_queue(target, path): NQN added for any host, admin + one I/O queue;
+  command(...) a pipelined command capsule, collect(io, cids) the responses.
+"""
+
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
+import uuid
 
 from nvmeof_target import pdu
 from nvmeof_target.command import build_sqe
+from nvmeof_target.control import Client, ControlError
+from conftest import ROOT, free_port
 
 CONNECT_DATA = struct.Struct("<16sH238x256s256s256x")
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555"
@@ -172,6 +190,114 @@ class Host(object):
                             cdw12=(len(data) // bs - 1) | ((1 << 30) if fua else 0)), data)
 
 
-def test_icreq_is_the_128_byte_layout_of_the_spec():
-    raw = pdu.icreq(dgst=3)
-    assert len(raw) == 128 and raw[:8] == bytes([0, 0, 128, 0, 128, 0, 0, 0]) and raw[11] == 3
+
+NQN = "nqn.2014-08.org.zfs-ng:sr1:vol-a"
+
+
+def wait_for_target(proc, sock, timeout=10.0, output=None):
+    """Until the target process proc answers on its control socket sock;
+    fails (with output(), if given) when it exits or the timeout passes."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError("target exited: %s" % (output() if output else proc.returncode))
+        try:
+            Client(sock).stats()
+            return
+        except ControlError:
+            if time.time() > deadline:
+                raise AssertionError("target did not start: %s" % (output() if output else ""))
+            time.sleep(0.05)
+
+
+class TargetProcess(object):
+    """`zfs-ng target serve` on a free port; args: more options; launcher:
+    what runs the CLI (conftest.GC_OFF: with the cycle collector off).  Its
+    log goes to a file (a busy target would fill a pipe nobody reads)."""
+
+    def __init__(self, tmp, args=(), launcher=(sys.executable, "-m", "sr_tools")):
+        self.state = str(tmp / "target.db")
+        self.sock = str(tmp / "target.sock")
+        self.log = str(tmp / "target.log")
+        self.port = free_port()
+        self.args = list(args)
+        self.launcher = list(launcher)
+        self.proc = None
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                self.launcher + ["target", "serve", "--listen", "127.0.0.1:%d" % self.port,
+                                 "--state", self.state, "--socket", self.sock, "-v"] + self.args,
+                cwd=ROOT, env=env, stderr=log)
+        wait_for_target(self.proc, self.sock, output=self.output)
+        return self
+
+    def output(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(10)
+        return rc, self.output()
+
+
+def sparse(tmp_path, name="vol.img", size=32 << 20):
+    p = str(tmp_path / name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+def fill(path, size):
+    """size random bytes written at the start of path; returns them."""
+    data = os.urandom(size)
+    with open(path, "r+b") as f:
+        f.write(data)
+    return data
+
+
+def controller(port, subnqn, hostnqn=HOSTNQN):
+    h = Host(SocketTransport(("127.0.0.1", port)))
+    h.icreq()
+    cntlid = h.connect(subnqn, hostnqn)
+    h.enable()
+    return h, cntlid
+
+
+def io_queue(t, path):
+    """path served as NQN (any host) by the TargetProcess t: (admin, io) hosts."""
+    Client(t.sock).add(NQN, path, str(uuid.uuid4()), allow_any_host=True)
+    admin, cntlid = controller(t.port, NQN)
+    io = Host(SocketTransport(("127.0.0.1", t.port)))
+    io.icreq()
+    io.connect(NQN, qid=1, cntlid=cntlid, sqsize=127, kato=0)
+    return admin, io
+
+
+def command(opcode, cid, slba=0, nbytes=0, data=b"", cdw12_extra=0):
+    """The capsule of an I/O command: a write's data in-capsule, a read's
+    length in a transport SGL."""
+    inline = opcode == 0x01
+    sqe = build_sqe(opcode=opcode, cid=cid, nsid=1, cdw10=slba,
+                    cdw12=(max(nbytes, len(data)) // 512 - 1 if opcode in (1, 2) else 0)
+                    | cdw12_extra, sgl_len=len(data) if inline else nbytes,
+                    sgl_id=pdu.SGL_INLINE if inline else pdu.SGL_TRANSPORT)
+    return pdu.capsule_cmd(sqe, data)
+
+
+def collect(io, cids):
+    """Responses, in any order (NVMe orders none) -> {cid: (status, data)}."""
+    got, res = {}, {}
+    while len(res) < len(cids):
+        ptype, flags, header, payload = io.next_pdu()
+        if ptype == pdu.C2H_DATA:
+            got[pdu.DATA_HDR.unpack(header)[5]] = payload
+        else:
+            assert ptype == pdu.RSP, ptype
+            rcid, status = pdu.RSP_HDR.unpack(header)[9:11]
+            assert rcid in cids and rcid not in res
+            res[rcid] = (status >> 1, got.pop(rcid, b""))
+    return res
