@@ -1,5 +1,7 @@
 """Identify data structures (4096 bytes each).  Offsets follow the Linux/libnvme
-struct nvme_id_ctrl / nvme_id_ns (checked with offsetof, see docs/nvme-tcp.md §3.4)."""
+struct nvme_id_ctrl / nvme_id_ns (include/linux/nvme.h); tests/host/test_nvme_protocol.py
+reads the fields back at those offsets, and tests/e2e/test_nvmeof.py through the
+kernel host's `nvme id-ctrl` / `nvme id-ns`."""
 
 import struct
 
