@@ -23,9 +23,10 @@ class PluginError(Exception):
         self.name = self.params[0] if self.params else None
 
 
-def call(scheme, method, env=None, netns=None, **params):
-    """env: variables to set (None: unset); netns: run the executable in that
-    network namespace (`ip netns exec`), as a host elsewhere would."""
+def call(scheme, method, env=None, **params):
+    """A datapath plugin call on this host (the node's namespaces; a host
+    elsewhere: tests/e2e/netns.py HostNs.datapath); env: variables to set
+    (None: unset)."""
     params.setdefault("dbg", "test")
     exe = os.path.join(DATAPATH, scheme, method)
     e = dict(os.environ)
@@ -34,8 +35,7 @@ def call(scheme, method, env=None, netns=None, **params):
             e.pop(k, None)
         else:
             e[k] = v
-    argv = ([] if netns is None else ["ip", "netns", "exec", netns]) + [exe, "--json"]
-    p = subprocess.run(argv, input=json.dumps(params) + "\n", stdout=subprocess.PIPE,
+    p = subprocess.run([exe, "--json"], input=json.dumps(params) + "\n", stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, universal_newlines=True, env=e, timeout=300)
     try:
         out = json.loads(p.stdout)

@@ -4,7 +4,8 @@ The storage node is the VM's root network namespace; a host is a namespace
 behind a veth pair, with its own /etc/nvme/hostnqn + hostid
 (/etc/netns/NAME/nvme, which `ip netns exec` bind-mounts over /etc/nvme).
 Its plugin calls run inside it (`ip netns exec`), as xapi-storage-script runs
-them on that host.  Block devices and sysfs are not per-namespace, so tests
+them on that host, with the host's own environment (HostNs.env): HostNs.call,
+and its shorthands volume(METHOD) and datapath(METHOD, uri=URI).  Block devices and sysfs are not per-namespace, so tests
 read the node's zvols directly to check data.
 
 NODE_COMMAND is the stand-in for ssh to the node: nsenter into pid 1's network
@@ -19,6 +20,8 @@ import shutil
 import subprocess
 
 from conftest import run
+from dp_helpers import DATAPATH, PluginError
+from volume_calls import PLUGIN_DIR, check_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,13 +39,26 @@ def _quiet(*argv):
     subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-class HostNs(object):
-    """A host namespace `name` at host_ip, the node's end at node_ip (/24)."""
+def disconnect_all(hostnqn):
+    """`nvme disconnect` every controller connected as hostnqn."""
+    for d in os.listdir("/sys/class/nvme") if os.path.isdir("/sys/class/nvme") else []:
+        try:
+            with open("/sys/class/nvme/%s/hostnqn" % d) as f:
+                if f.read().strip() == hostnqn:
+                    _quiet("nvme", "disconnect", "-d", d)
+        except OSError:
+            pass
 
-    def __init__(self, name, node_ip, host_ip, hostnqn, hostid):
+
+class HostNs(object):
+    """A host namespace `name` at host_ip, the node's end at node_ip (/24);
+    env: the host's variables for its plugin calls (None: unset)."""
+
+    def __init__(self, name, node_ip, host_ip, hostnqn, hostid, env=None):
         self.name = name
         self.node_ip, self.host_ip = node_ip, host_ip
         self.hostnqn, self.hostid = hostnqn, hostid
+        self.env = dict(env or {})
         short = name[-8:]
         self.node_if, self.host_if = "n-" + short, "h-" + short
         self.etc = "/etc/netns/%s/nvme" % name
@@ -50,14 +66,18 @@ class HostNs(object):
     def run(self, *argv, **kw):
         return run("ip", "netns", "exec", self.name, *argv, **kw)
 
+    def environ(self, env=None):
+        """os.environ with the host's variables, then env's, set (None: unset)."""
+        e = dict(os.environ)
+        for k, v in dict(self.env, **(env or {})).items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
+        return e
+
     def teardown(self):
-        for d in os.listdir("/sys/class/nvme") if os.path.isdir("/sys/class/nvme") else []:
-            try:
-                with open("/sys/class/nvme/%s/hostnqn" % d) as f:
-                    if f.read().strip() == self.hostnqn:
-                        _quiet("nvme", "disconnect", "-d", d)
-            except OSError:
-                pass
+        disconnect_all(self.hostnqn)
         _quiet("ip", "link", "del", self.node_if)       # deletes its peer too
         _quiet("ip", "netns", "del", self.name)
         shutil.rmtree("/etc/netns/%s" % self.name, ignore_errors=True)
@@ -80,21 +100,35 @@ class HostNs(object):
         assert self.run("cat", "/etc/nvme/hostnqn").stdout.strip() == self.hostnqn
         return self
 
-    def plugin(self, exe, params, env, timeout=300):
-        """Run a plugin executable in the namespace: (rc, decoded stdout, stderr)."""
-        e = dict(os.environ)
-        for k, v in env.items():
-            if v is None:
-                e.pop(k, None)
-            else:
-                e[k] = v
+    def call(self, exe, fails=False, env=None, timeout=300, **params):
+        """A plugin call on this host, as xapi-storage-script makes it: exe
+        (a plugin executable) in the namespace with the host's environment
+        (and env's variables).  Its result; a failure raises PluginError, or
+        with fails=True is returned (the error JSON), its shape checked."""
+        params.setdefault("dbg", "test")
         p = subprocess.run(["ip", "netns", "exec", self.name, exe, "--json"],
                            input=json.dumps(params) + "\n", stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, universal_newlines=True, env=e,
-                           timeout=timeout)
+                           stderr=subprocess.PIPE, universal_newlines=True,
+                           env=self.environ(env), timeout=timeout)
         assert "Traceback" not in p.stdout, p.stdout
         try:
-            return p.returncode, json.loads(p.stdout), p.stderr
+            doc = json.loads(p.stdout)
         except ValueError:
             raise AssertionError("%s: not JSON on stdout (rc %d): %r\nstderr: %s"
                                  % (exe, p.returncode, p.stdout, p.stderr))
+        if fails:
+            assert p.returncode != 0, (exe, params, doc)
+        if p.returncode != 0:
+            check_error(doc)
+            if not fails:
+                raise PluginError(dict(doc, stderr=p.stderr))
+        return doc
+
+    def volume(self, method, **params):
+        """A volume plugin call on this host (call's fails, env, timeout)."""
+        return self.call(os.path.join(PLUGIN_DIR, method), **params)
+
+    def datapath(self, method, uri, **params):
+        """A call of the datapath plugin of uri's scheme on this host."""
+        scheme = uri.split("://", 1)[0]
+        return self.call(os.path.join(DATAPATH, scheme, method), uri=uri, **params)

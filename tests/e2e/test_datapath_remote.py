@@ -3,17 +3,18 @@
 The storage node is the VM's root network namespace: the SR publishes
 nvme+tcp://10.77.0.1:PORT/... and our NVMe/TCP target listens on 10.77.0.1.
 The remote host "h2" is the network namespace zfsng-h2 behind a veth pair
-(10.77.0.2).  Its datapath calls run inside it (`ip netns exec`, as
-xapi-storage-script would run them on that host), with
+(10.77.0.2), a tests/e2e/netns.py HostNs.  Its datapath calls run inside it
+(`ip netns exec`, as xapi-storage-script would run them on that host), with
 
   * its own /etc/nvme/hostnqn and hostid: /etc/netns/zfsng-h2/nvme/, which
     `ip netns exec` bind-mounts over /etc/nvme (ZFSNG_HOSTNQN is NOT set, so
     the datapath's default host NQN is what is tested);
   * its own attachment state (ZFSNG_RUN_DIR) and no target socket;
   * ZFSNG_NODE_COMMAND to reach the node.  On XCP-ng that is ssh; here the
-    stand-in for ssh is `nsenter --net=/proc/1/ns/net --mount=/proc/1/ns/mnt`,
-    which runs `python3 -m plugins.node_ops` in the node's network and
-    mount namespaces (the node's /etc, /sys, /run).
+    stand-in for ssh is netns.node_command: `nsenter --net=/proc/1/ns/net
+    --mount=/proc/1/ns/mnt` with a clean environment, which runs
+    `python3 -m plugins.node_ops` in the node's network and mount namespaces
+    (the node's /etc, /sys, /run).
 
 The kernel initiator opens its TCP sockets in the netns of the process that
 writes /dev/nvme-fabrics (drivers/nvme/host/tcp.c nvme_tcp_alloc_queue:
@@ -34,6 +35,7 @@ import sys
 import pytest
 
 from conftest import make_file_vdevs, run
+from netns import HostNs, disconnect_all, node_command
 from dp_helpers import (PluginError, call, destroy_pool, impl, make_sr, make_volume, pattern,
                         pread, pwrite, serving_target, uri_of)
 from nvmeof_target.control import Client, ControlError
@@ -41,79 +43,34 @@ from plugins.datapath import nvme_host
 
 NVME = "nvme+tcp"
 RAW = "zfsng-raw"
-NS = "zfsng-h2"
-NODE_IF, HOST_IF = "zfsng-n0", "zfsng-h0"
 NODE_IP, HOST_IP = "10.77.0.1", "10.77.0.2"
 PORT = 4424
 SOCK = "/run/zfs-ng/dp-remote-target.sock"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ETC = "/etc/netns/%s/nvme" % NS
 MiB = 1 << 20
 
 H2_NQN = "nqn.2014-08.org.zfs-ng:netns-h2"
 H2_ID = "6f1c2a8e-5d0b-4c1e-9a37-2b8d4e6f0a12"
 HOST_A = "nqn.2014-08.org.zfs-ng:test-host-a"
 
-NODE_COMMAND = ["nsenter", "--net=/proc/1/ns/net", "--mount=/proc/1/ns/mnt", "--",
-                "env", "ZFSNG_TARGET_SOCKET=" + SOCK, "python3", "-m", "plugins.node_ops"]
-H2 = {"ZFSNG_RUN_DIR": "/run/zfsng-h2", "ZFSNG_NODE_COMMAND": json.dumps(NODE_COMMAND),
+H2 = {"ZFSNG_RUN_DIR": "/run/zfsng-h2",
+      "ZFSNG_NODE_COMMAND": json.dumps(node_command(ZFSNG_TARGET_SOCKET=SOCK)),
       "ZFSNG_HOSTNQN": None, "ZFSNG_TARGET_SOCKET": None}
+HOST2 = HostNs("zfsng-h2", NODE_IP, HOST_IP, H2_NQN, H2_ID, env=H2)
+h2 = HOST2.datapath                            # h2(METHOD, uri=URI, ...): a call on h2
 # a host in the root netns, next to the node (node ops in-process)
 A = {"ZFSNG_RUN_DIR": "/run/zfsng-host-a", "ZFSNG_HOSTNQN": HOST_A, "ZFSNG_TARGET_SOCKET": SOCK,
      "ZFSNG_NODE_COMMAND": None}
 
 
-def h2(method, **params):
-    return call(NVME, method, env=H2, netns=NS, **params)
-
-
-def in_ns(*argv, **kw):
-    return run("ip", "netns", "exec", NS, *argv, **kw)
-
-
-def _quiet(*argv):
-    subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _disconnect_all(hostnqn):
-    for d in os.listdir("/sys/class/nvme"):
-        try:
-            with open("/sys/class/nvme/%s/hostnqn" % d) as f:
-                if f.read().strip() == hostnqn:
-                    _quiet("nvme", "disconnect", "-d", d)
-        except OSError:
-            pass
-
-
-def _teardown_netns():
-    _disconnect_all(H2_NQN)
-    _quiet("ip", "link", "del", NODE_IF)       # deletes its peer too
-    _quiet("ip", "netns", "del", NS)
-    shutil.rmtree("/etc/netns/%s" % NS, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def netns():
-    _teardown_netns()                          # what a killed earlier run left
     try:
-        run("ip", "netns", "add", NS)
-        run("ip", "link", "add", NODE_IF, "type", "veth", "peer", "name", HOST_IF)
-        run("ip", "link", "set", HOST_IF, "netns", NS)
-        run("ip", "addr", "add", NODE_IP + "/24", "dev", NODE_IF)
-        run("ip", "link", "set", NODE_IF, "up")
-        run("ip", "-n", NS, "addr", "add", HOST_IP + "/24", "dev", HOST_IF)
-        run("ip", "-n", NS, "link", "set", HOST_IF, "up")
-        run("ip", "-n", NS, "link", "set", "lo", "up")
-        os.makedirs(ETC)
-        with open(os.path.join(ETC, "hostnqn"), "w") as f:
-            f.write(H2_NQN + "\n")
-        with open(os.path.join(ETC, "hostid"), "w") as f:
-            f.write(H2_ID + "\n")
-        assert in_ns("cat", "/etc/nvme/hostnqn").stdout.strip() == H2_NQN
+        HOST2.setup()
         assert open("/etc/nvme/hostnqn").read().strip() != H2_NQN
-        yield NS
+        yield HOST2
     finally:
-        _teardown_netns()
+        HOST2.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +84,19 @@ def node(netns):
             try:
                 yield pool
             finally:
-                _disconnect_all(H2_NQN)     # before the target goes
-                _disconnect_all(HOST_A)
+                disconnect_all(H2_NQN)      # before the target goes
+                disconnect_all(HOST_A)
     finally:
         destroy_pool(pool)
         os.unlink(vdev)
 
 
-def tcp_ends(netns=None, **filt):
+def tcp_ends(in_h2=False, **filt):
     """(local, peer) of the established TCP connections matching an ss filter."""
     argv = ["ss", "-tnH", "state", "established"]
     for k, v in filt.items():
         argv += [k, v]
-    out = (in_ns(*argv) if netns else run(*argv)).stdout
+    out = (HOST2.run(*argv) if in_h2 else run(*argv)).stdout
     return sorted((f[-2], f[-1]) for f in (l.split() for l in out.splitlines()) if len(f) >= 2)
 
 
@@ -151,17 +108,15 @@ def served(subnqn):
 
 def plain_connect(subnqn):
     """`nvme connect` in the netns with nothing but its /etc/nvme host NQN and id."""
-    return subprocess.run(["ip", "netns", "exec", NS, "nvme", "connect", "-t", "tcp",
-                           "-a", NODE_IP, "-s", str(PORT), "-n", subnqn],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True)
+    return HOST2.run("nvme", "connect", "-t", "tcp", "-a", NODE_IP, "-s", str(PORT),
+                     "-n", subnqn, check=False)
 
 
-def fio(dev, *args, netns=None):
+def fio(dev, *args, in_h2=False):
     argv = ["fio", "--ioengine=libaio", "--direct=1", "--verify_state_save=0", "--randseed=7",
             "--filename=" + dev, "--name=remote", "--rw=randwrite", "--bs=4k", "--offset=8M",
             "--size=4M", "--iodepth=8", "--verify=crc32c"] + list(args)
-    return in_ns(*argv) if netns else run(*argv)
+    return HOST2.run(*argv) if in_h2 else run(*argv)
 
 
 def test_remote_host_in_netns_attach_fio_detach_revoke(node):
@@ -181,7 +136,7 @@ def test_remote_host_in_netns_attach_fio_detach_revoke(node):
     assert open("/sys/class/nvme/%s/hostid" % ctrls[0]).read().strip() == H2_ID
     # the TCP connections belong to the netns: host end 10.77.0.2 in there, and
     # the node's root netns holds only the target's end of them
-    host_side = tcp_ends(NS, dst="%s:%d" % (NODE_IP, PORT))
+    host_side = tcp_ends(in_h2=True, dst="%s:%d" % (NODE_IP, PORT))
     assert host_side and all(l.startswith(HOST_IP + ":") for l, _ in host_side)
     node_side = tcp_ends(src="%s:%d" % (NODE_IP, PORT))
     assert sorted(p for _, p in node_side) == sorted(l for l, _ in host_side)
@@ -189,8 +144,8 @@ def test_remote_host_in_netns_attach_fio_detach_revoke(node):
     assert served(subnqn)["allowed_hosts"] == [H2_NQN]
 
     h2("Datapath.activate", uri=uri, domain="7")
-    fio(dev, "--do_verify=1", netns=NS)
-    in_ns(sys.executable, "-c", "import os; fd = os.open(%r, os.O_WRONLY); "
+    fio(dev, "--do_verify=1", in_h2=True)
+    HOST2.run(sys.executable, "-c", "import os; fd = os.open(%r, os.O_WRONLY); "
           "os.pwrite(fd, (b'%%08d' %% 31) * %d, %d); os.fsync(fd)" % (dev, MiB // 8, 40 * MiB))
     h2("Datapath.deactivate", uri=uri, domain="7")
     h2("Datapath.detach", uri=uri, domain="7")
@@ -198,7 +153,7 @@ def test_remote_host_in_netns_attach_fio_detach_revoke(node):
 
     assert nvme_host.controllers(subnqn, H2_NQN) == []
     assert not os.path.exists(dev) or nvme_host.find_namespace(vol["key"]) is None
-    assert tcp_ends(NS, dst="%s:%d" % (NODE_IP, PORT)) == []
+    assert tcp_ends(in_h2=True, dst="%s:%d" % (NODE_IP, PORT)) == []
     with pytest.raises(ControlError):          # the node revoked its last host
         served(subnqn)
     assert plain_connect(subnqn).returncode != 0
@@ -272,16 +227,9 @@ def test_remote_host_refused_ungranted_and_activated_on_another_host(node):
 
 
 def h2_cli(*args):
-    env = dict(os.environ)
-    for k, v in H2.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    p = subprocess.run(["ip", "netns", "exec", NS, sys.executable, "-m", "sr_tools", "vol"]
-                       + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       universal_newlines=True, env=env, cwd=ROOT, timeout=300)
-    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    p = HOST2.run(sys.executable, "-m", "sr_tools", "vol", *args, env=HOST2.environ(), cwd=ROOT,
+                  timeout=300)
+    assert "Traceback" not in p.stderr, p.stdout + p.stderr
     return json.loads(p.stdout)
 
 

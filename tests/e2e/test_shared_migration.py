@@ -31,9 +31,9 @@ import uuid
 import pytest
 
 from conftest import make_file_vdevs
-from dp_helpers import DATAPATH, copy_pki, destroy_pool, impl, serving_nbd_node, serving_target
+from dp_helpers import copy_pki, destroy_pool, impl, serving_nbd_node, serving_target
 from netns import HostNs, node_command
-from volume_calls import PLUGIN_DIR, call as node_call, check_error
+from volume_calls import call as node_call
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -56,47 +56,28 @@ def host_env(run_dir, schemes, cert_dir=None):
             "ZFSNG_NBD_CLIENT_DIR": cert_dir}
 
 
-class Host(object):
-    def __init__(self, ns, env):
-        self.ns, self.env = ns, env
-
-    def call(self, exe, fails=False, **params):
-        params.setdefault("dbg", "test")
-        rc, doc, err = self.ns.plugin(exe, params, self.env)
-        if fails:
-            assert rc != 0, (exe, doc)
-            check_error(doc)
-            return doc
-        assert rc == 0, (exe, params, doc, err)
-        return doc
-
-    def volume(self, method, **params):
-        return self.call(os.path.join(PLUGIN_DIR, method), **params)
-
-    def datapath(self, uri, method, fails=False, **params):
-        scheme = uri.split("://", 1)[0]
-        return self.call(os.path.join(DATAPATH, scheme, method), fails=fails, uri=uri, **params)
-
-    def fio(self, dev, offset, *args):
-        """fio in this host's namespace; (returncode, parsed JSON or None, stderr)."""
-        argv = ["fio", "--output-format=json", "--ioengine=libaio", "--direct=1",
-                "--filename=" + dev, "--name=guest", "--bs=64k", "--iodepth=8",
-                "--offset=%d" % offset, "--size=%d" % REGION, "--verify=crc32c",
-                "--verify_state_save=0", "--randseed=%d" % (offset // MiB + 1)] + list(args)
-        p = self.ns.run(*argv, check=False, timeout=1200)
-        try:
-            out = json.loads(p.stdout[p.stdout.index("{"):])
-        except ValueError:
-            out = None
-        return p.returncode, out, p.stderr
+def fio(host, dev, offset, *args):
+    """fio in host's namespace; (returncode, parsed JSON or None, stderr)."""
+    argv = ["fio", "--output-format=json", "--ioengine=libaio", "--direct=1",
+            "--filename=" + dev, "--name=guest", "--bs=64k", "--iodepth=8",
+            "--offset=%d" % offset, "--size=%d" % REGION, "--verify=crc32c",
+            "--verify_state_save=0", "--randseed=%d" % (offset // MiB + 1)] + list(args)
+    p = host.run(*argv, check=False, timeout=1200)
+    try:
+        out = json.loads(p.stdout[p.stdout.index("{"):])
+    except ValueError:
+        out = None
+    return p.returncode, out, p.stderr
 
 
 @pytest.fixture(scope="module")
 def pool_of_hosts():
     ns_a = HostNs("zfsng-ma", NVME_IP, "10.82.0.2", A_NQN,
-                  "5a1d3c2b-4e5f-4a6b-8c7d-9e0f1a2b3c4d").setup()
+                  "5a1d3c2b-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+                  env=host_env("/run/zfsng-ma", "nvme+tcp")).setup()
     ns_c = HostNs("zfsng-mc", NBD_IP, "10.81.0.2", C_NQN,
-                  "6b2e4d3c-5f6a-4b7c-9d8e-0f1a2b3c4d5e").setup()
+                  "6b2e4d3c-5f6a-4b7c-9d8e-0f1a2b3c4d5e",
+                  env=host_env("/run/zfsng-mc", "nbd+tls", os.path.join(PKI, "h2"))).setup()
     copy_pki(PKI)
     vdev = make_file_vdevs(1, 1 << 30)[0]
     config = {"device": vdev, "node": NVME_IP, "nvme-node": "%s:%d" % (NVME_IP, NVME_PORT),
@@ -109,9 +90,7 @@ def pool_of_hosts():
                               "/var/lib/zfsng-test/migration-serve-node.log"), \
                 serving_target("%s:%d" % (NVME_IP, NVME_PORT),
                                "/var/lib/zfsng-test/migration-target.db", SOCK):
-            a = Host(ns_a, host_env("/run/zfsng-ma", "nvme+tcp"))
-            c = Host(ns_c, host_env("/run/zfsng-mc", "nbd+tls", os.path.join(PKI, "h2")))
-            yield {"a": a, "c": c, "config": config, "pool": pool}
+            yield {"a": ns_a, "c": ns_c, "config": config, "pool": pool}
     finally:
         ns_a.teardown()
         ns_c.teardown()
@@ -123,10 +102,10 @@ def pool_of_hosts():
 def handoff(src, src_uri, dst, dst_uri, dom):
     """Source deactivates, destination activates: seconds between the two."""
     t0 = time.time()
-    src.datapath(src_uri, "Datapath.deactivate", domain=dom)
-    dst.datapath(dst_uri, "Datapath.activate", domain=dom)
+    src.datapath("Datapath.deactivate", uri=src_uri, domain=dom)
+    dst.datapath("Datapath.activate", uri=dst_uri, domain=dom)
     took = time.time() - t0
-    src.datapath(src_uri, "Datapath.detach", domain=dom)
+    src.datapath("Datapath.detach", uri=src_uri, domain=dom)
     return took
 
 
@@ -151,33 +130,33 @@ def test_migration_nvme_to_nbd_and_back_with_fio_verify(pool_of_hosts):
     figures = {}
 
     # -- the VM runs on A: its disk over NVMe/TCP
-    dev_a = impl(a.datapath(ua, "Datapath.attach", domain=dom), "BlockDevice")["path"]
-    a.datapath(ua, "Datapath.activate", domain=dom)
-    rc, out, err = a.fio(dev_a, 0, "--rw=randwrite", "--do_verify=0")
+    dev_a = impl(a.datapath("Datapath.attach", uri=ua, domain=dom), "BlockDevice")["path"]
+    a.datapath("Datapath.activate", uri=ua, domain=dom)
+    rc, out, err = fio(a, dev_a, 0, "--rw=randwrite", "--do_verify=0")
     assert rc == 0 and out["jobs"][0]["error"] == 0, err
     figures["nvme+tcp write MiB/s"] = bw_mib(out)
 
     # -- migration A -> C: C attaches first, cannot activate while A is active
-    dev_c = impl(c.datapath(uc, "Datapath.attach", domain=dom), "BlockDevice")["path"]
-    err = c.datapath(uc, "Datapath.activate", fails=True, domain=dom)
+    dev_c = impl(c.datapath("Datapath.attach", uri=uc, domain=dom), "BlockDevice")["path"]
+    err = c.datapath("Datapath.activate", uri=uc, fails=True, domain=dom)
     assert err["params"][0] == "Activated_on_another_host", err
     figures["handoff nvme+tcp -> nbd+tls s"] = handoff(a, ua, c, uc, dom)
-    rc, out, err = c.fio(dev_c, 0, "--rw=randwrite", "--verify_only")
+    rc, out, err = fio(c, dev_c, 0, "--rw=randwrite", "--verify_only")
     assert rc == 0 and out["jobs"][0]["error"] == 0, ("A's writes, read on C", err)
-    rc, out, err = c.fio(dev_c, REGION, "--rw=randwrite", "--do_verify=0")
+    rc, out, err = fio(c, dev_c, REGION, "--rw=randwrite", "--do_verify=0")
     assert rc == 0 and out["jobs"][0]["error"] == 0, err
     figures["nbd+tls write MiB/s"] = bw_mib(out)
 
     # -- and back C -> A
-    dev_a = impl(a.datapath(ua, "Datapath.attach", domain=dom), "BlockDevice")["path"]
-    err = a.datapath(ua, "Datapath.activate", fails=True, domain=dom)
+    dev_a = impl(a.datapath("Datapath.attach", uri=ua, domain=dom), "BlockDevice")["path"]
+    err = a.datapath("Datapath.activate", uri=ua, fails=True, domain=dom)
     assert err["params"][0] == "Activated_on_another_host", err
     figures["handoff nbd+tls -> nvme+tcp s"] = handoff(c, uc, a, ua, dom)
     for off in (0, REGION):
-        rc, out, err = a.fio(dev_a, off, "--rw=randwrite", "--verify_only")
+        rc, out, err = fio(a, dev_a, off, "--rw=randwrite", "--verify_only")
         assert rc == 0 and out["jobs"][0]["error"] == 0, ("verify on A", off, err)
-    a.datapath(ua, "Datapath.deactivate", domain=dom)
-    a.datapath(ua, "Datapath.detach", domain=dom)
+    a.datapath("Datapath.deactivate", uri=ua, domain=dom)
+    a.datapath("Datapath.detach", uri=ua, domain=dom)
     print("\nmigration figures (TCG VM): " + json.dumps(
         {k: round(v, 2) for k, v in figures.items()}, sort_keys=True))
     a.volume("SR.detach", sr=sr_a)

@@ -24,10 +24,10 @@ import uuid
 import pytest
 
 from conftest import make_file_vdevs, run
-from dp_helpers import DATAPATH, PluginError, call as dp_call, destroy_pool, impl, pattern, pread, serving_target
+from dp_helpers import PluginError, call as dp_call, destroy_pool, impl, pattern, pread, serving_target
 from netns import HostNs, node_command
 from nvmeof_target.control import Client
-from volume_calls import PLUGIN_DIR, call as node_call, check_error
+from volume_calls import call as node_call
 
 NODE_IP, B_IP = "10.78.0.1", "10.78.0.2"
 PORT = 4426
@@ -44,40 +44,11 @@ B_ENV = {"ZFSNG_RUN_DIR": "/run/zfsng-hb", "ZFSNG_NODE_RUN_DIR": None,
 
 @pytest.fixture(scope="module")
 def hb():
-    ns = HostNs("zfsng-hb", NODE_IP, B_IP, B_NQN, B_ID)
+    ns = HostNs("zfsng-hb", NODE_IP, B_IP, B_NQN, B_ID, env=B_ENV)
     try:
         yield ns.setup()
     finally:
         ns.teardown()
-
-
-def b_call(hb, method, env=None, **params):
-    """A volume plugin call on host B: its result, or the failure (rc, error JSON)."""
-    params.setdefault("dbg", "test")
-    rc, doc, err = hb.plugin(os.path.join(PLUGIN_DIR, method), params, dict(B_ENV, **(env or {})))
-    if rc != 0:
-        check_error(doc)
-        raise BFailed(doc, err)
-    return doc
-
-
-def b_datapath(hb, method, fails=False, env=None, **params):
-    params.setdefault("dbg", "test")
-    rc, doc, err = hb.plugin(os.path.join(DATAPATH, "nvme+tcp", method), params,
-                             dict(B_ENV, **(env or {})))
-    if fails:
-        assert rc != 0, (method, doc)
-        check_error(doc)
-        return doc
-    assert rc == 0, (method, doc, err)
-    return doc
-
-
-class BFailed(Exception):
-    def __init__(self, doc, err):
-        Exception.__init__(self, "%s\n%s" % (doc, err))
-        self.doc = doc
-        self.name = doc["params"][0]
 
 
 def root_prop(pool, prop):
@@ -97,7 +68,7 @@ def shared(hb):
     sr_uuid = str(uuid.uuid4())
     before = pools()
     config = {"device": vdev, "node": NODE_IP, "nvme-node": "%s:%d" % (NODE_IP, PORT)}
-    out = b_call(hb, "SR.create", uuid=sr_uuid, configuration=config, name="shared",
+    out = hb.volume("SR.create", uuid=sr_uuid, configuration=config, name="shared",
                  description="made on host B")
     pool = out.get("pool")
     try:
@@ -124,11 +95,11 @@ def test_pbd_plug_on_every_host(hb, shared):
     config = shared["config"]
     pool = config["pool"]
     assert node_call("SR.attach", configuration=config) == pool
-    sr_b = b_call(hb, "SR.attach", configuration=config)
+    sr_b = hb.volume("SR.attach", configuration=config)
     assert sr_b == "zfs-ng://%s/%s" % (NODE_IP, pool)
-    assert b_call(hb, "SR.attach", configuration=config) == sr_b
+    assert hb.volume("SR.attach", configuration=config) == sr_b
     assert root_prop(pool, "remote-hosts") == [B_NQN]      # B's identity: its host NQN
-    stat_b = b_call(hb, "SR.stat", sr=sr_b)
+    stat_b = hb.volume("SR.stat", sr=sr_b)
     stat_n = node_call("SR.stat", sr=pool)
     for k in ("uuid", "name", "description", "health", "total_space"):
         assert stat_b[k] == stat_n[k], k
@@ -143,7 +114,7 @@ def test_volume_calls_on_b_run_on_the_node(hb, shared):
     if "sr_b" not in shared:
         pytest.skip("needs test_pbd_plug_on_every_host")
     pool, sr_b = shared["config"]["pool"], shared["sr_b"]
-    vol = b_call(hb, "Volume.create", sr=sr_b, name="disk on B", description="d",
+    vol = hb.volume("Volume.create", sr=sr_b, name="disk on B", description="d",
                  size=32 * MiB, sharable=False)
     key = vol["key"]
     assert run("zfs", "list", "-H", "-o", "name", "%s/zfs-ng/%s" % (pool, key)).returncode == 0
@@ -153,30 +124,30 @@ def test_volume_calls_on_b_run_on_the_node(hb, shared):
     assert any(u.startswith("zfsng-raw://") for u in on_node["uri"])   # the node's own
     assert [u for u in on_node["uri"] if u.startswith("nvme+tcp")] == vol["uri"]
     # B may prefer NBD: no nbd-node on this SR, so it is left with nothing
-    assert b_call(hb, "Volume.stat", sr=sr_b, key=key,
+    assert hb.volume("Volume.stat", sr=sr_b, key=key,
                   env={"ZFSNG_REMOTE_DATAPATHS": "nbd+tls"})["uri"] == []
 
-    snap = b_call(hb, "Volume.snapshot", sr=sr_b, key=key)
-    clone = b_call(hb, "Volume.clone", sr=sr_b, key=snap["key"])
-    b_call(hb, "Volume.set", sr=sr_b, key=key, k="vdi-type", v="user")
-    b_call(hb, "Volume.set_name", sr=sr_b, key=key, new_name="renamed on B")
-    b_call(hb, "Volume.resize", sr=sr_b, key=key, new_size=48 * MiB)
+    snap = hb.volume("Volume.snapshot", sr=sr_b, key=key)
+    clone = hb.volume("Volume.clone", sr=sr_b, key=snap["key"])
+    hb.volume("Volume.set", sr=sr_b, key=key, k="vdi-type", v="user")
+    hb.volume("Volume.set_name", sr=sr_b, key=key, new_name="renamed on B")
+    hb.volume("Volume.resize", sr=sr_b, key=key, new_size=48 * MiB)
     st = node_call("Volume.stat", sr=pool, key=key)
     assert st["name"] == "renamed on B" and st["keys"].get("vdi-type") == "user"
     assert st["virtual_size"] >= 48 * MiB
-    keys_b = sorted(v["key"] for v in b_call(hb, "SR.ls", sr=sr_b))
+    keys_b = sorted(v["key"] for v in hb.volume("SR.ls", sr=sr_b))
     keys_n = sorted(v["key"] for v in node_call("SR.ls", sr=pool))
     assert keys_b == keys_n and {key, snap["key"], clone["key"]} <= set(keys_b)
 
-    with pytest.raises(BFailed) as e:
-        b_call(hb, "Volume.stat", sr=sr_b, key=str(uuid.uuid4()))
+    with pytest.raises(PluginError) as e:
+        hb.volume("Volume.stat", sr=sr_b, key=str(uuid.uuid4()))
     assert e.value.name == "Volume_does_not_exist"
-    with pytest.raises(BFailed) as e:
-        b_call(hb, "SR.stat", sr="zfs-ng://%s/no;pool" % NODE_IP)
+    with pytest.raises(PluginError) as e:
+        hb.volume("SR.stat", sr="zfs-ng://%s/no;pool" % NODE_IP)
     assert e.value.name == "SR_does_not_exist"
 
-    b_call(hb, "Volume.destroy", sr=sr_b, key=clone["key"])
-    b_call(hb, "Volume.destroy", sr=sr_b, key=clone["key"])          # idempotent
+    hb.volume("Volume.destroy", sr=sr_b, key=clone["key"])
+    hb.volume("Volume.destroy", sr=sr_b, key=clone["key"])          # idempotent
     assert clone["key"] not in [v["key"] for v in node_call("SR.ls", sr=pool)]
     shared["key"] = key
 
@@ -188,19 +159,19 @@ def test_vm_on_b_writes_through_nvme_tcp_to_the_node(hb, shared):
     if "key" not in shared:
         pytest.skip("needs test_volume_calls_on_b_run_on_the_node")
     pool, sr_b, key = shared["config"]["pool"], shared["sr_b"], shared["key"]
-    uri = b_call(hb, "Volume.stat", sr=sr_b, key=key)["uri"][0]
+    uri = hb.volume("Volume.stat", sr=sr_b, key=key)["uri"][0]
     state = "/var/lib/zfsng-test/shared-sr-target.db"
     with serving_target("%s:%d" % (NODE_IP, PORT), state, SOCK):
-        res = b_datapath(hb, "Datapath.attach", uri=uri, domain="5")
+        res = hb.datapath("Datapath.attach", uri=uri, domain="5")
         dev = impl(res, "BlockDevice")["path"]
-        b_datapath(hb, "Datapath.activate", uri=uri, domain="5")
+        hb.datapath("Datapath.activate", uri=uri, domain="5")
         data = pattern(3, MiB)
         hb.run("python3", "-c", "import os,sys; fd=os.open(%r, os.O_WRONLY); "
                "os.pwrite(fd, bytes.fromhex(sys.stdin.read()), %d); os.fsync(fd)"
                % (dev, 4 * MiB), input=data.hex())
-        b_datapath(hb, "Datapath.deactivate", uri=uri, domain="5")
-        b_datapath(hb, "Datapath.detach", uri=uri, domain="5")
-        b_datapath(hb, "Datapath.detach", uri=uri, domain="5")
+        hb.datapath("Datapath.deactivate", uri=uri, domain="5")
+        hb.datapath("Datapath.detach", uri=uri, domain="5")
+        hb.datapath("Datapath.detach", uri=uri, domain="5")
     zvol = "/dev/zvol/%s/zfs-ng/%s" % (pool, key)
     node_call("Volume.stat", sr=pool, key=key)
     # the zvol link exists while something uses the volume: read it through a
@@ -226,7 +197,7 @@ def test_toolstack_on_b_plug_scan_and_vm_start(hb, shared):
     from toolstack import VBD, VM, Host, implementations_of_backend
     pool, key = shared["config"]["pool"], shared["key"]
     workdir = "/run/zfsng-shared-toolstack"
-    host = Host(workdir, "hostB", tapctl=None, netns=hb.name, extra_env=B_ENV).start()
+    host = Host(workdir, "hostB", tapctl=None, netns=hb.name, extra_env=hb.env).start()
     assert "nvme+tcp" in host.xss.datapaths
     sr = host.xapi.sr_introduce("shared", sr_uuid=shared["uuid"])
     host.xapi.pbd_create(sr, shared["config"])
@@ -251,7 +222,7 @@ def test_toolstack_on_b_plug_scan_and_vm_start(hb, shared):
             vm.shutdown()
         host.xapi.pbd_unplug(sr)
     assert root_prop(pool, "remote-hosts") == []          # B's PBD.unplug: B's record gone
-    assert b_call(hb, "SR.attach", configuration=shared["config"]) == shared["sr_b"]
+    assert hb.volume("SR.attach", configuration=shared["config"]) == shared["sr_b"]
     assert root_prop(pool, "remote-hosts") == [B_NQN]
 
 
@@ -262,28 +233,28 @@ def test_one_read_write_host_the_node_included(hb, shared):
     if "key" not in shared:
         pytest.skip("needs test_volume_calls_on_b_run_on_the_node")
     pool, sr_b, key = shared["config"]["pool"], shared["sr_b"], shared["key"]
-    uri_b = b_call(hb, "Volume.stat", sr=sr_b, key=key)["uri"][0]
+    uri_b = hb.volume("Volume.stat", sr=sr_b, key=key)["uri"][0]
     raw = "zfsng-raw://%s/%s" % (pool, key)
     state = "/var/lib/zfsng-test/shared-sr-target.db"
     with serving_target("%s:%d" % (NODE_IP, PORT), state, SOCK):
-        b_datapath(hb, "Datapath.attach", uri=uri_b, domain="6")
+        hb.datapath("Datapath.attach", uri=uri_b, domain="6")
         try:
             dp_call("zfsng-raw", "Datapath.attach", uri=raw, domain="8")
             try:
                 dp_call("zfsng-raw", "Datapath.activate", uri=raw, domain="8")
-                err = b_datapath(hb, "Datapath.activate", fails=True, uri=uri_b, domain="6")
+                err = hb.datapath("Datapath.activate", fails=True, uri=uri_b, domain="6")
                 assert err["params"][0] == "Activated_on_another_host", err
                 dp_call("zfsng-raw", "Datapath.deactivate", uri=raw, domain="8")
-                b_datapath(hb, "Datapath.activate", uri=uri_b, domain="6")
+                hb.datapath("Datapath.activate", uri=uri_b, domain="6")
                 with pytest.raises(PluginError) as e:
                     dp_call("zfsng-raw", "Datapath.activate", uri=raw, domain="8")
                 assert e.value.name == "Activated_on_another_host", e.value
-                b_datapath(hb, "Datapath.deactivate", uri=uri_b, domain="6")
+                hb.datapath("Datapath.deactivate", uri=uri_b, domain="6")
                 dp_call("zfsng-raw", "Datapath.activate", uri=raw, domain="8")   # free again
             finally:
                 dp_call("zfsng-raw", "Datapath.detach", uri=raw, domain="8")
         finally:
-            b_datapath(hb, "Datapath.detach", uri=uri_b, domain="6")
+            hb.datapath("Datapath.detach", uri=uri_b, domain="6")
 
 
 def test_sr_requiring_nvme_authentication(hb, shared):
@@ -297,14 +268,14 @@ def test_sr_requiring_nvme_authentication(hb, shared):
     pool = config["pool"]
     node_call("SR.attach", configuration=dict(config, **{"nvme-auth": "required"}))
     assert root_prop(pool, "nvme-auth") == "required"
-    uri = b_call(hb, "Volume.stat", sr=sr_b, key=key)["uri"][0]
+    uri = hb.volume("Volume.stat", sr=sr_b, key=key)["uri"][0]
     keys = "/run/zfsng-hb/dhchap-keys.json"
     state = "/var/lib/zfsng-test/shared-sr-target.db"
     try:
         with serving_target("%s:%d" % (NODE_IP, PORT), state, SOCK):
-            err = b_datapath(hb, "Datapath.attach", fails=True, uri=uri, domain="4")
+            err = hb.datapath("Datapath.attach", fails=True, uri=uri, domain="4")
             assert err["params"][0] == "NVMe_connect_failed", err
-            b_datapath(hb, "Datapath.detach", uri=uri, domain="4")
+            hb.datapath("Datapath.detach", uri=uri, domain="4")
             secret = run("nvme", "gen-dhchap-key", "-n", B_NQN).stdout.strip()
             with Client(SOCK) as c:
                 c.set_host_key(B_NQN, secret)
@@ -313,7 +284,7 @@ def test_sr_requiring_nvme_authentication(hb, shared):
             with os.fdopen(fd, "w") as f:
                 json.dump({B_NQN: {"secret": secret}}, f)
             env = {"ZFSNG_DHCHAP_KEYS": keys}
-            res = b_datapath(hb, "Datapath.attach", env=env, uri=uri, domain="4")
+            res = hb.datapath("Datapath.attach", env=env, uri=uri, domain="4")
             dev = impl(res, "BlockDevice")["path"]
             try:
                 if "written" in shared:
@@ -322,7 +293,7 @@ def test_sr_requiring_nvme_authentication(hb, shared):
                                  % (dev, MiB, 4 * MiB)).stdout
                     assert bytes.fromhex(got) == shared["written"]
             finally:
-                b_datapath(hb, "Datapath.detach", env=env, uri=uri, domain="4")
+                hb.datapath("Datapath.detach", env=env, uri=uri, domain="4")
     finally:
         node_call("SR.attach", configuration=dict(config, **{"nvme-auth": "off"}))
         if os.path.exists(keys):
@@ -339,25 +310,25 @@ def test_unplug_order_and_node_unreachable(hb, shared):
     config, pool, sr_b = shared["config"], shared["config"]["pool"], shared["sr_b"]
     node_call("SR.detach", sr=pool)
     assert pool in pools(), "the node's unplug exported the pool under host B"
-    b_call(hb, "SR.detach", sr=sr_b)
+    hb.volume("SR.detach", sr=sr_b)
     assert root_prop(pool, "remote-hosts") == []
     node_call("SR.detach", sr=pool)
     assert pool not in pools()
-    assert b_call(hb, "SR.attach", configuration=config) == sr_b        # imports on the node
+    assert hb.volume("SR.attach", configuration=config) == sr_b        # imports on the node
     assert pool in pools() and root_prop(pool, "remote-hosts") == [B_NQN]
 
     hang = json.dumps(["python3", "-c", "import time; time.sleep(60)"])
     t0 = time.time()
-    with pytest.raises(BFailed) as e:
-        b_call(hb, "SR.stat", sr=sr_b, env={"ZFSNG_NODE_COMMAND": hang,
+    with pytest.raises(PluginError) as e:
+        hb.volume("SR.stat", sr=sr_b, env={"ZFSNG_NODE_COMMAND": hang,
                                              "ZFSNG_NODE_TIMEOUT": "3"})
     assert e.value.name == "Node_unreachable" and time.time() - t0 < 30
     # no override: ssh to root@10.78.0.1, which this VM does not accept
-    with pytest.raises(BFailed) as e:
-        b_call(hb, "Volume.stat", sr=sr_b, key=shared.get("key", str(uuid.uuid4())),
+    with pytest.raises(PluginError) as e:
+        hb.volume("Volume.stat", sr=sr_b, key=shared.get("key", str(uuid.uuid4())),
                env={"ZFSNG_NODE_COMMAND": None, "ZFSNG_NODE_TIMEOUT": "20"})
-    assert e.value.name == "Node_unreachable", e.value.doc
-    b_call(hb, "SR.detach", sr=sr_b, env={"ZFSNG_NODE_COMMAND": hang,
+    assert e.value.name == "Node_unreachable", e.value.err
+    hb.volume("SR.detach", sr=sr_b, env={"ZFSNG_NODE_COMMAND": hang,
                                           "ZFSNG_NODE_TIMEOUT": "3"})
     assert root_prop(pool, "remote-hosts") == [B_NQN]     # kept: the node never heard
     node_call("SR.detach", sr=pool)
