@@ -298,18 +298,23 @@ class OursSide(object):
             if os.path.exists(p):
                 os.unlink(p)
         env = dict(os.environ, PYTHONPATH=self.root)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
-             "127.0.0.1:%d" % self.port, "--state", self.state, "--socket", self.sock,
-             "--workers", str(self.workers)], cwd=self.root, env=env)
-        while True:
-            try:
-                Client(self.sock).stats()
+        for attempt in range(3):     # under a loaded host 9p lookups have failed once
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
+                 "127.0.0.1:%d" % self.port, "--state", self.state, "--socket", self.sock,
+                 "--workers", str(self.workers)], cwd=self.root, env=env)
+            while self.proc.poll() is None:
+                try:
+                    Client(self.sock).stats()
+                    break
+                except ControlError:
+                    time.sleep(0.05)
+            if self.proc.poll() is None:
                 break
-            except ControlError:
-                if self.proc.poll() is not None:
-                    raise SystemExit("target died")
-                time.sleep(0.05)
+            log("target exited with %s: starting it again" % self.proc.returncode)
+            time.sleep(1)
+        else:
+            raise SystemExit("target died")
         c = Client(self.sock)
         for dev, (nqn, nsid) in zip(self.devices, self.subs):
             c.add(nqn, dev, nsid, allow_any_host=True)

@@ -110,14 +110,12 @@ class Aio(object):
         self.redone = 0           # retried synchronously
         self.submits = self.wakeups = 0     # io_submit calls, eventfd wakeups
         self.waited = 0           # I/O that waited for a free slot
-        self.sync_reads = 0       # read_now()
 
     def stats(self):
         return {"aio": bool(self.ok), "aio_reads": self.reads, "aio_writes": self.writes,
                 "aio_fsyncs": self.fsyncs,
                 "aio_redone": self.redone, "aio_submits": self.submits,
-                "aio_wakeups": self.wakeups, "aio_waited": self.waited,
-                "aio_sync_reads": self.sync_reads}
+                "aio_wakeups": self.wakeups, "aio_waited": self.waited}
 
     def _setup(self):
         self.ok = False
@@ -215,28 +213,6 @@ class Aio(object):
         self.lengths[i] = length
         self.io[i] = (op, fd, offset, dsync)
         self.queued.append(i)
-
-    def idle(self):
-        """Nothing in flight, queued or waiting."""
-        return not (self.inflight or self.queued or self.waiting)
-
-    def read_now(self, fd, offset, length):
-        """A synchronous O_DIRECT read through a free slot: the bytes, or None
-        (no AIO here, no slot, the kernel refused: the caller goes the usual
-        way).  For a lone read when nothing is in flight (QD1): it saves the
-        io_submit, the eventfd wakeup and the reaping."""
-        if not self.ok or length > BIG:
-            return None
-        free = self.free if length <= SLOT else self.free_big
-        if not free:
-            return None
-        i = free[-1]
-        off = self.off[i]
-        if self._lib.pread(fd, self.base + off, length, offset) != length:
-            return None
-        self.reads += 1
-        self.sync_reads += 1
-        return self.mm[off:off + length]
 
     def _start_waiting(self):
         """Slots freed: start the I/O that waited for them, in order."""

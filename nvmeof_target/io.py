@@ -114,21 +114,9 @@ def _read_async(queue, sub, cmd):
     be = sub.backend
     if (offset | length) & (be.logical_block_size - 1):
         return False             # O_DIRECT alignment
-    fd = be.direct_fd()
-    if fd < 0:
+    if be.direct_fd() < 0 or not queue.aio.submit(be, offset, length,
+                                                   (queue, cmd.cid, sub, offset, length)):
         return False
-    aio = queue.aio
-    if aio.idle() and not queue.more_ready():
-        data = aio.read_now(fd, offset, length)      # a lone read: no round trip
-        if data is not None:
-            queue.complete_read(cmd.cid, data)
-            return _count_read(sub, length)
-    if not aio.submit(be, offset, length, (queue, cmd.cid, sub, offset, length)):
-        return False
-    return _count_read(sub, length)
-
-
-def _count_read(sub, length):
     stats = sub.stats
     stats["reads"] += 1
     stats["read_bytes"] += length

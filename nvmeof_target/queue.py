@@ -125,10 +125,6 @@ class Queue(object):
         self._stash, self.stash_bytes, self.paused = None, 0, False
         return stash
 
-    def more_ready(self):
-        """Commands parsed from the input that wait behind the one running."""
-        return bool(self._ready)
-
     def wants_input(self):
         """False: do not read this connection (closing, or over its budget)."""
         return not self.closing and not self.paused
