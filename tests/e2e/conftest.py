@@ -76,6 +76,29 @@ def file_vdevs():
 
 
 @pytest.fixture
+def sr_vdev(file_vdevs):
+    """The vdev of the `sr` fixture's pool: a 1 GiB sparse file."""
+    return file_vdevs(1, 1 << 30)[0]
+
+
+@pytest.fixture
+def sr_configuration():
+    """More SR.create configuration for `sr`: a module overrides this fixture
+    (e.g. test_datapath_nbd.py: {"datapath": "nbd"})."""
+    return {}
+
+
+@pytest.fixture
+def sr(sr_vdev, sr_configuration):
+    """A zfs-ng SR on sr_vdev, made and attached through the volume plugin's
+    executables: its SR string (the pool name); the pool destroyed after."""
+    from dp_helpers import destroy_pool, make_sr
+    pool = make_sr(sr_vdev, **sr_configuration)
+    yield pool
+    destroy_pool(pool)
+
+
+@pytest.fixture
 def zpool(file_vdevs):
     """A fresh file-backed pool (ashift=12, lz4), destroyed after the test."""
     name = "t%s" % uuid.uuid4().hex[:8]

@@ -3,20 +3,12 @@
 import json
 
 import nbd
-import pytest
 from click.testing import CliRunner
 
-from dp_helpers import destroy_pool, make_snapshot, make_sr, make_volume, pattern, pwrite
+from dp_helpers import make_snapshot, make_volume, pattern, pwrite
 from sr_tools.vol_attach_cmds import group
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def sr(file_vdevs):
-    pool = make_sr(file_vdevs(1, 1 << 30)[0])
-    yield pool
-    destroy_pool(pool)
 
 
 def cli(*args):

@@ -9,8 +9,8 @@ import subprocess
 import nbd
 import pytest
 
-from dp_helpers import (PluginError, call, destroy_pool, impl, make_snapshot, make_sr,
-                        make_volume, pattern, pread, pwrite, uri_of, zfs_exists)
+from dp_helpers import (PluginError, call, impl, make_snapshot, make_volume, pattern, pread,
+                        pwrite, uri_of, zfs_exists)
 
 NBD = "zfsng-nbd"
 RAW = "zfsng-raw"
@@ -18,10 +18,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def sr(file_vdevs):
-    pool = make_sr(file_vdevs(1, 1 << 30)[0], datapath="nbd")
-    yield pool
-    destroy_pool(pool)
+def sr_configuration():
+    """The `sr` of these tests (tests/e2e/conftest.py) publishes NBD first."""
+    return {"datapath": "nbd"}
 
 
 def nbd_handle(link):

@@ -6,18 +6,11 @@ import concurrent.futures
 
 import pytest
 
-from dp_helpers import (PluginError, call, destroy_pool, impl, make_snapshot, make_sr,
-                        make_volume, pattern, pread, pwrite, uri_of, volmode_local, zfs_exists)
+from dp_helpers import (PluginError, call, impl, make_snapshot, make_volume, pattern, pread,
+                        pwrite, uri_of, volmode_local, zfs_exists)
 
 RAW = "zfsng-raw"
 MiB = 1 << 20
-
-
-@pytest.fixture
-def sr(file_vdevs):
-    pool = make_sr(file_vdevs(1, 1 << 30)[0])
-    yield pool
-    destroy_pool(pool)
 
 
 def test_attach_activate_write_detach(sr):

@@ -17,8 +17,11 @@ import pytest
 
 from conftest import run, wait_for_path
 from kernel_nvmet import connect, disconnect
-from user_target import HOSTNQN, OTHER_HOST, PORT, ROOT, Vol, cli, find_namespace, fio
-from user_target import pool, target, wait_used  # noqa: F401  (fixtures)
+from user_target import (HOSTNQN, OTHER_HOST, PORT, ROOT, Vol, cli, find_namespace, fio,
+                         pool_fixture, target_fixture, wait_used)
+
+pool, target = pool_fixture("nvt"), target_fixture()
+
 
 def test_discover_lists_only_allowed_subsystems(pool, target):
     mine = Vol(pool, "disc-mine")

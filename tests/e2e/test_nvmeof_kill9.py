@@ -23,7 +23,9 @@ import signal
 import subprocess
 import time
 
-from user_target import FIO, SOCK, Vol, pool, target  # noqa: F401  (fixtures)
+from user_target import FIO, SOCK, Vol, pool_fixture, target_fixture
+
+pool, target = pool_fixture("nvt"), target_fixture()
 
 RESTARTS = int(os.environ.get("ZFSNG_KILL9_RESTARTS", "3"))
 MiB = 1 << 20

@@ -12,7 +12,9 @@ import time
 
 from conftest import run
 from nvmeof_target.control import Client
-from user_target import FIO, SOCK, Vol, cli, fio, pool, target  # noqa: F401  (fixtures)
+from user_target import FIO, SOCK, Vol, cli, fio, pool_fixture, target_fixture
+
+pool, target = pool_fixture("nvt"), target_fixture()
 
 
 def test_fio_verify_random_and_sequential_with_digests(pool, target):

@@ -26,17 +26,6 @@ MiB = 1 << 20
 SIZE = 40 * MiB + K64          # 641 bits: 81 bytes, padded to 84
 
 
-@pytest.fixture
-def sr(file_vdevs):
-    devs = file_vdevs(1, 1 << 30)
-    conf = call("SR.create", uuid=str(uuid.uuid4()), configuration={"device": devs[0]},
-                name="cbt SR", description="")
-    pool = call("SR.attach", configuration=conf)
-    yield pool, devs
-    subprocess.run(["zpool", "destroy", "-f", pool], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-
-
 def call_env(env, method, **params):
     params.setdefault("dbg", "test")
     p = subprocess.run([os.path.join(PLUGIN_DIR, method), "--json"],
@@ -81,8 +70,8 @@ def by_key(vols):
     return dict((v["key"], v) for v in vols)
 
 
-def test_cbt_through_the_plugin(sr):
-    pool, devs = sr
+def test_cbt_through_the_plugin(sr, sr_vdev):
+    pool, devs = sr, [sr_vdev]
     root = pool + "/zfs-ng"
     assert "VDI_CONFIG_CBT" in call("Plugin.Query")["features"]
     v = call("Volume.create", sr=pool, name="disk", description="d", size=SIZE, sharable=False)

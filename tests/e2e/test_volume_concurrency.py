@@ -3,26 +3,9 @@ operations on one SR all succeed.  kill -9 in the middle of calls (create,
 snapshot, clone, destroy, revert, resize, CBT), with each kill checked to have
 happened: test_volume_kill9.py."""
 
-import subprocess
-import time
-import uuid
-
-import pytest
-
 from volume_calls import call, finish, start, zfs_names
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def sr(file_vdevs):
-    devs = file_vdevs(1, 1 << 30)
-    conf = call("SR.create", uuid=str(uuid.uuid4()), configuration={"device": devs[0]},
-                name="c", description="")
-    pool = call("SR.attach", configuration=conf)
-    yield pool
-    subprocess.run(["zpool", "destroy", "-f", pool], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
 
 
 def zfs_truth(pool):
@@ -67,13 +50,3 @@ def test_32_parallel_creates_then_snapshots_and_destroys(sr):
     want.update((k, "snapshot") for k in snaps)
     assert zfs_truth(pool) == want
     assert ls_truth(pool) == want
-
-
-def wait_zfs_idle(timeout=60):
-    """Orphaned zfs children of a killed script finish on their own."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        p = subprocess.run(["pgrep", "-x", "zfs"], stdout=subprocess.PIPE)
-        if p.returncode != 0:
-            return
-        time.sleep(0.2)

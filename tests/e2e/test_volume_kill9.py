@@ -24,8 +24,7 @@ import signal
 import subprocess
 import time
 
-from test_volume_concurrency import sr, wait_zfs_idle  # noqa: F401  (fixture)
-from volume_calls import call, start, zfs_names, zget
+from volume_calls import call, start, wait_zfs_idle, zfs_names, zget
 
 MiB = 1 << 20
 CALLS = int(os.environ.get("ZFSNG_KILL9_CALLS", "20"))

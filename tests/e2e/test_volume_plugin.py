@@ -10,20 +10,7 @@ import pytest
 from conftest import run
 from volume_calls import call, check_volume, fails, zfs_names, zget
 
-GiB = 1 << 30
 MiB = 1 << 20
-
-
-@pytest.fixture
-def sr(file_vdevs):
-    devs = file_vdevs(1, 1 * GiB)
-    sr_uuid = str(uuid.uuid4())
-    conf = call("SR.create", uuid=sr_uuid, configuration={"device": devs[0]},
-                name="test SR", description="e2e")
-    pool = call("SR.attach", configuration=conf)
-    yield pool
-    subprocess.run(["zpool", "destroy", "-f", pool], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
 
 
 def by_key(vols):

@@ -1,7 +1,8 @@
 """Our user-space NVMe/TCP target in the test VM, for the e2e tests that
 drive it with the kernel initiator (test_nvmeof*.py, test_nvme_auth.py): the
 target process (TargetProc), its CLI (cli), a module's pool and target
-(fixtures: import them into the test module), volumes served by it (Vol),
+(fixtures a test module makes: `pool, target = pool_fixture("nvt"),
+target_fixture()`), volumes served by it (Vol),
 finding a namespace's /dev node, fio, and the ZFS space a zvol uses."""
 
 import contextlib
@@ -89,13 +90,14 @@ def running_target(state, tail=3000):
     assert rc == 0
 
 
-pool = pool_fixture("nvt")
-
-
-@pytest.fixture(scope="module")
-def target(pool):
-    with running_target("/var/lib/zfsng-test/target-%s.db" % pool) as t:
-        yield t
+def target_fixture():
+    """A module-scoped fixture: the target running on the module's `pool`
+    (its state file named after the pool), stopped after the module."""
+    @pytest.fixture(scope="module")
+    def target(pool):
+        with running_target("/var/lib/zfsng-test/target-%s.db" % pool) as t:
+            yield t
+    return target
 
 
 def find_namespace(ns_uuid, timeout=30.0):

@@ -4,6 +4,7 @@
 import json
 import os
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PLUGIN_DIR = os.path.join(ROOT, "plugins", "volume", "org.xen.xapi.storage.zfs-ng")
@@ -80,3 +81,13 @@ def zget(name, prop):
     return subprocess.run(["zfs", "get", "-H", "-p", "-o", "value", prop, name],
                           stdout=subprocess.PIPE, universal_newlines=True,
                           check=True).stdout.strip()
+
+
+def wait_zfs_idle(timeout=60):
+    """Orphaned zfs children of a killed script finish on their own."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        p = subprocess.run(["pgrep", "-x", "zfs"], stdout=subprocess.PIPE)
+        if p.returncode != 0:
+            return
+        time.sleep(0.2)
