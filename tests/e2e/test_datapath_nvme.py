@@ -121,19 +121,45 @@ def test_activated_on_another_host(node):
     call(NVME, "Datapath.detach", uri=uri, domain="4", env=B)
 
 
+def read_all(dev):
+    """Every byte of a block device, read to its end."""
+    with open(dev, "rb", buffering=0) as f:
+        chunks = iter(lambda: f.read(MiB), b"")
+        return b"".join(chunks)
+
+
 def test_snapshot_read_only_on_two_hosts(node):
-    vol = make_volume(node)
-    snap = make_snapshot(node, vol["key"])
-    suri = uri_of(snap, NVME)
-    da = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0_a", env=A), "BlockDevice")["path"]
-    db = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0_b", env=B), "BlockDevice")["path"]
-    call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0_a", env=A)
-    call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0_b", env=B)
-    assert pread(da, 0, 4096) == pread(db, 0, 4096) == b"\0" * 4096
-    with pytest.raises(PluginError) as e:
-        call(NVME, "Datapath.activate", uri=suri, domain="u0_a", env=A)
-    assert e.value.name in ("Activation_mode_conflict", "Volume_read_only")
-    call(NVME, "Datapath.detach", uri=suri, domain="u0_a", env=A)
-    call(NVME, "Datapath.detach", uri=suri, domain="u0_b", env=B)
-    out = run("zfs", "list", "-H", "-o", "name", "-t", "volume", "-r", node).stdout
-    assert "ro-" + snap["key"] not in out
+    """Two hosts read a snapshot read-only, the whole of it through their
+    devices: a never-written volume's snapshot is all zeros; a written
+    volume's is the data at the snapshot (not zeros, not what was written
+    after it)."""
+    size = 8 * MiB
+    blank = make_volume(node, size=size)
+    vol = make_volume(node, size=size)
+    raw = uri_of(vol, RAW)
+    rdev = impl(call(RAW, "Datapath.attach", uri=raw, domain="u0_local"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=raw, domain="u0_local")
+    data = pattern(23, size)
+    pwrite(rdev, 0, data)
+    written = make_snapshot(node, vol["key"])
+    pwrite(rdev, 0, pattern(24, MiB))                  # after the snapshot: not in it
+    call(RAW, "Datapath.detach", uri=raw, domain="u0_local")
+    for snap, want in ((make_snapshot(node, blank["key"]), bytes(size)), (written, data)):
+        suri = uri_of(snap, NVME)
+        da = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0_a", env=A),
+                  "BlockDevice")["path"]
+        db = impl(call(NVME, "Datapath.attach", uri=suri, domain="u0_b", env=B),
+                  "BlockDevice")["path"]
+        call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0_a", env=A)
+        call(NVME, "Datapath.activate_readonly", uri=suri, domain="u0_b", env=B)
+        got_a, got_b = read_all(da), read_all(db)
+        assert len(got_a) == len(got_b) == size, (len(got_a), len(got_b))
+        assert got_a == want, snap
+        assert got_b == want, snap
+        with pytest.raises(PluginError) as e:
+            call(NVME, "Datapath.activate", uri=suri, domain="u0_a", env=A)
+        assert e.value.name in ("Activation_mode_conflict", "Volume_read_only")
+        call(NVME, "Datapath.detach", uri=suri, domain="u0_a", env=A)
+        call(NVME, "Datapath.detach", uri=suri, domain="u0_b", env=B)
+        out = run("zfs", "list", "-H", "-o", "name", "-t", "volume", "-r", node).stdout
+        assert "ro-" + snap["key"] not in out
