@@ -6,6 +6,7 @@ measure our user-space target against it on the same zvol.
 
 import glob
 import os
+import re
 import subprocess
 import time
 import uuid as uuidlib
@@ -67,14 +68,17 @@ class KernelTarget:
 
 
 def find_namespace(ns_uuid, timeout=30.0):
-    """The /dev node of the connected namespace with this UUID: found by its
-    identity, never by guessing nvmeXnY."""
+    """/dev node of the connected namespace with this UUID, found by its
+    identity: the multipath head nvmeXnY, never a hidden per-path nvmeXcYnZ
+    (same uuid, no /dev node: opening it would create a regular file)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for path in glob.glob("/sys/class/block/nvme*n*/uuid"):
+            name = path.split("/")[-2]
             try:
-                if open(path).read().strip() == ns_uuid:
-                    return "/dev/" + path.split("/")[-2]
+                if re.match(r"^nvme\d+n\d+$", name) and open(path).read().strip() == ns_uuid \
+                        and os.path.exists("/dev/" + name):
+                    return "/dev/" + name
             except OSError:
                 pass
         time.sleep(0.2)

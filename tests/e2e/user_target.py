@@ -6,9 +6,7 @@ target_fixture()`), volumes served by it (Vol),
 finding a namespace's /dev node, fio, and the ZFS space a zvol uses."""
 
 import contextlib
-import glob
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import uuid
 import pytest
 
 from conftest import make_file_vdevs, run, wait_for_path
+import kernel_nvmet
 from kernel_nvmet import connect, disconnect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,20 +100,11 @@ def target_fixture():
 
 
 def find_namespace(ns_uuid, timeout=30.0):
-    """/dev node of the namespace with this UUID: the multipath head nvmeXnY,
-    never a hidden per-path nvmeXcYnZ node."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for path in glob.glob("/sys/class/block/nvme*n*/uuid"):
-            name = path.split("/")[-2]
-            try:
-                if re.match(r"^nvme\d+n\d+$", name) and open(path).read().strip() == ns_uuid:
-                    if os.path.exists("/dev/" + name):
-                        return "/dev/" + name
-            except OSError:
-                pass
-        time.sleep(0.2)
-    pytest.fail("no NVMe namespace with uuid %s" % ns_uuid)
+    """kernel_nvmet.find_namespace, a test failure when it times out."""
+    try:
+        return kernel_nvmet.find_namespace(ns_uuid, timeout)
+    except TimeoutError as e:
+        pytest.fail(str(e))
 
 
 def zfs_used(zname, pool):
