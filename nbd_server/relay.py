@@ -198,6 +198,3 @@ class Relay(object):
         """(entries, payload bytes) acknowledged and not yet covered by a FLUSH."""
         return len(self._log), self._log_bytes
 
-    def idle(self):
-        return not self._inflight and not self.to_down and not self.to_up
-

@@ -174,8 +174,8 @@ def _node_record(sr, key):
     """(sr_uuid, subnqn, {who: {"transport", "granted", "active"}}) of volume
     KEY of SR on this node: its one node record (records.volume_lock: NVMe/TCP
     hosts granted, every activation) and its NBD grants (node_nbd)."""
-    from plugins import records, state
-    from plugins.datapath import node
+    from plugins import records
+    from plugins.datapath import node, node_nbd
     from plugins.volume import sr as srmod
     sr_uuid = (_smapi(srmod.read_root_props, sr) or {}).get("sr-uuid")
     if not sr_uuid:
@@ -193,10 +193,8 @@ def _node_record(sr, key):
             transport = ("local" if who.startswith(node.LOCAL) else
                          urimod.NVME_TCP if ":" in who else urimod.NBD_TLS)
             row(who, transport)["active"] = mode
-    export = urimod.nbd_tls_export(sr_uuid, key)
-    with state.locked("nbd:" + export, state.node_state_dir()) as st:
-        for cn in (st.shared.get("clients") or {}):
-            row(cn, urimod.NBD_TLS)["granted"] = True
+    for cn in node_nbd.clients(sr_uuid, key):
+        row(cn, urimod.NBD_TLS)["granted"] = True
     return sr_uuid, subnqn, out
 
 

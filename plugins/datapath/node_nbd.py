@@ -72,6 +72,12 @@ def _lock(export):
     return state.locked("nbd:" + export, state.node_state_dir())
 
 
+def clients(sr_uuid, key):
+    """{client identity: mode} granted the volume on this node."""
+    with _lock(urimod.nbd_tls_export(sr_uuid, key)) as st:
+        return dict(st.shared.get("clients") or {})
+
+
 # -- grant files ------------------------------------------------------------------
 
 def grants_dir():
