@@ -1626,8 +1626,8 @@ class Host(object):
     def script_env(self):
         """The environment of every plugin process: this boot's /run for
         zfs-ng, tap-ctl (the stand-in, or "" for none), the tap-ctl
-        stand-in's state; bytecode cached under /run (the RPM installs .pyc,
-        the checkout runs with PYTHONDONTWRITEBYTECODE)."""
+        stand-in's state; bytecode cached beside the run folder (the RPM installs .pyc,
+        and guest-run.sh caches the checkout's the same way)."""
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = os.path.join(os.path.dirname(self.workdir), "pycache")

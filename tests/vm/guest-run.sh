@@ -2,9 +2,12 @@
 # Runs in the test VM after guest-init: brings up udev, ZFS and the NVMe/NBD
 # modules, runs the argv the host left in /mnt/run/argv.json from the
 # checkout, and leaves output, exit code and kernel log in /mnt/run.
+# Bytecode is cached in the guest's throw-away root (PYTHONPYCACHEPREFIX), never
+# in the shared checkout: without a cache every plugin call compiled its ~120
+# modules again (Plugin.Query 2.4-3.3 s in TCG, 1.5 s with the cache).
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH HOME=/root LANG=C.UTF-8 PYTHONPATH=/mnt/share ZFSNG_IN_VM=1 \
-    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+    PYTHONPYCACHEPREFIX=/var/cache/zfsng-pyc PYTHONUNBUFFERED=1
 mount -t configfs none /sys/kernel/config
 hostname zfsng-vm
 ip link set lo up
