@@ -90,7 +90,7 @@ class AuthError(ValueError):
 
 
 # ---- secrets: DHHC-1:<hh>:<base64(key | crc32le(key))>: -------------------------------
-_SECRET = re.compile(r"^DHHC-1:([0-9]{2}):([A-Za-z0-9+/]+={0,2}):?$")
+_SECRET = re.compile(r"^DHHC-1:([0-9]{2}):([A-Za-z0-9+/]+={0,2}):?\Z")
 
 
 class Secret(object):

@@ -5,7 +5,7 @@ import re
 
 DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
 MAX_NQN = 223
-_NQN = re.compile(r"^nqn\.[\x21-\x7e]+$")
+_NQN = re.compile(r"^nqn\.[\x21-\x7e]+\Z")
 
 
 def valid_nqn(nqn):

@@ -36,10 +36,10 @@ from plugins import smapi
 NODE_MODULE = ["python3", "-m", "plugins.node_ops"]
 SSH = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 
-_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
-_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")
+_HOSTNAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\Z")
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}\Z")
 
 
 # -- the `node` configuration key: one parser, one builder ------------------------

@@ -30,13 +30,13 @@ NQN_PREFIX = "nqn.2014-08.org.zfs-ng:"
 
 # SR strings and volume keys: what the volume plugin emits (ZFS-safe names,
 # uuids, `vol@snap` for snapshots).  No '/', no blanks, no leading '-'.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}$")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
-_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@+-]{0,254}\Z")
+_HOSTNAME = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\Z")
+_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}\Z")
 # NVMe base spec: NQN at most 223 bytes, UTF-8; we accept printable ASCII only.
-_PORT = re.compile(r"^[0-9]{1,5}$")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_NQN = re.compile(r"^nqn\.[0-9]{4}-[0-9]{2}\.[A-Za-z0-9.-]+:[\x21-\x7e]{1,200}$")
+_PORT = re.compile(r"^[0-9]{1,5}\Z")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_NQN = re.compile(r"^nqn\.[0-9]{4}-[0-9]{2}\.[A-Za-z0-9.-]+:[\x21-\x7e]{1,200}\Z")
 
 
 class BadUri(ValueError):

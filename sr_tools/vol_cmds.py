@@ -14,7 +14,7 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 def parse_size(text):
     """Bytes from 4096, 512M, 10G, 1.5T (binary units)."""
-    m = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?\s*$", text, re.I)
+    m = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?\s*\Z", text, re.I)
     if not m:
         raise click.BadParameter("%r is not a size (e.g. 4096, 512M, 10G)" % text)
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

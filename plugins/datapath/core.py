@@ -23,7 +23,7 @@ log = logging.getLogger("zfs-ng")
 # xapi passes a guest's domid ("3"); for dom0 users "u0_" + the datapath id with
 # '-' and '/' turned into '_' (xapi-storage-script main.ml, domain_of, since
 # xapi v24.40.0; "0" before).
-_DOMAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/+-]{0,127}$")
+_DOMAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/+-]{0,127}\Z")
 
 RW = "rw"
 RO = "ro"

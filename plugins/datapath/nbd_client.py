@@ -23,7 +23,7 @@ import subprocess
 import time
 
 _SEARCH = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-_DEVICE = re.compile(r"^/dev/nbd([0-9]{1,4})$")
+_DEVICE = re.compile(r"^/dev/nbd([0-9]{1,4})\Z")
 MAX_DEVICES = 1000
 NLE_BUSY = 25     # nbd-client's netlink "device busy": another connect won the race
 

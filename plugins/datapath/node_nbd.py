@@ -47,7 +47,7 @@ from plugins.records import RO, RW
 NBD_USER = "nbd-node"         # devices.py user: independent of the NVMe/TCP target's
 # A client identity: the CN of its certificate, a host name.  No ':' (never a
 # host NQN, which shares the claim records), no '/', no leading '.' or '-'.
-_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def check_identity(client):

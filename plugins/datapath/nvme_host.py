@@ -23,9 +23,9 @@ HOSTID_FILE = "/etc/nvme/hostid"
 # DH-HMAC-CHAP secrets of this host's NQNs, mode 0600 (ZFSNG_DHCHAP_KEYS):
 # {"HOSTNQN": {"secret": "DHHC-1:..", "ctrl_secret": "DHHC-1:.." (optional)}}
 DHCHAP_KEYS_FILE = "/etc/zfs-ng/dhchap-keys.json"
-_CTRL = re.compile(r"^nvme[0-9]+$")
-_NSDEV = re.compile(r"^nvme[0-9]+n[0-9]+$")  # heads and plain namespaces, not nvmeXcYnZ paths
-_HEX = re.compile(r"^[0-9a-f]{32}$")
+_CTRL = re.compile(r"^nvme[0-9]+\Z")
+_NSDEV = re.compile(r"^nvme[0-9]+n[0-9]+\Z")  # heads and plain namespaces, not nvmeXcYnZ paths
+_HEX = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 class NvmeError(RuntimeError):
@@ -165,7 +165,7 @@ def _reachable(ns_path, ctrl):
     except OSError:
         return False
     for child in children:
-        m = re.match(r"^nvme([0-9]+)c[0-9]+n([0-9]+)$", child)
+        m = re.match(r"^nvme([0-9]+)c[0-9]+n([0-9]+)\Z", child)
         if m and name == "nvme%sn%s" % m.groups():
             return True
         if child == name:

@@ -85,7 +85,7 @@ NBD_STATE_HOLE = 1
 NBD_STATE_ZERO = 2
 NBD_STATE_DIRTY = 1
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_.:\-]+)*([@#][A-Za-z0-9_.:\-]+)?$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_.:\-]+)*([@#][A-Za-z0-9_.:\-]+)?\Z")
 
 
 class CbtError(Exception):

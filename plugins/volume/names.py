@@ -34,13 +34,13 @@ READONLY = "ro-"
 SESSION = "np-"  # non-persistent sessions of plugins/datapath/zvol.py
 CBT = "zfsng-cbt-"  # plugins/volume/cbt.py's anchors: not ours either
 
-_KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\Z")
 # zpool names: start with a letter, then [A-Za-z0-9_.:-]; we also refuse the
 # reserved prefixes zpool refuses (mirror, raidz, draid, spare, log).
-_POOL = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,200}$")
+_POOL = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,200}\Z")
 _RESERVED_POOL = re.compile(r"^(mirror|raidz|draid|spare|log|c[0-9])", re.I)
-_DEVICE = re.compile(r"^/[A-Za-z0-9_.:/+@=-]+$")
-_HEX = re.compile(r"^[0-9a-f]{32}$")
+_DEVICE = re.compile(r"^/[A-Za-z0-9_.:/+@=-]+\Z")
+_HEX = re.compile(r"^[0-9a-f]{32}\Z")
 
 MAX_TEXT = 2048  # characters of a name/description/key/value (ZFS allows 8 KiB per value)
 
@@ -233,7 +233,7 @@ def parse_vdev_spec(spec, devices):
     return out
 
 
-COMPRESSION = re.compile(r"^(lz4|zstd|zstd-([1-9]|1[0-9])|zstd-fast|zstd-fast-[0-9]+|off)$")
+COMPRESSION = re.compile(r"^(lz4|zstd|zstd-([1-9]|1[0-9])|zstd-fast|zstd-fast-[0-9]+|off)\Z")
 
 
 def check_compression(v):
@@ -256,7 +256,7 @@ def check_bool_text(v, what):
     raise InvalidParameters("%s %r must be on or off" % (what, v))
 
 
-_NODE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+_NODE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})\Z")
 
 
 def check_endpoint(v, what="nvme-node"):

@@ -25,7 +25,7 @@ from sr_tools.backup.manifest import BackupError
 
 SNAP_PREFIX = "zfsng-cbt-backup-"
 CLONE_SUFFIX = ".zfsng-bk-"
-_DATASET = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_.:\-]+)+$")
+_DATASET = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]*(/[A-Za-z0-9_.:\-]+)+\Z")
 
 
 def zfs(*args):
