@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import os
+import select
 import selectors
 import signal
 import struct
@@ -86,10 +87,13 @@ class EventReader(object):
 def run_workers(n, listen, state, control_path, limits=None, file_dirs=None):
     """Fork n workers serving `listen`, run the control socket here; returns an
     exit status once SIGTERM/SIGINT has stopped everyone.  limits (limits.py)
-    hold per worker."""
+    hold per worker.  The control socket appears only once every worker
+    listens (or READY_TIMEOUT passed): before that, connections would all land
+    on the workers already up."""
     shared = SharedControllers()
     Registry(state).close()              # create the schema before anyone reads it
     pipes = [os.pipe() for _ in range(n)]
+    ready_r, ready_w = os.pipe()         # a byte per worker listening
     pids = {}
 
     def spawn(i):
@@ -101,11 +105,14 @@ def run_workers(n, listen, state, control_path, limits=None, file_dirs=None):
                     os.close(w)
                     if j != i:
                         os.close(r)
+                os.close(ready_r)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 reg = Registry(state)
                 target = Target(reg, worker=i, nworkers=n, shared=shared, file_dirs=file_dirs)
                 server = Server(target, listen, None, reuse_port=True, limits=limits)
+                os.write(ready_w, b"r")
+                os.close(ready_w)
                 EventReader(server, pipes[i][0])
                 signal.signal(signal.SIGTERM, lambda *_: server.stop())
                 server.serve_forever()
@@ -120,6 +127,7 @@ def run_workers(n, listen, state, control_path, limits=None, file_dirs=None):
     for i in range(n):
         spawn(i)
     # The read ends stay open here: a worker restarted later inherits its own.
+    _wait_ready(ready_r, n)
 
     def broadcast(op, args):
         line = (json.dumps({"op": op, "args": args}) + "\n").encode("utf-8")
@@ -156,12 +164,27 @@ def run_workers(n, listen, state, control_path, limits=None, file_dirs=None):
             except ChildProcessError:
                 break
             pids.pop(pid, None)
-        for r, w in pipes:
+        for r, w in pipes + [(ready_r, ready_w)]:
             os.close(r)
             os.close(w)
         server.shutdown()
         registry.close()
     return 0
+
+
+READY_TIMEOUT = 60
+
+
+def _wait_ready(fd, n):
+    """Wait until n workers said they listen (a byte each on fd)."""
+    deadline = time.time() + READY_TIMEOUT
+    got = 0
+    while got < n:
+        left = deadline - time.time()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            log.error("%d of %d workers listening after %d s", got, n, READY_TIMEOUT)
+            return
+        got += len(os.read(fd, n - got))
 
 
 def _reap(pids, spawn, stopping):
