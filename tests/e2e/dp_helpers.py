@@ -11,6 +11,8 @@ import sys
 import time
 import uuid
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATAPATH = os.path.join(ROOT, "plugins", "datapath")
 
@@ -130,6 +132,31 @@ def zfs_exists(name):
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
+def wait_started(proc, ready, what, timeout=60, log_path=None):
+    """The one start-up wait of the e2e tests: poll ready() (every 0.1 s) until
+    it is true; the test fails (pytest.fail) if proc (a Popen) exits first or
+    timeout s pass, saying what did not start, proc's exit code and the tail
+    of its log at log_path (when given)."""
+    deadline = time.time() + timeout
+    while not ready():
+        rc = proc.poll()
+        if rc is not None:
+            why = "exited with code %d" % rc
+        elif time.time() > deadline:
+            why = "not ready after %d s" % timeout
+        else:
+            time.sleep(0.1)
+            continue
+        msg = "%s did not start: %s" % (what, why)
+        if log_path is not None:
+            try:
+                with open(log_path, errors="replace") as f:
+                    msg += "\n--- tail of %s ---\n%s" % (log_path, f.read()[-4000:])
+            except OSError as e:
+                msg += "\n(no log: %s)" % e
+        pytest.fail(msg)
+
+
 def stop(proc, timeout=30):
     """SIGTERM, then SIGKILL after timeout s; reaped either way."""
     proc.send_signal(signal.SIGTERM)
@@ -150,11 +177,7 @@ def serving_target(listen, state, sock):
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
                             stderr=log)
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("target did not start:\n" + open(state + ".log").read())
-            time.sleep(0.1)
+        wait_started(proc, lambda: os.path.exists(sock), "target", log_path=state + ".log")
         yield proc
     finally:
         stop(proc)
@@ -199,10 +222,7 @@ def serving_nbd_node(host, port, pki, log_path):
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while not _accepts(host, port):
-            assert proc.poll() is None and time.time() < deadline, "serve-node did not start"
-            time.sleep(0.2)
+        wait_started(proc, lambda: _accepts(host, port), "serve-node", log_path=log_path)
         yield proc
     finally:
         stop(proc)

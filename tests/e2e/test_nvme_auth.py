@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from conftest import run, wait_for_path
+from dp_helpers import wait_started
 from kernel_nvmet import disconnect
 from user_target import (HOSTNQN, PORT, ROOT, SOCK, Vol, find_namespace, fio, pool_fixture,
                          running_target)
@@ -230,10 +231,7 @@ def test_two_workers_authenticate_io_queues(pool):
         universal_newlines=True)
     nqn = "nqn.2014-08.org.zfs-ng:%s:workers-auth" % pool
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.time() < deadline, "workers did not start"
-            time.sleep(0.1)
+        wait_started(proc, lambda: os.path.exists(sock), "workers")
         zname = pool + "/workers-auth"
         run("zfs", "create", "-s", "-V", "64M", "-o", "volblocksize=16K", zname)
         path = wait_for_path("/dev/zvol/" + zname)

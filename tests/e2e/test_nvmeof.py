@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from conftest import run, wait_for_path
+from dp_helpers import wait_started
 from kernel_nvmet import connect, disconnect
 from user_target import (HOSTNQN, OTHER_HOST, PORT, ROOT, Vol, cli, find_namespace, fio,
                          pool_fixture, target_fixture, wait_used)
@@ -165,10 +166,7 @@ def test_two_workers_serve_one_controller(pool):
              "127.0.0.1:4430", "--state", state, "--socket", sock, "-v"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.time() < deadline, "workers did not start"
-            time.sleep(0.1)
+        wait_started(proc, lambda: os.path.exists(sock), "workers", log_path=log)
         zname = pool + "/workers"
         run("zfs", "create", "-s", "-V", "128M", "-o", "volblocksize=16K", zname)
         path = wait_for_path("/dev/zvol/" + zname)

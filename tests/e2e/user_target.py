@@ -16,6 +16,7 @@ import uuid
 import pytest
 
 from conftest import make_file_vdevs, run, wait_for_path
+from dp_helpers import wait_started
 import kernel_nvmet
 from kernel_nvmet import connect, disconnect
 
@@ -40,11 +41,8 @@ class TargetProc(object):
             [sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
              "127.0.0.1:%d" % PORT, "--state", self.state, "--socket", SOCK, "-v"],
             cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
-        deadline = time.time() + 60
-        while not os.path.exists(SOCK):
-            if self.proc.poll() is not None or time.time() > deadline:
-                pytest.fail("target did not start:\n" + open(self.state + ".log").read())
-            time.sleep(0.1)
+        wait_started(self.proc, lambda: os.path.exists(SOCK), "target",
+                     log_path=self.state + ".log")
         return self
 
     def stop(self):
