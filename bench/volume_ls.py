@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
-"""SR.ls at scale: N volumes+snapshots on a file-backed SR, SR.ls timed cold
-(index rebuilt from the pool) and warm (index fresh), next to the raw zfs
-listings it is built from.  Run in the test VM (needs ZFS and pyzfs):
+"""SR.ls and SR.attach at scale: N volumes+snapshots on a file-backed SR.
+Figures: a walk of every dataset (zfs list -r), SR.ls after the pool changed
+behind the index (rebuilt), SR.ls warm next to Plugin.Query (the fixed cost of
+any call), Volume.create/snapshot/clone/destroy on a near-empty SR and at N,
+and SR.attach + first SR.ls on a host that never saw the pool: after a clean
+SR.detach (the index travels in the pool) and after a crash (the pool's
+generation moved on without a copy: every dataset is read).  Run in the test
+VM (needs ZFS and pyzfs):
 
-    python3 tests/vm/vm.py run -- python3 bench/volume_ls.py -n 2000
+    python3 tests/vm/vm.py run -- python3 bench/volume_ls.py -n 3000 --zvols 300
 
 Volumes are made fast: --zvols zvols with lzc_create, and the rest as
 snapshots in atomic lzc_snapshot batches (one snapshot of every zvol per
-txg), each with
-its org.zfs-ng:name property, so the SR looks like one made by the plugin.
-Prints figures; asserts nothing about time.
+txg), each with its org.zfs-ng:name property, so the SR looks like one made by
+the plugin.  Prints figures (--json FILE too); asserts nothing about time.
 
-Measured in the TCG guest (2 vCPU, host load ~12 from other VMs, 2026-12-01),
-N=2000 (200 zvols, 1800 snapshots): zfs list fast path 13.5 s, reconcile's
-zfs get -r 59 s, SR.ls cold 74 s, warm 6-8 s (of which 2.3 s is the fixed
-interpreter start of any call), Volume.create 6.1 s, SR.ls after it 4.7 s.
+Measured in the TCG guest (2 vCPU, host load 4-6 from two other VMs,
+2026-12-04), N=3000 (300 zvols, 2700 snapshots): making them 81 + 82 s; a walk
+26 s; SR.ls rebuilt 142 s; SR.ls warm 4.4-6.4 s (Plugin.Query 2.6 s);
+create/snapshot/clone/destroy 3.7-6.4 s at 3 and 3.5-5.1 s at 3000 (flat:
+noise of the load); new host after a clean move: SR.attach 46 s + first SR.ls
+4.4 s; after a crash: SR.attach 303 s + first SR.ls 8.7 s.
 """
 
 import argparse
@@ -48,25 +54,44 @@ def timed(argv):
     return time.time() - t, out.count(b"\n")
 
 
+def ops(env, pool):
+    """Seconds of Volume.create, snapshot, clone and destroy (of the clone,
+    the snapshot and the volume), one each."""
+    out = {}
+    v, out["create"] = script("Volume.create", env, sr=pool, name="op", description="",
+                              size=1 << 20, sharable=False)
+    s, out["snapshot"] = script("Volume.snapshot", env, sr=pool, key=v["key"])
+    c, out["clone"] = script("Volume.clone", env, sr=pool, key=s["key"])
+    _, out["destroy"] = script("Volume.destroy", env, sr=pool, key=c["key"])
+    script("Volume.destroy", env, sr=pool, key=s["key"])
+    script("Volume.destroy", env, sr=pool, key=v["key"])
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=10000, help="volumes + snapshots (default 10000)")
     ap.add_argument("--zvols", type=int, default=500, help="how many of them are zvols")
     ap.add_argument("--keep", action="store_true", help="keep the pool")
+    ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
     import libzfs_core as lzc
     from plugins import zfs
     from plugins.volume import names
 
     state = tempfile.mkdtemp(prefix="zfsng-bench-")
-    env = dict(os.environ, ZFSNG_STATE_DIR=state)
+    env = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-a"))
+    env_b = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-b"))
+    env_c = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-c"))
     vdev = os.path.join(state, "vdev")
     with open(vdev, "wb") as f:
-        f.truncate(4 << 30)
+        f.truncate(8 << 30)
     conf, _ = script("SR.create", env, uuid=str(uuid.uuid4()), configuration={"device": vdev},
                      name="bench", description="")
     pool, _ = script("SR.attach", env, configuration=conf)
+    fig = {"n": args.n}
     try:
+        fig["ops_small"] = ops(env, pool)
         zvols = min(args.zvols, args.n)
         t = time.time()
         keys = []
@@ -77,7 +102,7 @@ def main():
                 b"volsize": 1 << 20, b"volblocksize": 16384,
                 zfs.uprop("name").encode(): zfs.encode("bench %d" % i).encode()})
             keys.append(ds)
-        t_zvols = time.time() - t
+        fig["make_zvols"] = time.time() - t
         t = time.time()
         left = args.n - zvols
         while left > 0:
@@ -86,37 +111,49 @@ def main():
             snaps = [ds + b"@" + names.new_key().encode() for ds in keys[:batch]]
             lzc.lzc_snapshot(snaps, {zfs.uprop("name").encode(): b'"bench snap"'})
             left -= batch
-        t_snaps = time.time() - t
+        fig["make_snapshots"] = time.time() - t
         # the pool changed behind the plugin's back: its generation tells it
         zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 10 ** 6), names.sr_root(pool))
         root = names.sr_root(pool)
-        t_list, n_list = timed(["zfs", "list", "-H", "-p", "-o", "name,guid,createtxg",
-                                "-t", "volume,snapshot", "-r", root])
-        t_get, n_get = timed(["zfs", "get", "-H", "-p", "-r", "-t", "volume,snapshot",
-                              "-o", "name,property,value,source",
-                              "volsize,referenced,origin,createtxg,volblocksize,"
-                              "org.zfs-ng:name,org.zfs-ng:description,org.zfs-ng:keys,"
-                              "org.zfs-ng:sharable", root])
-        t_all, n_all = timed(["zfs", "get", "-H", "-p", "-r", "-s", "local",
-                              "-o", "name,property,value", "all", root])
-        vols, t_cold = script("SR.ls", env, sr=pool)
+        fig["zfs_list_all"], rows = timed(["zfs", "list", "-H", "-p", "-o", "name", "-t",
+                                           "volume,snapshot", "-r", root])
+        vols, fig["ls_rebuilt"] = script("SR.ls", env, sr=pool)
         assert len(vols) == args.n, (len(vols), args.n)
-        _, t_warm = script("SR.ls", env, sr=pool)
-        _, t_warm2 = script("SR.ls", env, sr=pool)
-        _, t_query = script("Plugin.Query", env)
-        _, t_create = script("Volume.create", env, sr=pool, name="x", description="",
-                             size=1 << 20, sharable=False)
-        _, t_after = script("SR.ls", env, sr=pool)
+        _, fig["ls_warm"] = script("SR.ls", env, sr=pool)
+        _, fig["ls_warm2"] = script("SR.ls", env, sr=pool)
+        _, fig["query"] = script("Plugin.Query", env)
+        fig["ops_large"] = ops(env, pool)
+        # another host, after a clean SR.detach (the index travels in the pool)
+        _, fig["detach"] = script("SR.detach", env, sr=pool)
+        _, fig["attach_carried"] = script("SR.attach", env_b, configuration=conf)
+        vols, fig["ls_first_carried"] = script("SR.ls", env_b, sr=pool)
+        assert len(vols) == args.n, (len(vols), args.n)
+        # and after a crash: the pool's generation moved on without a copy
+        script("SR.detach", env_b, sr=pool)
+        subprocess.run(["zpool", "import", "-N", "-d", state, pool], check=True)
+        zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 2 * 10 ** 6), names.sr_root(pool))
+        subprocess.run(["zpool", "export", pool], check=True)
+        _, fig["attach_crashed"] = script("SR.attach", env_c, configuration=conf)
+        vols, fig["ls_first_crashed"] = script("SR.ls", env_c, sr=pool)
+        assert len(vols) == args.n, (len(vols), args.n)
         print("N=%d (%d zvols, %d snapshots)" % (args.n, zvols, args.n - zvols))
-        print("  make: lzc_create %.1f s, lzc_snapshot batches %.1f s" % (t_zvols, t_snaps))
-        print("  zfs list -o name,guid,createtxg -r (fast path): %.2f s, %d rows"
-              % (t_list, n_list))
-        print("  zfs get -r 9 properties (reconcile's read):   %.2f s, %d rows" % (t_get, n_get))
-        print("  zfs get -r -s local all:                       %.2f s, %d rows" % (t_all, n_all))
-        print("  SR.ls cold (index rebuilt): %.2f s" % t_cold)
+        print("  make: lzc_create %.1f s, lzc_snapshot batches %.1f s"
+              % (fig["make_zvols"], fig["make_snapshots"]))
+        print("  zfs list -r -o name (a walk of every dataset): %.2f s, %d rows"
+              % (fig["zfs_list_all"], rows))
+        print("  SR.ls after the pool changed behind the index: %.2f s" % fig["ls_rebuilt"])
         print("  SR.ls warm: %.2f s, %.2f s   (Plugin.Query, the fixed cost: %.2f s)"
-              % (t_warm, t_warm2, t_query))
-        print("  Volume.create %.2f s, then SR.ls %.2f s (still warm)" % (t_create, t_after))
+              % (fig["ls_warm"], fig["ls_warm2"], fig["query"]))
+        for k in ("create", "snapshot", "clone", "destroy"):
+            print("  Volume.%-8s at 3: %.2f s   at %d: %.2f s" % (
+                k, fig["ops_small"][k], args.n, fig["ops_large"][k]))
+        print("  new host, clean move: SR.attach %.2f s + first SR.ls %.2f s"
+              % (fig["attach_carried"], fig["ls_first_carried"]))
+        print("  new host, after a crash: SR.attach %.2f s + first SR.ls %.2f s"
+              % (fig["attach_crashed"], fig["ls_first_crashed"]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=1)
     finally:
         if not args.keep:
             subprocess.run(["zpool", "destroy", "-f", pool])

@@ -132,6 +132,9 @@ def list_changed_blocks(sr, key, key2, offset, length):
         if b["kind"] == "snapshot":
             return _call(cbt.list_changed_blocks, a["zname"], b["zname"], offset, length,
                          state_dir(handle))
+        # a live end is a temporary snapshot a kill would leave: SR.attach sweeps it
+        mark = handle.index().want_sweep("live CBT interval of %s" % key2)
         changed = _call(cbt.changed_extents, a["zname"], b["zname"], state_dir(handle))
+        handle.index().swept(mark)
         size = int(zfs.get([b["zname"]], ["volsize"])[b["zname"]]["volsize"])
         return cbt.bitmap(changed, size, offset, length)

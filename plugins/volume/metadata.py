@@ -20,10 +20,17 @@ property at all.
 Locally: one sqlite file per SR under /var/lib/zfs-ng/ (ZFSNG_STATE_DIR), a
 cache of the above plus sizes.  It records the pool generation it reflects; a
 different generation on the pool (a mutation in progress, a crash mid-way, or
-another host) makes it stale and it is rebuilt from the pool under the SR lock.
+another host) makes it stale and it is rebuilt from the pool under the SR lock,
+unless the pool carries a copy at its generation (SR.detach writes one before
+`zpool export`: export_doc/adopt_doc, sr.carry_index).  Sizes: a volume's
+usage changes only while its device is active, so activate_device marks it
+(`touched`) and SR.ls reads those again; `sweep` marks what a killed call may
+have left for SR.attach's sweeps, which otherwise walk the SR only when the
+index is stale.
 Beside it, <state dir>/cbt/<sr-uuid>/ caches CBT maps (cbt_state_dir).
 """
 
+import binascii
 import json
 import os
 import sqlite3
@@ -69,6 +76,12 @@ CREATE TABLE IF NOT EXISTS volumes (
 -- keys this host destroyed, so a repeated Volume.destroy succeeds (xapi
 -- repeats calls; VDI.destroy of a clone-on-boot VDI calls it twice)
 CREATE TABLE IF NOT EXISTS destroyed (key TEXT PRIMARY KEY, at INTEGER NOT NULL);
+-- volumes whose device was activated since SR.ls last read their usage: only
+-- they can have been written, so only they are read again (volume.ls)
+CREATE TABLE IF NOT EXISTS touched (key TEXT PRIMARY KEY);
+-- work a killed call may have left for SR.attach's sweep (sr.collect_garbage,
+-- sr.drop_interrupted) although the generation says the index is fresh
+CREATE TABLE IF NOT EXISTS sweep (id TEXT PRIMARY KEY, why TEXT NOT NULL);
 """
 
 # How long a destroyed key is remembered.
@@ -129,6 +142,25 @@ def read_entries(pool, targets=None):
     return out
 
 
+_TYPES = {"key": str, "zname": str, "kind": str, "name": str, "description": str,
+          "keys": dict, "sharable": (bool, int), "virtual_size": int,
+          "physical_utilisation": int, "volblocksize": int, "origin": str, "createtxg": int,
+          "cbt_enabled": (bool, int)}
+
+
+def _sound(e, pool):
+    """An entry from outside (a carried index) has our types and is what its
+    ZFS name says."""
+    if any(not isinstance(e[c], t) for c, t in _TYPES.items()):
+        return False
+    if e["kind"] not in ("volume", "snapshot", "bookmark") or \
+            any(not isinstance(k, str) or not isinstance(v, str) for k, v in e["keys"].items()):
+        return False
+    kind, key = names.classify(e["zname"].replace("#", "@", 1), pool)
+    want = "volume" if e["kind"] == "volume" else "snapshot"
+    return key == e["key"] and kind == want
+
+
 class Index(object):
     """The local sqlite cache of one SR's volumes."""
 
@@ -166,7 +198,7 @@ class Index(object):
     @staticmethod
     def _row(r):
         e = dict(zip(COLUMNS, r))
-        e["keys"] = json.loads(e["keys"])
+        e["keys"] = {} if e["keys"] == "{}" else json.loads(e["keys"])  # most have none
         e["sharable"] = bool(e["sharable"])
         e["cbt_enabled"] = bool(e["cbt_enabled"])
         return e
@@ -199,6 +231,82 @@ class Index(object):
         return [self._row(r) for r in self.db.execute(
             "SELECT %s FROM volumes WHERE origin LIKE ? ESCAPE '\\'" % ",".join(COLUMNS),
             (like,))]
+
+    # usage of volumes written since it was read (not part of the generation) ----
+    def touch(self, key):
+        """Key's device was activated: its usage may change until SR.ls reads
+        it with the device gone."""
+        self.db.execute("INSERT OR IGNORE INTO touched (key) VALUES (?)", (key,))
+
+    def touched(self):
+        return [r[0] for r in self.db.execute("SELECT key FROM touched ORDER BY key")]
+
+    def set_usage(self, usage, done):
+        """usage {key: physical_utilisation} read from ZFS; done: keys whose
+        device is gone, so that reading was their last change."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany("UPDATE volumes SET physical_utilisation=? WHERE key=?",
+                                [(v, k) for k, v in usage.items()])
+            self.db.executemany("DELETE FROM touched WHERE key=?", [(k,) for k in done])
+            self.db.execute("COMMIT")
+        except Exception:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # leftovers for SR.attach's sweep ---------------------------------------------
+    def want_sweep(self, why):
+        """Record that a sweep may be needed (before making something a kill
+        would leave behind); returns the mark for swept()."""
+        mark = binascii.hexlify(os.urandom(8)).decode()
+        self.db.execute("INSERT INTO sweep (id, why) VALUES (?, ?)", (mark, why))
+        return mark
+
+    def sweeps_wanted(self):
+        return [r[0] for r in self.db.execute("SELECT why FROM sweep ORDER BY why")]
+
+    def swept(self, mark=None):
+        """The work behind one mark (or, after a full sweep, every mark) is done."""
+        if mark is None:
+            self.db.execute("DELETE FROM sweep")
+        else:
+            self.db.execute("DELETE FROM sweep WHERE id=?", (mark,))
+
+    # the copy that travels in the pool (sr.carry_index / sr.adopt_carried) -------
+    CARRIED_FORMAT = 1
+
+    def export_doc(self, sr_uuid):
+        """Everything but the destroyed keys (this host's memory), as JSON-able."""
+        return {"format": self.CARRIED_FORMAT, "sr-uuid": sr_uuid,
+                "generation": self.generation(),
+                "volumes": [[e[c] for c in COLUMNS] for e in self.all()],
+                "touched": self.touched(), "sweep": self.sweeps_wanted()}
+
+    def adopt_doc(self, doc, pool, sr_uuid, generation):
+        """Take a carried copy if it is of this SR at this generation and every
+        entry is what its ZFS name says; False (nothing changed) otherwise."""
+        try:
+            if doc.get("format") != self.CARRIED_FORMAT or doc.get("sr-uuid") != sr_uuid \
+                    or doc.get("generation") != generation:
+                return False
+            entries = []
+            for row in doc["volumes"]:
+                if not isinstance(row, list) or len(row) != len(COLUMNS):
+                    return False
+                e = dict(zip(COLUMNS, row))
+                if not _sound(e, pool):
+                    return False
+                entries.append(e)
+            touched = [k for k in doc["touched"] if names.is_key(k)]
+            whys = [str(w) for w in doc["sweep"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return False
+        self.replace_all(entries, generation)
+        for k in touched:
+            self.touch(k)
+        for why in whys:
+            self.want_sweep(why)
+        return True
 
     # writes: each one transaction that also records the generation -------------
     def _upsert(self, e):

@@ -15,6 +15,8 @@ devices no datapath records (reset_stale_devices, from plugins/records.py).
 
 import contextlib
 import errno
+import gzip
+import json
 import os
 import stat as stat_mod
 import subprocess
@@ -134,7 +136,10 @@ class SR(object):
 
     def reconcile(self):
         """Rebuild the index from ZFS (caller holds the lock).  Finishes or undoes
-        an interrupted revert first, so a crash never loses or invents a volume."""
+        an interrupted revert first, so a crash never loses or invents a volume.
+        A stale index means a mutation may have been cut short: the next
+        SR.attach sweeps (a mark, Index.want_sweep)."""
+        self.index().want_sweep("index rebuilt at generation %d" % self.generation)
         rows = zfs.list_names(self.root, ("name",))
         present = set(r[0] for r in rows)
         for zname in sorted(present):
@@ -444,10 +449,16 @@ def attach(configuration):
             v = check(v)
             zfs.zfs("set", "%s=%s" % (zfs.uprop(k), zfs.encode(v)), handle.root)
         handle.reload()
-        drop_interrupted(pool)
-        collect_garbage(handle)
-        if handle.index().generation() != handle.generation:
-            handle.reconcile()
+        idx = handle.index()
+        if idx.generation() != handle.generation:
+            if not adopt_carried(handle):
+                handle.reconcile()
+        # The sweeps walk every dataset: only where a crash or a kill may have
+        # left something (a mark: Index.want_sweep; every reconcile leaves one).
+        if idx.sweeps_wanted():
+            drop_interrupted(pool)
+            if collect_garbage(handle):
+                idx.swept()
         marker = _attached_marker(pool)
         if imported or not os.path.exists(marker):
             # A fresh import, or the first attach since boot (the pool may be
@@ -479,7 +490,8 @@ def _forget_attached(pool):
 def collect_garbage(handle):
     """Destroy hidden datasets nothing depends on any more: destroyed volumes
     whose snapshots are all gone, clone origins whose clones are gone, leftovers
-    of interrupted operations.  Caller holds the lock."""
+    of interrupted operations.  False if something busy was kept for later.
+    Caller holds the lock."""
     for _ in range(64):
         rows = zfs.list_names(handle.root, ("name", "origin"))
         origins = set(r[1] for r in rows if len(r) > 1)
@@ -497,7 +509,7 @@ def collect_garbage(handle):
             elif r[0] not in has_snaps:
                 victims.append(("vol", r[0]))
         if not victims:
-            return
+            return True
         for what, zname in victims:
             try:
                 if what == "snap":
@@ -508,7 +520,8 @@ def collect_garbage(handle):
                 pass
             except zfs.Busy:
                 smapi.log.info("garbage %s busy, kept for later", zname)
-                return
+                return False
+    return False
 
 
 def drop_interrupted(pool):
@@ -595,9 +608,90 @@ def detach(sr):
             smapi.log.info("%s: SR.detach leaves the pool imported: %d other host(s) "
                            "attached (%s)", pool, len(hosts), ", ".join(hosts))
         elif props is not None and props.get("created-pool"):
+            carry_index(SR(pool, props))
+            _unmount_carried(pool)
             zfs.zpool("export", pool)
         _forget_attached(pool)
     return None
+
+
+# -- the index that travels with the pool ---------------------------------------------
+#
+# SR.detach leaves a copy of the index in the pool (POOL/zfs-ng/index, a
+# filesystem mounted only while it is read or written) before `zpool export`,
+# so the next host's SR.attach takes it instead of reading every dataset.  It
+# is used only at the pool's generation (metadata.Index.adopt_doc): any later
+# mutation, on any host, makes it stale.
+
+def index_dataset(pool):
+    return "%s/index" % names.sr_root(pool)
+
+
+CARRIED_FILE = "index.json.gz"
+
+
+def _mount_point(pool):
+    return os.path.join(lock.RUN_DIR, "carried-%s" % pool)
+
+
+def _unmount_carried(pool):
+    """Unmount what a killed call left mounted (it would block the export)."""
+    if os.path.ismount(_mount_point(pool)):
+        zfs.run(["umount", _mount_point(pool)], check=False)
+
+
+@contextlib.contextmanager
+def _mounted(pool):
+    where = _mount_point(pool)
+    if not os.path.isdir(where):
+        os.makedirs(where, 0o700)
+    _unmount_carried(pool)
+    zfs.run(["mount", "-t", "zfs", index_dataset(pool), where])
+    try:
+        yield where
+    finally:
+        zfs.run(["umount", where], check=False)
+
+
+def carry_index(handle):
+    """Write the index into the pool (caller holds the SR lock).  A failure
+    only costs the next host a full read."""
+    idx = handle.index()
+    if idx.generation() != handle.generation:
+        return
+    try:
+        if not zfs.exists(index_dataset(handle.pool)):
+            zfs.zfs("create", "-o", "mountpoint=legacy", "-o", "compression=off",
+                    index_dataset(handle.pool))
+        data = gzip.compress(json.dumps(idx.export_doc(handle.uuid)).encode("utf-8"))
+        with _mounted(handle.pool) as d:
+            tmp = os.path.join(d, CARRIED_FILE + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, os.path.join(d, CARRIED_FILE))
+    except (zfs.ZfsError, OSError) as e:
+        smapi.log.error("%s: index not carried in the pool: %s", handle.pool, e)
+
+
+def adopt_carried(handle):
+    """Take the index the pool carries if it is at the pool's generation."""
+    if not zfs.exists(index_dataset(handle.pool)):
+        return False
+    try:
+        with _mounted(handle.pool) as d:
+            with open(os.path.join(d, CARRIED_FILE), "rb") as f:
+                doc = json.loads(gzip.decompress(f.read()).decode("utf-8"))
+    except (zfs.ZfsError, OSError, ValueError, EOFError) as e:
+        smapi.log.info("%s: no carried index: %s", handle.pool, e)
+        return False
+    if not isinstance(doc, dict):
+        return False
+    ok = handle.index().adopt_doc(doc, handle.pool, handle.uuid, handle.generation)
+    smapi.log.info("%s: carried index at generation %s %s", handle.pool, doc.get("generation"),
+                   "adopted" if ok else "not used (pool at %d)" % handle.generation)
+    return ok
 
 
 def remote_hosts(props):

@@ -106,8 +106,32 @@ def _dataset_of(e):
 # -- methods -------------------------------------------------------------------------
 
 def ls(sr):
+    """Every volume, from the index.  Sizes are current: the index has them
+    as of the last mutation, and only volumes whose device was activated since
+    (Index.touched) can have been written, so only those are read from ZFS
+    (one `zfs get`; xapi's sr-scan takes VDI usage from here)."""
     handle = SR.open(sr)
-    return [record(handle, e) for e in handle.fresh_index().all()]
+    idx = handle.fresh_index()
+    _refresh_usage(idx)
+    return [record(handle, e) for e in idx.all()]
+
+
+def _refresh_usage(idx):
+    keys = idx.touched()
+    if not keys:
+        return
+    entries = dict((k, idx.get(k)) for k in keys)
+    live = dict((e["zname"], k) for k, e in entries.items() if e is not None)
+    try:
+        got = zfs.get(sorted(live), ["referenced", "volmode"]) if live else {}
+    except zfs.ZfsError as e:   # one destroyed meanwhile: sizes as indexed this time
+        smapi.log.info("usage of %d activated volumes not read: %s", len(live), e.message)
+        return
+    usage = dict((live[z], int(p["referenced"])) for z, p in got.items()
+                 if z in live and "referenced" in p)
+    done = [k for k, e in entries.items()
+            if e is None or got.get(e["zname"], {}).get("volmode") != "dev"]
+    idx.set_usage(usage, done)
 
 
 def stat(sr, key):
@@ -324,7 +348,10 @@ def _collect_from(handle, ds):
                 return
             origin = zfs.get([ds], ["origin"]).get(ds, {}).get("origin", "-")
             zfs.zfs("destroy", ds)
-        except (zfs.NotFound, zfs.Busy):
+        except zfs.NotFound:
+            return
+        except zfs.Busy:
+            handle.index().want_sweep("garbage %s was busy" % ds)
             return
         if origin in ("-", ""):
             return
@@ -537,6 +564,7 @@ def activate_device(sr, key, timeout=60.0):
     loc = locate(sr, key)
     with lock.sr_lock(handle.pool):
         if e["kind"] == "volume":
+            handle.index().touch(key)   # before any write: SR.ls reads its usage again
             if _volmode_local(e["zname"]) != "dev":
                 zfs.zfs("set", "volmode=dev", e["zname"])
         else:

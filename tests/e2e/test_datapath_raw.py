@@ -3,11 +3,13 @@ through the plugin executables as xapi-storage-script makes it.  The VM has
 no tap-ctl: the documented blkback fallback is what runs here."""
 
 import concurrent.futures
+import os
+import subprocess
 
 import pytest
 
 from dp_helpers import (PluginError, call, impl, make_snapshot, make_volume, pattern, pread,
-                        pwrite, uri_of, volmode_local, zfs_exists)
+                        pwrite, uri_of, vol_call, volmode_local, zfs_exists)
 
 RAW = "zfsng-raw"
 MiB = 1 << 20
@@ -41,6 +43,39 @@ def test_attach_activate_write_detach(sr):
     call(RAW, "Datapath.detach", uri=uri, domain="3")
     call(RAW, "Datapath.close", uri=uri)
     assert volmode_local(ds) is None                  # back to idle: no minor
+
+
+def _listed_usage(sr, key):
+    return [v for v in vol_call("SR.ls", sr=sr) if v["key"] == key][0]["physical_utilisation"]
+
+
+def test_sr_ls_reports_current_usage(sr):
+    """xapi takes VDI usage from SR.ls (sr-scan), so SR.ls reports what the
+    volume references now, not what the index held at create time: written
+    while attached and after detach, without a Volume.stat in between."""
+    vol = make_volume(sr)
+    key, uri = vol["key"], uri_of(vol, RAW)
+    ds = "%s/zfs-ng/%s" % (sr, key)
+    before = _listed_usage(sr, key)
+    assert before < MiB
+    call(RAW, "Datapath.open", uri=uri, persistent=True)
+    dev = impl(call(RAW, "Datapath.attach", uri=uri, domain="3"), "BlockDevice")["path"]
+    call(RAW, "Datapath.activate", uri=uri, domain="3")
+    for i in range(8):                      # 8 MiB of incompressible data
+        pwrite(dev, i * MiB, os.urandom(MiB))
+    subprocess.run(["zpool", "sync", sr], check=True)
+    while_attached = _listed_usage(sr, key)
+    assert while_attached >= 8 * MiB, while_attached
+    for i in range(8, 12):
+        pwrite(dev, i * MiB, os.urandom(MiB))
+    call(RAW, "Datapath.deactivate", uri=uri, domain="3")
+    call(RAW, "Datapath.detach", uri=uri, domain="3")
+    call(RAW, "Datapath.close", uri=uri)
+    assert volmode_local(ds) is None
+    after = _listed_usage(sr, key)
+    assert after >= 12 * MiB, after
+    assert after == vol_call("Volume.stat", sr=sr, key=key)["physical_utilisation"]
+    assert _listed_usage(sr, key) == after   # read once more: nothing changed
 
 
 def test_errors_are_clean(sr):

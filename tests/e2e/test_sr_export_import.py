@@ -64,6 +64,65 @@ def test_export_import_keeps_everything(file_vdevs, tmp_path):
     shutil.rmtree(other)
 
 
+def test_the_next_host_takes_the_index_the_pool_carries(file_vdevs, tmp_path):
+    """SR.detach leaves the index in the pool (sr.carry_index) and the next
+    host's SR.attach takes it (sr.adopt_carried) instead of reading every
+    dataset: a hidden leftover planted before the move is still there after
+    the attach, which a sweep would have destroyed.  The copy is used only at
+    the pool's generation: host A, whose own index is older, takes B's newer
+    copy; a pool whose generation moved on without a copy (a crash after a
+    mutation began) is read in full again, and its leftover swept."""
+    devs = file_vdevs(1, 512 << 20)
+    sr_uuid = str(uuid.uuid4())
+    env_a = dict(os.environ, ZFSNG_STATE_DIR=str(tmp_path / "a"))
+    env_b = dict(os.environ, ZFSNG_STATE_DIR=str(tmp_path / "b"))
+    env_c = dict(os.environ, ZFSNG_STATE_DIR=str(tmp_path / "c"))
+    conf = call_env(env_a, "SR.create", uuid=sr_uuid, configuration={"device": devs[0]},
+                    name="carried", description="")
+    pool = call_env(env_a, "SR.attach", configuration=conf)
+    try:
+        v = call_env(env_a, "Volume.create", sr=pool, name="v", description="d",
+                     size=16 << 20, sharable=False)
+        s = call_env(env_a, "Volume.snapshot", sr=pool, key=v["key"])
+        c = call_env(env_a, "Volume.clone", sr=pool, key=s["key"])
+        call_env(env_a, "Volume.destroy", sr=pool, key=v["key"])
+        before = sorted(call_env(env_a, "SR.ls", sr=pool), key=lambda x: x["key"])
+        trap = "%s/zfs-ng/h-planted" % pool      # garbage only a sweep removes
+        subprocess.run(["zfs", "create", "-V", "1M", trap], check=True)
+        call_env(env_a, "SR.detach", sr=pool)
+        assert pool not in pools()
+
+        call_env(env_b, "SR.attach", configuration=conf)
+        assert dp.zfs_exists(trap), "the attach swept: the carried index was not taken"
+        after = sorted(call_env(env_b, "SR.ls", sr=pool), key=lambda x: x["key"])
+        assert after == before
+        x = call_env(env_b, "Volume.create", sr=pool, name="x", description="",
+                     size=16 << 20, sharable=False)
+        call_env(env_b, "SR.detach", sr=pool)
+
+        # A's own index is from before B's create: B's copy wins
+        call_env(env_a, "SR.attach", configuration=conf)
+        assert {y["key"] for y in call_env(env_a, "SR.ls", sr=pool)} == \
+            {s["key"], c["key"], x["key"]}
+        assert dp.zfs_exists(trap)
+        call_env(env_a, "SR.detach", sr=pool)
+
+        # a generation the copy does not have: read in full, and swept
+        subprocess.run(["zpool", "import", "-N", "-d", os.path.dirname(devs[0]), pool],
+                       check=True)
+        subprocess.run(["zfs", "set", "org.zfs-ng:generation=999999", "%s/zfs-ng" % pool],
+                       check=True)
+        export(pool)
+        call_env(env_c, "SR.attach", configuration=conf)
+        assert not dp.zfs_exists(trap)
+        assert {y["key"] for y in call_env(env_c, "SR.ls", sr=pool)} == \
+            {s["key"], c["key"], x["key"]}
+    finally:
+        if pool not in pools():
+            subprocess.run(["zpool", "import", "-N", "-d", os.path.dirname(devs[0]), pool])
+        dp.destroy_pool(pool)
+
+
 def call_env(env, method, **params):
     params.setdefault("dbg", "test")
     p = subprocess.run([os.path.join(PLUGIN_DIR, method), "--json"],

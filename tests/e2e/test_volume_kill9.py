@@ -325,15 +325,30 @@ def test_attach_drops_snapshots_of_interrupted_cbt_calls(sr):
     killed while a live volume had its temporary snapshot
     (V@zfsng-cbt-tmp-HEX): SR.attach destroys both.  Before, they stayed, and
     once the volume was destroyed it was kept hidden for good (it had a
-    snapshot), found by test_kill_9_at_random_points_of_plugin_calls."""
+    snapshot), found by test_kill_9_at_random_points_of_plugin_calls.
+    SR.attach sweeps only where a kill leaves a trace, so each kill is modelled
+    with the trace its call leaves before making the snapshot (sr.py attach;
+    the random kills above do it for real): enable_cbt runs inside a mutation,
+    whose generation bump the index never caught up with; list_changed_blocks
+    with a live end marks the index first (cbt_methods.list_changed_blocks)."""
+    from plugins.volume import metadata
     pool = sr
     k = call("Volume.create", sr=pool, name="a", description="", size=MiB,
              sharable=False)["key"]
     ds = "%s/zfs-ng/%s" % (pool, k)
-    for snap in ("zfsng-cbt-anchor", "zfsng-cbt-tmp-0123456789ab"):
-        subprocess.run(["zfs", "snapshot", ds + "@" + snap], check=True)
+    # enable_cbt killed: generation bumped, the index not committed
+    subprocess.run(["zfs", "snapshot", ds + "@zfsng-cbt-anchor"], check=True)
+    subprocess.run(["zfs", "set", "org.zfs-ng:generation=%d" % (generation(pool) + 1),
+                    pool + "/zfs-ng"], check=True)
     call("SR.attach", configuration={"pool": pool})
     assert zfs_names(pool, "volume,snapshot,bookmark") == {ds}
+    # list_changed_blocks killed: its mark, then its temporary snapshot
+    sr_uuid = zget(pool + "/zfs-ng", "org.zfs-ng:sr-uuid").strip('"')
+    metadata.Index.for_sr(sr_uuid).want_sweep("live CBT interval of %s" % k)
+    subprocess.run(["zfs", "snapshot", ds + "@zfsng-cbt-tmp-0123456789ab"], check=True)
+    call("SR.attach", configuration={"pool": pool})
+    assert zfs_names(pool, "volume,snapshot,bookmark") == {ds}
+    assert metadata.Index.for_sr(sr_uuid).sweeps_wanted() == []
     call("Volume.enable_cbt", sr=pool, key=k)               # still works afterwards
     assert ls(pool)[k]["cbt_enabled"]
     call("Volume.destroy", sr=pool, key=k)

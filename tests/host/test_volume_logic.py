@@ -2,8 +2,11 @@
 sqlite index, URIs, method tables.  ZFS behaviour is tested in the VM."""
 
 import json
+import os
+import uuid as uuid_mod
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from plugins import smapi, zfs
 from plugins.volume import metadata, methods, names, plugin, volume
@@ -12,6 +15,8 @@ KEY = "0d7c1b9e-4f8e-4b1a-9c3d-2e5f6a7b8c9d"
 KEY2 = "1e8d2cae-5a9f-4c2b-8d4e-3f6a7b8c9d0e"
 POOL = "zfsng-test"
 ROOT = POOL + "/zfs-ng"
+UUID = "5f0e2a4b-1c3d-4e5f-8a9b-0c1d2e3f4a5b"
+UUID2 = "6f0e2a4b-1c3d-4e5f-8a9b-0c1d2e3f4a5b"
 
 
 def test_keys():
@@ -175,6 +180,76 @@ def test_index(tmp_path):
     idx.close()
     again = metadata.Index(str(tmp_path / "sub" / "x.sqlite"))
     assert again.count() == 2
+
+
+def test_index_usage_of_touched_volumes(tmp_path):
+    """Index.touch/touched/set_usage (volume.ls reads only touched volumes):
+    marks survive a reconcile (replace_all) and another process, and clear
+    only for the keys given as done."""
+    path = str(tmp_path / "x.sqlite")
+    idx = metadata.Index(path)
+    idx.replace_all([_entry(KEY, "%s/%s" % (ROOT, KEY)), _entry(KEY2, "%s/%s" % (ROOT, KEY2))], 1)
+    assert idx.touched() == []
+    idx.touch(KEY)
+    idx.touch(KEY)
+    idx.replace_all([_entry(KEY, "%s/%s" % (ROOT, KEY)), _entry(KEY2, "%s/%s" % (ROOT, KEY2))], 2)
+    assert metadata.Index(path).touched() == [KEY]
+    idx.set_usage({KEY: 5 << 20}, done=[])
+    assert idx.get(KEY)["physical_utilisation"] == 5 << 20 and idx.touched() == [KEY]
+    idx.set_usage({KEY: 7 << 20}, done=[KEY])
+    assert idx.get(KEY)["physical_utilisation"] == 7 << 20 and idx.touched() == []
+    assert idx.generation() == 2                  # usage is not a mutation
+
+
+def test_carried_index_is_taken_only_at_its_generation_and_when_sound(tmp_path):
+    """Index.export_doc/adopt_doc, the copy SR.detach leaves in the pool: the
+    next host takes it only for the same SR at the pool's generation, and only
+    if every entry is what its ZFS name says (the file comes from a pool)."""
+    src = metadata.Index(str(tmp_path / "a.sqlite"))
+    a = _entry(KEY, "%s/%s" % (ROOT, KEY), keys={"k": "v"}, name="a")
+    b = _entry(KEY2, "%s/%s@%s" % (ROOT, KEY, KEY2), "snapshot", createtxg=9)
+    src.replace_all([a, b], 7)
+    src.touch(KEY)
+    src.want_sweep("a kill")
+    doc = json.loads(json.dumps(src.export_doc(UUID)))      # as written to the pool
+
+    def fresh():
+        return metadata.Index(str(tmp_path / ("%s.sqlite" % uuid_mod.uuid4())))
+
+    dst = fresh()
+    assert not dst.adopt_doc(doc, POOL, UUID, 8)             # the pool moved on
+    assert not dst.adopt_doc(doc, POOL, UUID2, 7)            # another SR
+    assert dst.generation() is None and dst.count() == 0
+    assert dst.adopt_doc(doc, POOL, UUID, 7)
+    assert dst.generation() == 7 and dst.all() == src.all()
+    assert dst.touched() == [KEY] and dst.sweeps_wanted() == ["a kill"]
+    bad = json.loads(json.dumps(doc))
+    bad["volumes"][0][0] = KEY2                               # key is not the name's
+    assert not fresh().adopt_doc(bad, POOL, UUID, 7)
+    bad = json.loads(json.dumps(doc))
+    bad["volumes"][0][1] = "other/zfs-ng/" + KEY              # not under this SR
+    assert not fresh().adopt_doc(bad, POOL, UUID, 7)
+    bad = json.loads(json.dumps(doc))
+    bad["volumes"][0][metadata.COLUMNS.index("virtual_size")] = "16M"   # not our type
+    assert not fresh().adopt_doc(bad, POOL, UUID, 7)
+    for broken in ({}, {"format": 1}, dict(doc, volumes=[[1]]), dict(doc, volumes=None),
+                   dict(doc, format=2)):
+        assert not fresh().adopt_doc(broken, POOL, UUID, 7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
+                                                                          max_size=4),
+                    max_leaves=20))
+def test_carried_index_fuzz(doc):
+    """Whatever JSON the pool holds, adopt_doc takes it or says no: no crash."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        idx = metadata.Index(os.path.join(d, "x.sqlite"))
+        if isinstance(doc, dict):
+            idx.adopt_doc(doc, POOL, UUID, 7)
+        idx.close()
 
 
 class FakeHandle(object):
