@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS volumes (
 );
 -- keys this host destroyed, so a repeated Volume.destroy succeeds (xapi
 -- repeats calls; VDI.destroy of a clone-on-boot VDI calls it twice)
+CREATE INDEX IF NOT EXISTS volumes_origin ON volumes (origin);
 CREATE TABLE IF NOT EXISTS destroyed (key TEXT PRIMARY KEY, at INTEGER NOT NULL);
 -- volumes whose device was activated since SR.ls last read their usage: only
 -- they can have been written, so only they are read again (volume.ls)
@@ -140,6 +141,13 @@ def read_entries(pool, targets=None):
     seen = set(e["key"] for e in out)
     out += [e for e in bookmarks.entries(pool, targets) if e["key"] not in seen]
     return out
+
+
+def _prefix_range(prefix):
+    """(lo, hi): the strings starting with prefix are lo <= s < hi (sqlite
+    compares text bytewise, so the index on the column serves the range where
+    a LIKE would scan the whole table; at 100k volumes that is per call)."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 _TYPES = {"key": str, "zname": str, "kind": str, "name": str, "description": str,
@@ -221,16 +229,16 @@ class Index(object):
 
     def by_dataset(self, dataset):
         """Snapshots whose parent dataset is `dataset`, and the volume itself."""
-        like = dataset.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
+        lo, hi = _prefix_range(dataset + "@")
         return [self._row(r) for r in self.db.execute(
-            "SELECT %s FROM volumes WHERE zname=? OR zname LIKE ? ESCAPE '\\'"
-            % ",".join(COLUMNS), (dataset, like))]
+            "SELECT %s FROM volumes WHERE zname=? OR (zname>=? AND zname<?)"
+            % ",".join(COLUMNS), (dataset, lo, hi))]
 
     def clones_of(self, dataset):
-        like = dataset.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
+        lo, hi = _prefix_range(dataset + "@")
         return [self._row(r) for r in self.db.execute(
-            "SELECT %s FROM volumes WHERE origin LIKE ? ESCAPE '\\'" % ",".join(COLUMNS),
-            (like,))]
+            "SELECT %s FROM volumes WHERE origin>=? AND origin<?" % ",".join(COLUMNS),
+            (lo, hi))]
 
     # usage of volumes written since it was read (not part of the generation) ----
     def touch(self, key):
@@ -333,13 +341,13 @@ class Index(object):
                                     [(k, now) for k in destroyed])
             for old, new in rename:
                 n = len(old)
-                like = old.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "@%"
-                self.db.execute("UPDATE volumes SET zname = ? || substr(zname, ?) "
-                                "WHERE zname LIKE ? ESCAPE '\\'", (new, n + 1, like))
-                self.db.execute("UPDATE volumes SET zname = ? || substr(zname, ?) "  # bookmarks
-                                "WHERE zname LIKE ? ESCAPE '\\'", (new, n + 1, like[:-2] + "#%"))
+                for sep in ("@", "#"):              # its snapshots, then its bookmarks
+                    self.db.execute("UPDATE volumes SET zname = ? || substr(zname, ?) "
+                                    "WHERE zname>=? AND zname<?",
+                                    (new, n + 1) + _prefix_range(old + sep))
                 self.db.execute("UPDATE volumes SET origin = ? || substr(origin, ?) "
-                                "WHERE origin LIKE ? ESCAPE '\\'", (new, n + 1, like))
+                                "WHERE origin>=? AND origin<?",
+                                (new, n + 1) + _prefix_range(old + "@"))
             for e in upsert:
                 self._upsert(e)
             self._set_generation(generation)

@@ -162,10 +162,20 @@ def test_index(tmp_path):
     assert idx.get(KEY)["keys"] == {"k": "v"} and idx.get(KEY)["name"] == "a"
     assert [e["key"] for e in idx.all()] == [KEY, KEY2]
     assert {e["key"] for e in idx.by_dataset(a["zname"])} == {KEY, KEY2}
-    # renaming a volume dataset moves its snapshots
+    # a clone of b, and a dataset whose name only starts like a's
+    KEY3, KEY4 = "2f9e3dbf-6b0a-4d3c-9e5f-4a7b8c9d0e1f", "3a0f4ec0-7c1b-4e4d-8f6a-5b8c9d0e1f2a"
+    c = _entry(KEY3, "%s/%s" % (ROOT, KEY3), origin=b["zname"])
+    d = _entry(KEY4, "%s/%s" % (ROOT, KEY4), origin=a["zname"] + "A@x")
+    idx.commit(4, upsert=[c, d])
+    assert [e["key"] for e in idx.clones_of(a["zname"])] == [KEY3]
+    assert {e["key"] for e in idx.by_dataset(a["zname"])} == {KEY, KEY2}
+    # renaming a volume dataset moves its snapshots and its clones' origins
     idx.commit(5, delete=[KEY], rename=[(a["zname"], ROOT + "/h-1")])
     assert idx.get(KEY) is None
     assert idx.get(KEY2)["zname"] == "%s/h-1@%s" % (ROOT, KEY2)
+    assert idx.get(KEY3)["origin"] == "%s/h-1@%s" % (ROOT, KEY2)
+    assert idx.get(KEY4)["origin"] == a["zname"] + "A@x"
+    idx.commit(5, delete=[KEY3, KEY4])
     assert idx.generation() == 5
     # a failed commit changes nothing, not even the generation
     with pytest.raises(Exception):
