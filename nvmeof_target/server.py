@@ -80,6 +80,10 @@ class Conn(object):
         self.server.dirty.add(self)
 
     def on_event(self, mask):
+        # closed earlier in this same batch of events (a controller torn down
+        # by another connection's handler drops its queues here): nothing to do
+        if self.closed:
+            return
         if mask & selectors.EVENT_READ:
             self._read()
         if mask & selectors.EVENT_WRITE and not self.closed:

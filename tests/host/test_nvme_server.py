@@ -145,3 +145,32 @@ def test_idle_volumes_cost_no_descriptor(tmp_path):
         assert c.stats()["fds"] == base
     finally:
         assert t.stop()[0] == 0
+
+
+def test_an_event_for_a_connection_closed_in_the_same_batch_is_ignored(caplog):
+    """One select() batch can hold an event for a connection that an earlier
+    handler of the batch closed (a worker dropping the I/O queues of a
+    controller whose admin queue went).  It is skipped; before, _read ran on
+    the closed socket (AttributeError) and the loop logged a traceback (a fresh
+    clone's test_io_queues_spread_over_workers caught it)."""
+    import logging
+    import selectors
+    from nvmeof_target.registry import Registry
+    from nvmeof_target.server import Server
+    from nvmeof_target.target import Target
+    server = Server(Target(Registry()), listen=(("127.0.0.1", 0),))
+    client = socket.create_connection(server.addresses[0])
+    try:
+        deadline = time.time() + 10
+        while not server.conns:
+            assert time.time() < deadline
+            server._accept(server.listeners[0])
+        conn = next(iter(server.conns))
+        client.sendall(b"\x00" * 8)
+        conn.close()
+        with caplog.at_level(logging.ERROR):
+            server._dispatch(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        assert "event handler failed" not in caplog.text
+    finally:
+        client.close()
+        server.shutdown()
