@@ -73,23 +73,32 @@ ZFS = _binary("zfs")
 ZPOOL = _binary("zpool")
 
 
-def run(argv, check=True):
-    """stdout of argv; ZfsError (or a subclass) with zfs's own message on failure."""
+def _run(argv):
+    """(returncode, stdout, stderr) of argv."""
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, universal_newlines=True)
     except OSError as e:
         raise ZfsError("cannot run %s: %s" % (argv[0], e), argv)
     out, err = p.communicate()
-    if p.returncode != 0 and check:
-        msg = " ".join(err.split()) or "%s exited with %d" % (argv[0], p.returncode)
-        cls = ZfsError
-        low = msg.lower()
-        for needle, c in _PATTERNS:
-            if needle in low:
-                cls = c
-                break
-        raise cls(msg, argv)
+    return p.returncode, out, err
+
+
+def _error(argv, rc, err):
+    """The typed error of a failed argv, with zfs's own message."""
+    msg = " ".join(err.split()) or "%s exited with %d" % (argv[0], rc)
+    low = msg.lower()
+    for needle, c in _PATTERNS:
+        if needle in low:
+            return c(msg, argv)
+    return ZfsError(msg, argv)
+
+
+def run(argv, check=True):
+    """stdout of argv; ZfsError (or a subclass) with zfs's own message on failure."""
+    rc, out, err = _run(argv)
+    if rc != 0 and check:
+        raise _error(argv, rc, err)
     return out
 
 
@@ -195,6 +204,25 @@ def get(targets, props, recursive=False, types=None, local_only_prefix=True):
             continue
         d[prop] = value
     return out
+
+
+def get_existing(targets, props):
+    """get() of those targets that exist ({} for none): one `zfs get`, whose
+    complaints about the missing ones are not an error.  A failure that
+    answered nothing at all (no pool) still raises."""
+    if not targets:
+        return {}
+    argv = [ZFS, "get", "-H", "-p", "-o", "name,property,value,source", ",".join(props)]
+    argv += list(targets)
+    rc, out, err = _run(argv)
+    if rc != 0 and any(line and "dataset does not exist" not in line
+                       for line in err.splitlines()):
+        raise _error(argv, rc, err)
+    got = {}
+    for r in rows(out):
+        if len(r) == 4 and not (r[2] == "-" and r[3] == "-"):
+            got.setdefault(r[0], {})[r[1]] = r[2]
+    return got
 
 
 def list_names(root, props=("name", "origin"), types="volume,snapshot", depth=None):

@@ -103,6 +103,7 @@ class LocalDatapath(core.Datapath):
         loc = _volumes().locate(u.sr, u.key)
         if loc["readonly"]:
             return  # a snapshot: nothing can be written, nothing to discard
+        _volumes().note_session(u.sr, u.key)   # before its clone: a crash reset finds it
         rec.update(zvol.np_begin(u.sr, u.key, loc["dataset"]))
 
     def _close(self, u, st):

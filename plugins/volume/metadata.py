@@ -249,6 +249,16 @@ class Index(object):
     def touched(self):
         return [r[0] for r in self.db.execute("SELECT key FROM touched ORDER BY key")]
 
+    def devices_tracked(self):
+        """Has every device activation since a full crash reset been marked
+        (touched)?  False for an index from before the marks, or adopted
+        from one: a crash reset must then walk every volume once."""
+        return self.db.execute("SELECT 1 FROM meta WHERE k='devices-tracked'").fetchone() \
+            is not None
+
+    def set_devices_tracked(self):
+        self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('devices-tracked', '1')")
+
     def set_usage(self, usage, done):
         """usage {key: physical_utilisation} read from ZFS; done: keys whose
         device is gone, so that reading was their last change."""
@@ -288,7 +298,8 @@ class Index(object):
         return {"format": self.CARRIED_FORMAT, "sr-uuid": sr_uuid,
                 "generation": self.generation(),
                 "volumes": [[e[c] for c in COLUMNS] for e in self.all()],
-                "touched": self.touched(), "sweep": self.sweeps_wanted()}
+                "touched": self.touched(), "sweep": self.sweeps_wanted(),
+                "devices-tracked": self.devices_tracked()}
 
     def adopt_doc(self, doc, pool, sr_uuid, generation):
         """Take a carried copy if it is of this SR at this generation and every
@@ -314,6 +325,9 @@ class Index(object):
             self.touch(k)
         for why in whys:
             self.want_sweep(why)
+        self.db.execute("DELETE FROM meta WHERE k='devices-tracked'")
+        if doc.get("devices-tracked") is True:
+            self.set_devices_tracked()
         return True
 
     # writes: each one transaction that also records the generation -------------

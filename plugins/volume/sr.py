@@ -450,9 +450,11 @@ def attach(configuration):
             zfs.zfs("set", "%s=%s" % (zfs.uprop(k), zfs.encode(v)), handle.root)
         handle.reload()
         idx = handle.index()
+        rebuilt = False
         if idx.generation() != handle.generation:
             if not adopt_carried(handle):
                 handle.reconcile()
+                rebuilt = True
         # The sweeps walk every dataset: only where a crash or a kill may have
         # left something (a mark: Index.want_sweep; every reconcile leaves one).
         if idx.sweeps_wanted():
@@ -465,8 +467,12 @@ def attach(configuration):
             # imported at boot): devices left active by a crash.  Other
             # attaches leave devices alone: not every user is recorded
             # (Volume.compare, a restore into a volume).
+            # which devices to look at: the marked keys (activate_device and
+            # sessions mark before making one), unless the index was rebuilt
+            # or never tracked them: then every volume
+            keys = None if rebuilt or not idx.devices_tracked() else idx.touched()
             try:
-                reset_stale_devices(handle)
+                reset_stale_devices(handle, keys)
             except zfs.ZfsError as e:   # a cleanup: the SR is usable, retried next attach
                 smapi.log.error("%s: devices left active stay so: %s", pool, e.message)
             else:
@@ -540,7 +546,7 @@ def drop_interrupted(pool):
                 pass
 
 
-def reset_stale_devices(handle):
+def reset_stale_devices(handle, keys=None):
     """Deactivate what a host crash left active: zvols with volmode=dev,
     snapshots' read-only clones and non-persistent sessions' clones (np-KEY)
     come back with their device nodes at the next import, and no
@@ -550,15 +556,37 @@ def reset_stale_devices(handle):
     read-only clones are destroyed, session clones are discarded with their
     snapshot (a reset-on-boot VM's writes, which its next start discards
     anyway; otherwise Volume.destroy of its VDI would find the session open).
-    One `zfs get` for the whole SR.  Returns the datasets reset.  Caller holds
-    the SR lock."""
-    out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
-                   "-o", "name,value", "volmode", handle.root])
+    keys: only these keys' volume, ro-KEY and np-KEY are looked at (the
+    index's marks: a few `zfs get` of named datasets); None: every volume of
+    the SR (one `zfs get -r -t volume`, which at 100k volumes is minutes), and
+    afterwards the marks are complete (Index.set_devices_tracked).  Returns
+    the datasets reset.  Caller holds the SR lock."""
+    idx = handle.index()
+    if keys is None:
+        out = zfs.run([zfs.ZFS, "get", "-r", "-t", "volume", "-s", "local", "-H", "-p",
+                       "-o", "name,value", "volmode", handle.root])
+        found = [r for r in zfs.rows(out) if len(r) >= 2]
+    else:
+        wanted = []
+        for k in keys:
+            e = idx.get(k)
+            if e is not None and e["kind"] == "volume":
+                wanted.append(e["zname"])
+            wanted += [names.readonly_dataset(handle.pool, k),
+                       names.session_dataset(handle.pool, k)]
+        found = []
+        for i in range(0, len(wanted), 512):        # bounded argv
+            got = zfs.get_existing(wanted[i:i + 512], ["volmode"])
+            found += [(n, p.get("volmode")) for n, p in got.items()]
     used = records.recorded_keys(handle.pool) | records.served_keys(handle.uuid)
     volumes, clones, sessions = [], [], []
-    for r in zfs.rows(out):
+    for r in found:
         kind, key = names.classify(r[0], handle.pool)
-        if len(r) < 2 or r[1] != "dev" or key is None or key in used:
+        if r[1] != "dev" or key is None:
+            continue
+        if key in used:
+            if keys is None:
+                idx.touch(key)       # active before the marks existed: marked now
             continue
         if kind == "volume":
             volumes.append(r[0])
@@ -577,6 +605,8 @@ def reset_stale_devices(handle):
         okind, _ = names.classify(origin, handle.pool)
         if okind == "session":
             zfs.run([zfs.ZFS, "destroy", origin], check=False)
+    if keys is None:
+        idx.set_devices_tracked()
     if volumes or destroyed:
         smapi.log.info("%s: deactivated %d volumes and %d read-only clones no datapath "
                        "records (left by a crash)", handle.pool, len(volumes), len(destroyed))

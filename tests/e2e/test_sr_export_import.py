@@ -123,6 +123,56 @@ def test_the_next_host_takes_the_index_the_pool_carries(file_vdevs, tmp_path):
         dp.destroy_pool(pool)
 
 
+def test_a_clean_move_resets_the_marked_devices_without_a_walk(file_vdevs, tmp_path):
+    """A volume activated, a snapshot's read-only clone and a non-persistent
+    session left by host A (no deactivate came: what SR.detach would carry if
+    xapi skipped the detaches) are reset by host B's SR.attach from the marks
+    the carried index holds (activate_device and sessions mark before making a
+    device): B has no datapath records.  A device made behind the plugin's
+    back (no mark) stays: B looked only at marked keys, not at every volume."""
+    devs = file_vdevs(1, 512 << 20)
+    sr_uuid = str(uuid.uuid4())
+
+    def host(name):
+        run = str(tmp_path / name / "run")
+        return {"ZFSNG_STATE_DIR": str(tmp_path / name / "state"), "ZFSNG_RUN_DIR": run,
+                "ZFSNG_NODE_RUN_DIR": run}
+    a_env, b_env = host("a"), host("b")
+    env_a, env_b = dict(os.environ, **a_env), dict(os.environ, **b_env)
+    conf = call_env(env_a, "SR.create", uuid=sr_uuid, configuration={"device": devs[0]},
+                    name="moved", description="")
+    pool = call_env(env_a, "SR.attach", configuration=conf)
+    try:
+        a, b, c = [call_env(env_a, "Volume.create", sr=pool, name=n, description="",
+                            size=16 << 20, sharable=False) for n in ("a", "b", "c")]
+        s = call_env(env_a, "Volume.snapshot", sr=pool, key=a["key"])
+        for v in (a, s):
+            dp.call(RAW, "Datapath.attach", uri=dp.uri_of(v, RAW), domain="3", env=a_env)
+        dp.call(RAW, "Datapath.open", uri=dp.uri_of(b, RAW), persistent=False, env=a_env)
+        dp.call(RAW, "Datapath.attach", uri=dp.uri_of(b, RAW), domain="4", env=a_env)
+        ds = dict((v["key"], "%s/zfs-ng/%s" % (pool, v["key"])) for v in (a, b, c))
+        ro = "%s/zfs-ng/ro-%s" % (pool, s["key"])
+        np_b = "%s/zfs-ng/np-%s" % (pool, b["key"])
+        subprocess.run(["zfs", "set", "volmode=dev", ds[c["key"]]], check=True)   # no mark
+        assert dp.volmode_local(ds[a["key"]]) == "dev" and dp.zfs_exists(ro)
+        assert dp.zfs_exists(np_b)
+        subprocess.run(["udevadm", "settle", "--timeout=30"])   # udev done with the new nodes
+        call_env(env_a, "SR.detach", sr=pool)
+        assert pool not in pools()
+
+        call_env(env_b, "SR.attach", configuration=conf)
+        assert dp.volmode_local(ds[a["key"]]) is None
+        assert not dp.zfs_exists(ro) and not dp.zfs_exists(np_b)
+        assert dp.volmode_local(ds[c["key"]]) == "dev"       # unmarked: not looked at
+        assert {v["key"] for v in call_env(env_b, "SR.ls", sr=pool)} == \
+            {a["key"], b["key"], c["key"], s["key"]}
+        subprocess.run(["zfs", "inherit", "volmode", ds[c["key"]]], check=True)
+    finally:
+        if pool not in pools():
+            subprocess.run(["zpool", "import", "-N", "-d", os.path.dirname(devs[0]), pool])
+        dp.destroy_pool(pool)
+
+
 def call_env(env, method, **params):
     params.setdefault("dbg", "test")
     p = subprocess.run([os.path.join(PLUGIN_DIR, method), "--json"],

@@ -233,6 +233,12 @@ def test_carried_index_is_taken_only_at_its_generation_and_when_sound(tmp_path):
     assert dst.adopt_doc(doc, POOL, UUID, 7)
     assert dst.generation() == 7 and dst.all() == src.all()
     assert dst.touched() == [KEY] and dst.sweeps_wanted() == ["a kill"]
+    assert not dst.devices_tracked()           # the source never did a full reset
+    src.set_devices_tracked()
+    tracked = fresh()
+    assert tracked.adopt_doc(json.loads(json.dumps(src.export_doc(UUID))), POOL, UUID, 7)
+    assert tracked.devices_tracked()
+    assert dst.adopt_doc(doc, POOL, UUID, 7) and not dst.devices_tracked()
     bad = json.loads(json.dumps(doc))
     bad["volumes"][0][0] = KEY2                               # key is not the name's
     assert not fresh().adopt_doc(bad, POOL, UUID, 7)
