@@ -112,25 +112,38 @@ def ls(sr):
     (one `zfs get`; xapi's sr-scan takes VDI usage from here)."""
     handle = SR.open(sr)
     idx = handle.fresh_index()
-    _refresh_usage(idx)
+    _refresh_usage(idx, handle.pool)
     return [record(handle, e) for e in idx.all()]
 
 
-def _refresh_usage(idx):
+def _refresh_usage(idx, pool):
+    """Usage of the marked keys read again; a mark goes once nothing of its
+    key is active (volume without volmode=dev, no ro-KEY, no np-KEY)."""
     keys = idx.touched()
     if not keys:
         return
     entries = dict((k, idx.get(k)) for k in keys)
-    live = dict((e["zname"], k) for k, e in entries.items() if e is not None)
+    wanted = []
+    for k, e in entries.items():
+        if e is not None:
+            wanted += [e["zname"], names.readonly_dataset(pool, k), names.session_dataset(pool, k)]
     try:
-        got = zfs.get(sorted(live), ["referenced", "volmode"]) if live else {}
-    except zfs.ZfsError as e:   # one destroyed meanwhile: sizes as indexed this time
-        smapi.log.info("usage of %d activated volumes not read: %s", len(live), e.message)
+        got = zfs.get_existing(wanted, ["referenced", "volmode"])
+    except zfs.ZfsError as err:
+        smapi.log.info("usage of %d activated volumes not read: %s", len(keys), err.message)
         return
-    usage = dict((live[z], int(p["referenced"])) for z, p in got.items()
-                 if z in live and "referenced" in p)
-    done = [k for k, e in entries.items()
-            if e is None or got.get(e["zname"], {}).get("volmode") != "dev"]
+    usage, done = {}, []
+    for k, e in entries.items():
+        if e is None:
+            done.append(k)
+            continue
+        p = got.get(e["zname"], {})
+        if e["kind"] == "volume" and "referenced" in p:
+            usage[k] = int(p["referenced"])
+        active = (e["kind"] == "volume" and p.get("volmode") == "dev") or \
+            names.readonly_dataset(pool, k) in got or names.session_dataset(pool, k) in got
+        if not active and e["zname"] in got:
+            done.append(k)
     idx.set_usage(usage, done)
 
 
@@ -563,8 +576,10 @@ def activate_device(sr, key, timeout=60.0):
     bookmarks.check_has_data(e, "attached")
     loc = locate(sr, key)
     with lock.sr_lock(handle.pool):
+        # before the device exists: SR.ls reads a volume's usage again, and a
+        # crash reset knows what to look at (sr.reset_stale_devices)
+        handle.index().touch(key)
         if e["kind"] == "volume":
-            handle.index().touch(key)   # before any write: SR.ls reads its usage again
             if _volmode_local(e["zname"]) != "dev":
                 zfs.zfs("set", "volmode=dev", e["zname"])
         else:
@@ -574,6 +589,13 @@ def activate_device(sr, key, timeout=60.0):
     zfs.wait_for_device(loc["device"], timeout)
     loc["active"] = True
     return loc
+
+
+def note_session(sr, key):
+    """A datapath is about to make volume KEY's non-persistent session clone
+    (np-KEY, plugins/datapath/zvol.py): mark the key like activate_device."""
+    handle = SR.open(sr)
+    handle.index().touch(names.check_key(key))
 
 
 def deactivate_device(sr, key):
@@ -588,7 +610,9 @@ def deactivate_device(sr, key):
         else:
             ro = names.readonly_dataset(handle.pool, key)
             try:
-                zfs.zfs("destroy", ro)
+                # udev's probe of the new node may still hold it for a moment
+                # (a detach right after an attach): busy for ~5 s is really open
+                zfs.destroy_retrying(ro, tries=12)
             except zfs.NotFound:
                 pass
             except zfs.Busy:
