@@ -14,7 +14,6 @@ import os
 import pstats
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -30,17 +29,12 @@ from nvmeof_target import pdu  # noqa: E402
 from nvmeof_target.command import build_sqe  # noqa: E402
 from nvmeof_target.control import Client, ControlError  # noqa: E402
 from nvme_peer import HOSTNQN, Host, SocketTransport  # noqa: E402
+from conftest import free_port  # noqa: E402  (tests/host: one free_port)
 
 NQN = "nqn.2014-08.org.zfs-ng:bench:prof"
 HDR = struct.Struct("<BBBBI")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def start(tmp, port, prof, workers, file_dir):

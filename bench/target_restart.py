@@ -29,17 +29,11 @@ sys.path.insert(0, ROOT)
 from nvmeof_target.control import Client, ControlError  # noqa: E402
 from nvmeof_target.registry import Registry  # noqa: E402
 from nvme_peer import Host, SocketTransport, command, collect, controller  # noqa: E402
+from conftest import free_port  # noqa: E402  (tests/host: one free_port)
 
 NQN = "nqn.2014-08.org.zfs-ng:bench-restart:%06d"
 
 
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def registry(d, n):
