@@ -35,8 +35,6 @@ NQN = "nqn.2014-08.org.zfs-ng:bench:prof"
 HDR = struct.Struct("<BBBBI")
 
 
-
-
 def start(tmp, port, prof, workers, file_dir):
     state, sock = os.path.join(tmp, "t.db"), os.path.join(tmp, "t.sock")
     argv = [sys.executable]

@@ -34,8 +34,6 @@ from conftest import free_port  # noqa: E402  (tests/host: one free_port)
 NQN = "nqn.2014-08.org.zfs-ng:bench-restart:%06d"
 
 
-
-
 def registry(d, n):
     """A registry of n volumes under d; volume 0's file exists (with data)."""
     state = os.path.join(d, "target.db")
