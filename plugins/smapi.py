@@ -136,8 +136,25 @@ class Param(object):
         return value
 
 
+class Encoded(object):
+    """A result already encoded as JSON text (a method whose output is big
+    and mostly stored as text, SR.ls): call() writes it as it is."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def value(self):
+        return json.loads(self.text)
+
+
+def encoded_list(texts):
+    """Encoded of a JSON list from its items' JSON texts."""
+    return Encoded("[" + ",".join(texts) + "]")
+
+
 class Method(object):
-    """An SMAPIv3 method: `fn(**params)` returns the JSON-able result."""
+    """An SMAPIv3 method: `fn(**params)` returns the JSON-able result (or
+    an Encoded one)."""
 
     def __init__(self, interface, name, fn, params=(), doc=""):
         self.interface = interface
@@ -232,6 +249,8 @@ def call(method, args):
         kw = method.bind(args)
         log.info("%s %s", method.full_name, json.dumps(args, sort_keys=True))
         result = method.fn(**kw)
+        if isinstance(result, Encoded):
+            return 0, result.text
         return 0, json.dumps(result)
     except Exception as e:  # the contract: every failure is error JSON
         if not isinstance(e, SmapiError):

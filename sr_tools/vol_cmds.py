@@ -108,7 +108,7 @@ def resize(sr, key, size):
 @json_option
 def ls(sr, as_json):
     """Volumes and snapshots of SR."""
-    emit(call(_lib().ls, sr), as_json, COLUMNS)
+    emit(call(_lib().ls, sr).value(), as_json, COLUMNS)
 
 
 @group.command()

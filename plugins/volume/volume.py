@@ -18,6 +18,7 @@ Each mutation runs under the SR lock with the pool generation bumped first
 (sr.SR.mutate), so the local index is never trusted after a crash.
 """
 
+import json
 import os
 
 from plugins import smapi, uri, zfs
@@ -109,11 +110,23 @@ def ls(sr):
     """Every volume, from the index.  Sizes are current: the index has them
     as of the last mutation, and only volumes whose device was activated since
     (Index.touched) can have been written, so only those are read from ZFS
-    (one `zfs get`; xapi's sr-scan takes VDI usage from here)."""
+    (one `zfs get`; xapi's sr-scan takes VDI usage from here).  Each record's
+    JSON is kept in the index with its row (Index.rendered), so a warm SR.ls
+    of 100k volumes joins stored text instead of building 100k records."""
     handle = SR.open(sr)
     idx = handle.fresh_index()
     _refresh_usage(idx, handle.pool)
-    return [record(handle, e) for e in idx.all()]
+
+    def render(e):
+        return json.dumps(record(handle, e), sort_keys=True)
+    return smapi.encoded_list(idx.rendered(render(_RENDER_PROBE), render))
+
+
+# An entry rendered to name what else a stored record depends on (Index.rendered):
+# the SR's settings that shape its URIs, and record()'s own format.
+_RENDER_PROBE = {"key": "00000000-0000-4000-8000-000000000000", "kind": "volume", "name": "", "description": "",
+                 "sharable": False, "virtual_size": 0, "physical_utilisation": 0,
+                 "keys": {}, "cbt_enabled": False}
 
 
 def _refresh_usage(idx, pool):

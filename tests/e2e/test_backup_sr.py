@@ -39,7 +39,7 @@ def test_sr_volume_backup_and_restore(zpool, tmp_path):
     assert m["source"]["key"] == v["key"] and m["source"]["volume"].endswith("/" + v["key"])
     assert m["stats"]["bytes_read"] == 3 * MiB
     # xapi sees one volume; the anchor bookmark survives a re-attach (garbage collection)
-    assert [x["key"] for x in vol_lib.ls(pool)] == [v["key"]]
+    assert [x["key"] for x in vol_lib.ls(pool).value()] == [v["key"]]
     sr_lib.attach(conf)
     assert m["anchor"]["bookmark"] in run("zfs", "list", "-H", "-o", "name", "-t", "bookmark",
                                           "-r", zpool).stdout

@@ -26,6 +26,7 @@
 
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,17 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def old_index_schema(*dropped):
+    """plugins/volume/metadata.py's SCHEMA as an earlier version wrote it:
+    without the volumes columns named (added since, in place, by Index())."""
+    from plugins.volume import metadata
+    schema = metadata.SCHEMA
+    for col in dropped:
+        schema, n = re.subn(r",\n    %s\b[^,\n]*" % col, "", schema)
+        assert n == 1, col
+    return schema
 
 
 def wait_for(cond, timeout=10.0, step=0.05):

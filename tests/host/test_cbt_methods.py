@@ -10,6 +10,8 @@ import pytest
 from plugins import smapi, zfs
 from plugins.volume import bookmarks, cbt, metadata, methods, plugin, volume
 
+from conftest import old_index_schema
+
 KEY = "0d7c1b9e-4f8e-4b1a-9c3d-2e5f6a7b8c9d"
 KEY2 = "1e8d2cae-5a9f-4c2b-8d4e-3f6a7b8c9d0e"
 POOL = "zfsng-test"
@@ -111,8 +113,7 @@ def test_index_keeps_bookmarks_and_moves_them_with_their_dataset(tmp_path):
 def test_index_from_before_cbt_is_migrated_and_rebuilt(tmp_path):
     path = str(tmp_path / "old.sqlite")
     db = sqlite3.connect(path)
-    db.executescript(metadata.SCHEMA.replace(
-        ",\n    cbt_enabled INTEGER NOT NULL DEFAULT 0", ""))
+    db.executescript(old_index_schema("cbt_enabled", "rendered"))
     db.execute("INSERT INTO meta (k, v) VALUES ('generation', '12')")
     db.execute("INSERT INTO volumes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                (KEY, ROOT + "/" + KEY, "volume", "n", "", "{}", 0, 1, 0, 16384, "", 1))

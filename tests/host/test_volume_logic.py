@@ -3,6 +3,7 @@ sqlite index, URIs, method tables.  ZFS behaviour is tested in the VM."""
 
 import json
 import os
+import sqlite3
 import uuid as uuid_mod
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 from plugins import smapi, zfs
 from plugins.volume import metadata, methods, names, plugin, volume
+
+from conftest import old_index_schema
 
 KEY = "0d7c1b9e-4f8e-4b1a-9c3d-2e5f6a7b8c9d"
 KEY2 = "1e8d2cae-5a9f-4c2b-8d4e-3f6a7b8c9d0e"
@@ -209,6 +212,82 @@ def test_index_usage_of_touched_volumes(tmp_path):
     idx.set_usage({KEY: 7 << 20}, done=[KEY])
     assert idx.get(KEY)["physical_utilisation"] == 7 << 20 and idx.touched() == []
     assert idx.generation() == 2                  # usage is not a mutation
+
+
+def test_index_keeps_each_records_text_until_its_row_changes(tmp_path):
+    """Index.rendered (volume.ls's stored JSON): a warm call renders nothing;
+    any change to a row (upsert, usage, rename, even one made by hand in SQL)
+    drops that row's text, and a new render key drops every text."""
+    path = str(tmp_path / "x.sqlite")
+    idx = metadata.Index(path)
+    KEY3 = "2f9e3dbf-6b0a-4d3c-9e5f-4a7b8c9d0e1f"
+    a, b = _entry(KEY, "%s/%s" % (ROOT, KEY)), _entry(KEY2, "%s/%s@%s" % (ROOT, KEY, KEY2),
+                                                      "snapshot", createtxg=9)
+    c = _entry(KEY3, "%s/%s" % (ROOT, KEY3), origin=b["zname"], createtxg=12)
+    idx.replace_all([a, b, c], 1)
+    made = []
+
+    def render(e):
+        made.append(e["key"])
+        return json.dumps([e["key"], e["name"], e["physical_utilisation"], e["zname"],
+                           e["origin"]])
+
+    def texts(key="k1"):
+        del made[:]
+        return [json.loads(t) for t in idx.rendered(key, render)]
+
+    first = texts()
+    assert [t[0] for t in first] == [KEY, KEY2, KEY3] and sorted(made) == sorted([KEY, KEY2, KEY3])
+    assert texts() == first and made == []          # warm: stored text only
+    idx.set_usage({KEY2: 99}, done=[])
+    assert texts()[1][2] == 99 and made == [KEY2]
+    idx.commit(2, upsert=[dict(a, name="renamed")])
+    assert texts()[0][1] == "renamed" and made == [KEY]
+    idx.commit(3, rename=[(a["zname"], ROOT + "/h-1")])
+    got = texts()
+    assert got[1][3] == "%s/h-1@%s" % (ROOT, KEY2) and got[2][4] == got[1][3]
+    assert sorted(made) == sorted([KEY2, KEY3])
+    idx.db.execute("UPDATE volumes SET name='by hand' WHERE key=?", (KEY3,))
+    assert texts()[2][1] == "by hand" and made == [KEY3]
+    assert texts("k2") == texts("k2") and made == []   # a new key renders all, once
+    assert metadata.Index(path).rendered("k2", render) == idx.rendered("k2", render)
+    # a row that changes between the renders and the read is rendered, not kept
+    real = idx._render_some
+
+    def render_then_change(r):
+        more = real(r)
+        idx.db.execute("UPDATE volumes SET name='late' WHERE key=?", (KEY,))
+        return more
+    idx._render_some = render_then_change
+    assert texts("k2")[0][1] == "late" and made == [KEY]
+    idx._render_some = real
+    assert texts("k2")[0][1] == "late" and made == [KEY]
+
+
+def test_an_index_from_before_stored_records_is_read_as_it_is(tmp_path):
+    """An index written by the previous version (no `rendered` column, no
+    trigger) is opened in place: rows kept, records rendered on demand."""
+    path = str(tmp_path / "old.sqlite")
+    db = sqlite3.connect(path)
+    db.executescript(old_index_schema("rendered"))
+    db.execute("INSERT INTO volumes (%s) VALUES (%s)" % (
+        ",".join(metadata.COLUMNS), ",".join("?" * len(metadata.COLUMNS))),
+        [KEY, "%s/%s" % (ROOT, KEY), "volume", "n", "", "{}", 0, 1, 2, 3, "", 4, 0])
+    db.commit()
+    db.close()
+    idx = metadata.Index(path)
+    assert [json.loads(t) for t in idx.rendered("k", lambda e: json.dumps(e["name"]))] == ["n"]
+    idx.set_usage({KEY: 5}, done=[])
+    assert idx.rendered("k", lambda e: json.dumps(e["physical_utilisation"])) == ["5"]
+
+
+def test_sr_ls_writes_its_stored_records_as_they_are():
+    """smapi.call writes an Encoded result's text unchanged (SR.ls)."""
+    m = smapi.Method("SR", "ls", lambda sr: smapi.encoded_list(['{"a": 1}', '[2]']),
+                     [smapi.Param("sr", str)])
+    status, out = smapi.call(m, {"sr": "x", "dbg": "t"})
+    assert status == 0 and out == '[{"a": 1},[2]]' and json.loads(out) == [{"a": 1}, [2]]
+    assert smapi.encoded_list([]).value() == []
 
 
 def test_carried_index_is_taken_only_at_its_generation_and_when_sound(tmp_path):

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""The first I/O to an idle volume: how long from "a reader wants volume KEY"
+(its zvol has volmode=none, no device node) to the first 4 KiB read back,
+next to the same read on a volume whose device already exists.  Run in the
+test VM (needs ZFS):
+
+    python3 tests/vm/vm.py run -- python3 bench/idle_first_io.py --volumes 8
+
+The path measured is the one every datapath takes (plugins/datapath/devices.py
+acquire -> volume.activate_device: the index mark, `zfs set volmode=dev`, then
+the wait for udev's /dev/zvol link), then open(O_DIRECT) + one 4 KiB pread,
+checked against what was written.  Times are in-process: the plugin's Python
+start-up (Plugin.Query, printed beside them) is not included.  A snapshot's
+first read (a read-only clone made on demand) is measured the same way.
+Prints medians and ranges (--json FILE too); asserts nothing about time.
+"""
+
+import argparse
+import json
+import mmap
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PLUGIN = os.path.join(ROOT, "plugins", "volume", "org.xen.xapi.storage.zfs-ng")
+USER = "bench"
+
+
+def script(method, env, **params):
+    params["dbg"] = "bench"
+    t = time.time()
+    p = subprocess.run([os.path.join(PLUGIN, method), "--json"], input=json.dumps(params),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                       env=env)
+    if p.returncode != 0:
+        sys.exit("%s failed: %s %s" % (method, p.stdout, p.stderr))
+    return json.loads(p.stdout), time.time() - t
+
+
+def read4k(path, expect):
+    """open(O_DIRECT) + one aligned 4 KiB pread at 0; seconds."""
+    buf = mmap.mmap(-1, 4096)
+    t = time.time()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], 0)
+    finally:
+        os.close(fd)
+    took = time.time() - t
+    if n != 4096 or buf[:len(expect)] != expect:
+        sys.exit("%s: read back %d bytes, not what was written" % (path, n))
+    return took
+
+
+def first_io(devices, pool, key, expect):
+    t = time.time()
+    loc = devices.acquire(pool, key, USER)
+    t_act = time.time() - t
+    t_read = read4k(loc["device"], expect)
+    t_warm = read4k(loc["device"], expect)   # the device exists now
+    t = time.time()
+    devices.release(pool, key, USER)
+    return {"activate": t_act, "read": t_read, "first_io": t_act + t_read,
+            "warm_read": t_warm, "deactivate": time.time() - t}
+
+
+def summary(rows, field):
+    xs = [r[field] for r in rows]
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--volumes", type=int, default=8, help="idle volumes to read (default 8)")
+    ap.add_argument("--json", help="write the figures here too")
+    args = ap.parse_args()
+    state = tempfile.mkdtemp(prefix="zfsng-bench-")
+    env = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host"))
+    os.environ["ZFSNG_STATE_DIR"] = env["ZFSNG_STATE_DIR"]
+    from plugins.datapath import devices
+    vdev = os.path.join(state, "vdev")
+    with open(vdev, "wb") as f:
+        f.truncate(2 << 30)
+    conf, _ = script("SR.create", env, uuid=str(uuid.uuid4()), configuration={"device": vdev},
+                     name="bench", description="")
+    pool, _ = script("SR.attach", env, configuration=conf)
+    try:
+        vols, snaps = [], []
+        for i in range(args.volumes):
+            v, _ = script("Volume.create", env, sr=pool, name="idle %d" % i, description="",
+                          size=16 << 20, sharable=False)
+            mark = ("zfs-ng idle volume %d\n" % i).encode()
+            loc = devices.acquire(pool, v["key"], USER)
+            fd = os.open(loc["device"], os.O_WRONLY)
+            try:
+                os.pwrite(fd, mark, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            devices.release(pool, v["key"], USER)
+            s, _ = script("Volume.snapshot", env, sr=pool, key=v["key"])
+            vols.append((v["key"], mark))
+            snaps.append((s["key"], mark))
+        _, query = script("Plugin.Query", env)
+        rows_v = [first_io(devices, pool, k, m) for k, m in vols]
+        rows_s = [first_io(devices, pool, k, m) for k, m in snaps]
+        fig = {"volumes": rows_v, "snapshots": rows_s, "plugin_query": query}
+        print("first 4 KiB read of an idle device, %d each, median (min..max), ms:"
+              % args.volumes)
+        for what, rows in (("volume", rows_v), ("snapshot", rows_s)):
+            for field in ("activate", "read", "first_io", "warm_read", "deactivate"):
+                med, lo, hi = summary(rows, field)
+                print("  %-8s %-10s %8.1f (%.1f..%.1f)" % (what, field, med * 1e3, lo * 1e3,
+                                                           hi * 1e3))
+        print("  (Plugin.Query, the fixed cost of a plugin call: %.0f ms)" % (query * 1e3))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=1)
+    finally:
+        subprocess.run(["zpool", "destroy", "-f", pool])
+        subprocess.run(["rm", "-rf", state])
+
+
+if __name__ == "__main__":
+    main()
