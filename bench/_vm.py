@@ -3,10 +3,14 @@ the VM's virtio disks, sparse zvols.  Benchmarks import it after putting the
 checkout on sys.path (`from bench._vm import ...`)."""
 
 import contextlib
+import json
 import os
 import subprocess
+import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOLUME_PLUGIN = os.path.join(ROOT, "plugins", "volume", "org.xen.xapi.storage.zfs-ng")
 GiB = 1 << 30
 DISKS = ["/dev/disk/by-id/virtio-zfsng-d%d" % i for i in range(4)]
 
@@ -14,6 +18,32 @@ DISKS = ["/dev/disk/by-id/virtio-zfsng-d%d" % i for i in range(4)]
 def sh(*argv):
     return subprocess.run(list(argv), check=True, stdout=subprocess.PIPE,
                           universal_newlines=True).stdout
+
+
+def plugin_call(method, env=None, **params):
+    """(result, seconds) of one volume plugin call, run as xapi runs it
+    (`<method> --json` with the parameters on stdin); exits on an error."""
+    params["dbg"] = "bench"
+    t = time.time()
+    p = subprocess.run([os.path.join(VOLUME_PLUGIN, method), "--json"],
+                       input=json.dumps(params), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       universal_newlines=True, env=env)
+    if p.returncode != 0:
+        sys.exit("%s failed: %s %s" % (method, p.stdout, p.stderr))
+    return json.loads(p.stdout), time.time() - t
+
+
+def file_sr(state, env, size):
+    """SR.create + SR.attach of a zfs-ng SR on a sparse file of size bytes in
+    state: (configuration, pool).  The caller destroys the pool."""
+    import uuid
+    vdev = os.path.join(state, "vdev")
+    with open(vdev, "wb") as f:
+        f.truncate(size)
+    conf, _ = plugin_call("SR.create", env, uuid=str(uuid.uuid4()),
+                          configuration={"device": vdev}, name="bench", description="")
+    pool, _ = plugin_call("SR.attach", env, configuration=conf)
+    return conf, pool
 
 
 def wait(path, timeout=60):

@@ -9,7 +9,8 @@ test VM (needs ZFS):
 The path measured is the one every datapath takes (plugins/datapath/devices.py
 acquire -> volume.activate_device: the index mark, `zfs set volmode=dev`, then
 the wait for udev's /dev/zvol link), then open(O_DIRECT) + one 4 KiB pread,
-checked against what was written.  Times are in-process: the plugin's Python
+checked against what was written.  Then the activation's parts by hand
+(one `zfs get`, `zfs set volmode=dev`, the wait for the node).  Times are in-process: the plugin's Python
 start-up (Plugin.Query, printed beside them) is not included.  A snapshot's
 first read (a read-only clone made on demand) is measured the same way.
 Prints medians and ranges (--json FILE too); asserts nothing about time.
@@ -24,23 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-PLUGIN = os.path.join(ROOT, "plugins", "volume", "org.xen.xapi.storage.zfs-ng")
+
+from bench._vm import file_sr, plugin_call as script  # noqa: E402
+
 USER = "bench"
-
-
-def script(method, env, **params):
-    params["dbg"] = "bench"
-    t = time.time()
-    p = subprocess.run([os.path.join(PLUGIN, method), "--json"], input=json.dumps(params),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                       env=env)
-    if p.returncode != 0:
-        sys.exit("%s failed: %s %s" % (method, p.stdout, p.stderr))
-    return json.loads(p.stdout), time.time() - t
 
 
 def read4k(path, expect):
@@ -70,6 +61,32 @@ def first_io(devices, pool, key, expect):
             "warm_read": t_warm, "deactivate": time.time() - t}
 
 
+def parts(pool, key):
+    """The same activation by hand, its parts timed: one `zfs get` (what any
+    zfs command costs), `zfs set volmode=dev`, then the wait until udev made
+    the /dev/zvol link (polled, no udevadm)."""
+    from plugins import zfs
+    from plugins.volume import names
+    ds = names.volume_dataset(pool, key)
+    dev = zfs.device_path(ds)
+    t = time.time()
+    subprocess.run(["zfs", "get", "-H", "-o", "value", "volmode", ds], check=True,
+                   stdout=subprocess.DEVNULL)
+    t_get = time.time() - t
+    t = time.time()
+    subprocess.run(["zfs", "set", "volmode=dev", ds], check=True)
+    t_set = time.time() - t
+    t = time.time()
+    while not os.path.exists(dev):
+        if time.time() - t > 60:
+            sys.exit("%s did not appear" % dev)
+        time.sleep(0.005)
+    t_udev = time.time() - t
+    subprocess.run(["zfs", "inherit", "volmode", ds], check=True)
+    subprocess.run(["udevadm", "settle"], check=True)
+    return {"zfs_get": t_get, "zfs_set": t_set, "device_node": t_udev}
+
+
 def summary(rows, field):
     xs = [r[field] for r in rows]
     return statistics.median(xs), min(xs), max(xs)
@@ -84,12 +101,7 @@ def main():
     env = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host"))
     os.environ["ZFSNG_STATE_DIR"] = env["ZFSNG_STATE_DIR"]
     from plugins.datapath import devices
-    vdev = os.path.join(state, "vdev")
-    with open(vdev, "wb") as f:
-        f.truncate(2 << 30)
-    conf, _ = script("SR.create", env, uuid=str(uuid.uuid4()), configuration={"device": vdev},
-                     name="bench", description="")
-    pool, _ = script("SR.attach", env, configuration=conf)
+    _, pool = file_sr(state, env, 2 << 30)
     try:
         vols, snaps = [], []
         for i in range(args.volumes):
@@ -110,7 +122,8 @@ def main():
         _, query = script("Plugin.Query", env)
         rows_v = [first_io(devices, pool, k, m) for k, m in vols]
         rows_s = [first_io(devices, pool, k, m) for k, m in snaps]
-        fig = {"volumes": rows_v, "snapshots": rows_s, "plugin_query": query}
+        rows_p = [parts(pool, k) for k, _ in vols]
+        fig = {"volumes": rows_v, "snapshots": rows_s, "parts": rows_p, "plugin_query": query}
         print("first 4 KiB read of an idle device, %d each, median (min..max), ms:"
               % args.volumes)
         for what, rows in (("volume", rows_v), ("snapshot", rows_s)):
@@ -118,6 +131,9 @@ def main():
                 med, lo, hi = summary(rows, field)
                 print("  %-8s %-10s %8.1f (%.1f..%.1f)" % (what, field, med * 1e3, lo * 1e3,
                                                            hi * 1e3))
+        for field in ("zfs_get", "zfs_set", "device_node"):
+            med, lo, hi = summary(rows_p, field)
+            print("  parts    %-10s %8.1f (%.1f..%.1f)" % (field, med * 1e3, lo * 1e3, hi * 1e3))
         print("  (Plugin.Query, the fixed cost of a plugin call: %.0f ms)" % (query * 1e3))
         if args.json:
             with open(args.json, "w") as f:

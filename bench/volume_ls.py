@@ -30,22 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-PLUGIN = os.path.join(ROOT, "plugins", "volume", "org.xen.xapi.storage.zfs-ng")
 
-
-def script(method, env=None, **params):
-    params["dbg"] = "bench"
-    t = time.time()
-    p = subprocess.run([os.path.join(PLUGIN, method), "--json"], input=json.dumps(params),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                       env=env)
-    if p.returncode != 0:
-        sys.exit("%s failed: %s %s" % (method, p.stdout, p.stderr))
-    return json.loads(p.stdout), time.time() - t
+from bench._vm import file_sr, plugin_call as script  # noqa: E402
 
 
 def timed(argv):
@@ -83,12 +72,7 @@ def main():
     env = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-a"))
     env_b = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-b"))
     env_c = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-c"))
-    vdev = os.path.join(state, "vdev")
-    with open(vdev, "wb") as f:
-        f.truncate(8 << 30)
-    conf, _ = script("SR.create", env, uuid=str(uuid.uuid4()), configuration={"device": vdev},
-                     name="bench", description="")
-    pool, _ = script("SR.attach", env, configuration=conf)
+    conf, pool = file_sr(state, env, 8 << 30)
     fig = {"n": args.n}
     try:
         fig["ops_small"] = ops(env, pool)

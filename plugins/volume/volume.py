@@ -557,7 +557,11 @@ def locate(sr, key):
     minors).  A snapshot's device is a read-only clone POOL/zfs-ng/ro-KEY.
     Raises smapi.SrNotAttached / SrDoesNotExist / VolumeDoesNotExist."""
     handle = SR.open(sr)
-    e = handle.lookup(key)
+    return _locate(handle, handle.lookup(key))
+
+
+def _locate(handle, e):
+    key = e["key"]
     if e["kind"] == "volume":
         dev_ds = e["zname"]
     else:
@@ -587,13 +591,15 @@ def activate_device(sr, key, timeout=60.0):
     handle = SR.open(sr)
     e = handle.lookup(key)
     bookmarks.check_has_data(e, "attached")
-    loc = locate(sr, key)
+    loc = _locate(handle, e)
     with lock.sr_lock(handle.pool):
         # before the device exists: SR.ls reads a volume's usage again, and a
         # crash reset knows what to look at (sr.reset_stale_devices)
         handle.index().touch(key)
         if e["kind"] == "volume":
-            if _volmode_local(e["zname"]) != "dev":
+            # an idle volume (no device node) is set at once; a node may also
+            # be one a deactivate just left, going away: then look first
+            if not os.path.exists(loc["device"]) or _volmode_local(e["zname"]) != "dev":
                 zfs.zfs("set", "volmode=dev", e["zname"])
         else:
             ro = names.readonly_dataset(handle.pool, key)
