@@ -13,7 +13,11 @@ VM (needs ZFS and pyzfs):
 Volumes are made fast: --zvols zvols with lzc_create, and the rest as
 snapshots in atomic lzc_snapshot batches (one snapshot of every zvol per
 txg), each with its org.zfs-ng:name property, so the SR looks like one made by
-the plugin.  Prints figures (--json FILE too); asserts nothing about time.
+the plugin.  --index-rows M then pads the last host's index with made-up rows
+to M and times SR.ls there: a warm SR.ls reads no dataset, so that is its own
+cost at M volumes even where M datasets cannot be made (100k take hours of
+lzc_create in TCG).  Prints figures (--json FILE too); asserts nothing about
+time.
 
 Measured in the TCG guest (2 vCPU, host load 4-6 from two other VMs,
 2026-12-04), N=3000 (300 zvols, 2700 snapshots): making them 81 + 82 s; a walk
@@ -57,10 +61,38 @@ def ops(env, pool):
     return out
 
 
+def pad_index(fig, env, conf, pool, extra):
+    """Made-up volume rows added to host env's index of the SR at its current
+    generation, so a warm SR.ls lists N + extra volumes.  Their datasets do
+    not exist: what this times is SR.ls's own work on a big index (a warm
+    SR.ls reads no dataset), not ZFS's."""
+    from plugins.volume import metadata, names
+    from plugins.volume.sr import configured_uuid
+    idx = metadata.Index.for_sr(configured_uuid(conf), env["ZFSNG_STATE_DIR"])
+    rows = []
+    for i in range(extra):
+        k = names.new_key()
+        rows.append({"key": k, "zname": names.volume_dataset(pool, k), "kind": "volume",
+                     "name": "padding %d" % i, "description": "", "keys": {},
+                     "sharable": False, "virtual_size": 1 << 20, "physical_utilisation": 0,
+                     "volblocksize": 16384, "origin": "", "createtxg": 10 ** 9 + i})
+    idx.commit(idx.generation(), upsert=rows)
+    fig["padded"] = idx.count()
+    out, fig["ls_padded_first"] = script("SR.ls", env, sr=pool)
+    assert len(out) == fig["padded"], (len(out), fig["padded"])
+    _, fig["ls_padded_warm"] = script("SR.ls", env, sr=pool)
+    _, fig["ls_padded_warm2"] = script("SR.ls", env, sr=pool)
+    _, fig["query_padded"] = script("Plugin.Query", env)
+    fig["ls_padded_bytes"] = len(json.dumps(out))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=10000, help="volumes + snapshots (default 10000)")
     ap.add_argument("--zvols", type=int, default=500, help="how many of them are zvols")
+    ap.add_argument("--index-rows", type=int, default=0,
+                    help="then pad the last host's index to this many rows (made-up volumes "
+                    "without datasets: a warm SR.ls reads no dataset) and time SR.ls")
     ap.add_argument("--keep", action="store_true", help="keep the pool")
     ap.add_argument("--json", help="write the figures here too")
     args = ap.parse_args()
@@ -120,6 +152,8 @@ def main():
         _, fig["attach_crashed"] = script("SR.attach", env_c, configuration=conf)
         vols, fig["ls_first_crashed"] = script("SR.ls", env_c, sr=pool)
         assert len(vols) == args.n, (len(vols), args.n)
+        if args.index_rows > args.n:
+            pad_index(fig, env_c, conf, pool, args.index_rows - args.n)
         print("N=%d (%d zvols, %d snapshots)" % (args.n, zvols, args.n - zvols))
         print("  make: lzc_create %.1f s, lzc_snapshot batches %.1f s"
               % (fig["make_zvols"], fig["make_snapshots"]))
@@ -135,6 +169,11 @@ def main():
               % (fig["attach_carried"], fig["ls_first_carried"]))
         print("  new host, after a crash: SR.attach %.2f s + first SR.ls %.2f s"
               % (fig["attach_crashed"], fig["ls_first_crashed"]))
+        if "padded" in fig:
+            print("  index padded to %d rows: SR.ls %.2f s (renders the new rows), warm %.2f s,"
+                  " %.2f s (Plugin.Query %.2f s), %.1f MB of JSON" % (
+                      fig["padded"], fig["ls_padded_first"], fig["ls_padded_warm"],
+                      fig["ls_padded_warm2"], fig["query_padded"], fig["ls_padded_bytes"] / 1e6))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(fig, f, indent=1)

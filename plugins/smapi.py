@@ -137,19 +137,20 @@ class Param(object):
 
 
 class Encoded(object):
-    """A result already encoded as JSON text (a method whose output is big
-    and mostly stored as text, SR.ls): call() writes it as it is."""
+    """A result already encoded as JSON, in parts (a method whose output is
+    big and mostly stored as text, SR.ls): written as it is, part by part,
+    never joined into one more copy."""
 
-    def __init__(self, text):
-        self.text = text
+    def __init__(self, parts):
+        self.parts = list(parts)
 
     def value(self):
-        return json.loads(self.text)
+        return json.loads("".join(self.parts))
 
 
-def encoded_list(texts):
-    """Encoded of a JSON list from its items' JSON texts."""
-    return Encoded("[" + ",".join(texts) + "]")
+def encoded_list(body):
+    """Encoded of a JSON list from its items' texts joined by commas."""
+    return Encoded(["[", body, "]"])
 
 
 class Method(object):
@@ -244,21 +245,22 @@ def find_method(methods, argv0):
 
 
 def call(method, args):
-    """Run method on already-decoded args: (exit status, stdout text)."""
+    """Run method on already-decoded args: (exit status, stdout text in a
+    list of parts)."""
     try:
         kw = method.bind(args)
         log.info("%s %s", method.full_name, json.dumps(args, sort_keys=True))
         result = method.fn(**kw)
         if isinstance(result, Encoded):
-            return 0, result.text
-        return 0, json.dumps(result)
+            return 0, result.parts
+        return 0, [json.dumps(result)]
     except Exception as e:  # the contract: every failure is error JSON
         if not isinstance(e, SmapiError):
             import traceback
             log.error("%s failed:\n%s", method.full_name, traceback.format_exc())
         else:
             log.info("%s: %s %s", method.full_name, e.name, e.message)
-        return 1, json.dumps(error_json(e, sys.exc_info()[2]))
+        return 1, [json.dumps(error_json(e, sys.exc_info()[2]))]
 
 
 def main(methods, argv=None, stdin=None, stdout=None):
@@ -292,6 +294,8 @@ def main(methods, argv=None, stdin=None, stdout=None):
         stdout.write(json.dumps(error_json(e)) + "\n")
         return 1
     status, out = call(method, args)
-    stdout.write(out + "\n")
+    for part in out:
+        stdout.write(part)
+    stdout.write("\n")
     stdout.flush()
     return status

@@ -112,7 +112,7 @@ def ls(sr):
     (Index.touched) can have been written, so only those are read from ZFS
     (one `zfs get`; xapi's sr-scan takes VDI usage from here).  Each record's
     JSON is kept in the index with its row (Index.rendered), so a warm SR.ls
-    of 100k volumes joins stored text instead of building 100k records."""
+    of 100k volumes copies stored text instead of building 100k records."""
     handle = SR.open(sr)
     idx = handle.fresh_index()
     _refresh_usage(idx, handle.pool)

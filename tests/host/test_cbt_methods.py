@@ -143,7 +143,8 @@ def test_bad_parameters_are_clear_errors():
     lcb = [m for m in methods.VOLUME if m.name == "list_changed_blocks"][0]
     status, out = smapi.call(lcb, {"sr": POOL, "key": "nope", "key2": KEY, "offset": 0,
                                    "length": -1, "dbg": "t"})
+    out = "".join(out)
     assert status == 1 and '"Invalid_parameters"' in out and "Traceback" not in out
     status, out = smapi.call(lcb, {"sr": POOL, "key": KEY, "key2": KEY2, "offset": -1,
                                    "length": -1, "dbg": "t"})
-    assert status == 1 and "offset must not be negative" in out
+    assert status == 1 and "offset must not be negative" in "".join(out)

@@ -234,7 +234,7 @@ def test_index_keeps_each_records_text_until_its_row_changes(tmp_path):
 
     def texts(key="k1"):
         del made[:]
-        return [json.loads(t) for t in idx.rendered(key, render)]
+        return json.loads("[%s]" % idx.rendered(key, render))
 
     first = texts()
     assert [t[0] for t in first] == [KEY, KEY2, KEY3] and sorted(made) == sorted([KEY, KEY2, KEY3])
@@ -276,18 +276,21 @@ def test_an_index_from_before_stored_records_is_read_as_it_is(tmp_path):
     db.commit()
     db.close()
     idx = metadata.Index(path)
-    assert [json.loads(t) for t in idx.rendered("k", lambda e: json.dumps(e["name"]))] == ["n"]
+    assert idx.rendered("k", lambda e: json.dumps(e["name"])) == '"n"'
     idx.set_usage({KEY: 5}, done=[])
-    assert idx.rendered("k", lambda e: json.dumps(e["physical_utilisation"])) == ["5"]
+    assert idx.rendered("k", lambda e: json.dumps(e["physical_utilisation"])) == "5"
 
 
 def test_sr_ls_writes_its_stored_records_as_they_are():
-    """smapi.call writes an Encoded result's text unchanged (SR.ls)."""
-    m = smapi.Method("SR", "ls", lambda sr: smapi.encoded_list(['{"a": 1}', '[2]']),
+    """smapi.main writes an Encoded result's text unchanged (SR.ls)."""
+    import io
+    m = smapi.Method("SR", "ls", lambda sr: smapi.encoded_list('{"a": 1},[2]'),
                      [smapi.Param("sr", str)])
-    status, out = smapi.call(m, {"sr": "x", "dbg": "t"})
-    assert status == 0 and out == '[{"a": 1},[2]]' and json.loads(out) == [{"a": 1}, [2]]
-    assert smapi.encoded_list([]).value() == []
+    out = io.StringIO()
+    status = smapi.main([m], ["SR.ls", "--json"], io.StringIO('{"sr": "x", "dbg": "t"}\n'), out)
+    assert status == 0 and out.getvalue() == '[{"a": 1},[2]]\n'
+    assert json.loads(out.getvalue()) == [{"a": 1}, [2]]
+    assert smapi.encoded_list("").value() == []
 
 
 def test_carried_index_is_taken_only_at_its_generation_and_when_sound(tmp_path):
