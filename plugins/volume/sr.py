@@ -138,10 +138,20 @@ class SR(object):
         """Rebuild the index from ZFS (caller holds the lock).  Finishes or undoes
         an interrupted revert first, so a crash never loses or invents a volume.
         A stale index means a mutation may have been cut short: the next
-        SR.attach sweeps (a mark, Index.want_sweep)."""
+        SR.attach sweeps (a mark, Index.want_sweep).  Returns [name, origin] of
+        every volume and snapshot (metadata.read_all), which those sweeps take
+        instead of walking the SR again."""
         self.index().want_sweep("index rebuilt at generation %d" % self.generation)
-        rows = zfs.list_names(self.root, ("name",))
-        present = set(r[0] for r in rows)
+        entries, rows = metadata.read_all(self.pool)
+        if self._finish_reverts(set(r[0] for r in rows)):
+            entries, rows = metadata.read_all(self.pool)    # renamed: read again
+        self.index().replace_all(entries, self.generation)
+        return rows
+
+    def _finish_reverts(self, present):
+        """r-KEY left by an interrupted revert: destroyed if KEY is still
+        there, else renamed to KEY.  True if there was any."""
+        done = False
         for zname in sorted(present):
             kind, key = names.classify(zname, self.pool)
             if kind != "reverting":
@@ -151,7 +161,8 @@ class SR(object):
                 zfs.zfs("destroy", zname)
             else:
                 zfs.zfs("rename", zname, target)
-        self.index().replace_all(metadata.read_entries(self.pool), self.generation)
+            done = True
+        return done
 
     # mutations -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -451,15 +462,19 @@ def attach(configuration):
         handle.reload()
         idx = handle.index()
         rebuilt = False
+        rows = None
         if idx.generation() != handle.generation:
             if not adopt_carried(handle):
-                handle.reconcile()
+                rows = handle.reconcile()
                 rebuilt = True
-        # The sweeps walk every dataset: only where a crash or a kill may have
-        # left something (a mark: Index.want_sweep; every reconcile leaves one).
+        # The sweeps look at every dataset: only where a crash or a kill may
+        # have left something (a mark: Index.want_sweep; every reconcile
+        # leaves one), from the rebuild's own reading if there was one.
         if idx.sweeps_wanted():
-            drop_interrupted(pool)
-            if collect_garbage(handle):
+            if rows is None:
+                rows = zfs.list_names(handle.root, ("name", "origin"))
+            gone = drop_interrupted(pool, rows)
+            if collect_garbage(handle, [r for r in rows if r[0] not in gone]):
                 idx.swept()
         marker = _attached_marker(pool)
         if imported or not os.path.exists(marker):
@@ -493,13 +508,15 @@ def _forget_attached(pool):
         pass
 
 
-def collect_garbage(handle):
+def collect_garbage(handle, rows=None):
     """Destroy hidden datasets nothing depends on any more: destroyed volumes
     whose snapshots are all gone, clone origins whose clones are gone, leftovers
     of interrupted operations.  False if something busy was kept for later.
-    Caller holds the lock."""
+    rows: [name, origin] of every volume and snapshot as they are now (else
+    listed here).  Caller holds the lock."""
     for _ in range(64):
-        rows = zfs.list_names(handle.root, ("name", "origin"))
+        if rows is None:
+            rows = zfs.list_names(handle.root, ("name", "origin"))
         origins = set(r[1] for r in rows if len(r) > 1)
         has_snaps = set(r[0].split("@", 1)[0] for r in rows if "@" in r[0])
         # datasets holding data-destroyed snapshots (bookmarks) are not garbage
@@ -527,16 +544,20 @@ def collect_garbage(handle):
             except zfs.Busy:
                 smapi.log.info("garbage %s busy, kept for later", zname)
                 return False
+        rows = None         # destroying may have made more garbage: look again
     return False
 
 
-def drop_interrupted(pool):
+def drop_interrupted(pool, rows):
     """Destroy the snapshots cbt.py makes and drops within one call (the
     anchor snapshot of an enable, the temporary end of a live interval) that
     a killed call left behind.  They would pin their volume for good: once
     destroyed it stays as a hidden dataset collect_garbage keeps (it has a
-    snapshot).  Caller holds the SR lock, so no CBT call is using them."""
-    for r in zfs.list_names(names.sr_root(pool), ("name",), types="snapshot"):
+    snapshot).  rows: [name, ...] of the SR's volumes and snapshots.  Returns
+    the names of those gone.  Caller holds the SR lock, so no CBT call is
+    using them."""
+    gone = set()
+    for r in rows:
         snap = r[0].split("@", 1)[1] if "@" in r[0] else ""
         if snap == cbt.ANCHOR or snap.startswith(cbt.TMP_PREFIX):
             smapi.log.info("%s: left by an interrupted CBT call, destroyed", r[0])
@@ -544,6 +565,8 @@ def drop_interrupted(pool):
                 zfs.zfs("destroy", r[0])
             except zfs.NotFound:
                 pass
+            gone.add(r[0])
+    return gone
 
 
 def reset_stale_devices(handle, keys=None):
