@@ -266,8 +266,9 @@ class Index(object):
         except Exception:
             self.db.execute("ROLLBACK")
             raise
-        while self._render_some(render):
-            pass
+        after = 0
+        while after is not None:
+            after = self._render_some(render, after)
         body, missing = self.db.execute(
             "SELECT group_concat(rendered, ','), count(*) - count(rendered) FROM "
             "(SELECT rendered FROM volumes ORDER BY createtxg, key)").fetchone()
@@ -284,21 +285,23 @@ class Index(object):
             out.append(text)
         return ",".join(out)
 
-    def _render_some(self, render, batch=2000):
-        """Render up to batch rows that have no text, in one write
-        transaction (so no row changes between reading and keeping it)."""
+    def _render_some(self, render, after, batch=2000):
+        """Render up to batch rows that have no text and come after row
+        `after` (a rowid), in one write transaction (so no row changes between
+        reading and keeping it).  Returns the last rowid rendered, None when
+        there was nothing left: each row is looked at once, in table order."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            rows = [self._row(r) for r in self.db.execute(
-                "SELECT %s FROM volumes WHERE rendered IS NULL LIMIT ?" % ",".join(COLUMNS),
-                (batch,))]
-            self.db.executemany("UPDATE volumes SET rendered=? WHERE key=?",
-                                [(render(e), e["key"]) for e in rows])
+            got = self.db.execute(
+                "SELECT rowid, %s FROM volumes WHERE rowid>? AND rendered IS NULL "
+                "ORDER BY rowid LIMIT ?" % ",".join(COLUMNS), (after, batch)).fetchall()
+            self.db.executemany("UPDATE volumes SET rendered=? WHERE rowid=?",
+                                [(render(self._row(r[1:])), r[0]) for r in got])
             self.db.execute("COMMIT")
         except Exception:
             self.db.execute("ROLLBACK")
             raise
-        return len(rows) == batch
+        return got[-1][0] if got else None
 
     def count(self):
         return self.db.execute("SELECT count(*) FROM volumes").fetchone()[0]

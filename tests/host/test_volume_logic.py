@@ -254,10 +254,10 @@ def test_index_keeps_each_records_text_until_its_row_changes(tmp_path):
     # a row that changes between the renders and the read is rendered, not kept
     real = idx._render_some
 
-    def render_then_change(r):
-        more = real(r)
+    def render_then_change(r, after):
+        last = real(r, after)
         idx.db.execute("UPDATE volumes SET name='late' WHERE key=?", (KEY,))
-        return more
+        return last
     idx._render_some = render_then_change
     assert texts("k2")[0][1] == "late" and made == [KEY]
     idx._render_some = real
