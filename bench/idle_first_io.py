@@ -14,6 +14,11 @@ checked against what was written.  Then the activation's parts by hand
 start-up (Plugin.Query, printed beside them) is not included.  A snapshot's
 first read (a read-only clone made on demand) is measured the same way.
 Prints medians and ranges (--json FILE too); asserts nothing about time.
+
+Measured in the TCG guest (2 vCPU, two other test VMs beside it, 2026-12-04),
+6 volumes: first I/O of an idle volume 1458 ms median (activate 1423 ms, the
+read 36 ms; 19 ms once the device exists); of a snapshot 1769 ms; the parts:
+one `zfs get` 253 ms, `zfs set volmode=dev` 434 ms, udev's node 433 ms.
 """
 
 import argparse

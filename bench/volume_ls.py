@@ -19,13 +19,14 @@ cost at M volumes even where M datasets cannot be made (100k take hours of
 lzc_create in TCG).  Prints figures (--json FILE too); asserts nothing about
 time.
 
-Measured before the clean move was separated from the sweep a rebuild owes
-(that run's "clean move" paid it), in the TCG guest (2 vCPU, host load 4-6
-from two other VMs, 2026-12-04), N=3000 (300 zvols, 2700 snapshots): making them 81 + 82 s; a walk
-26 s; SR.ls rebuilt 142 s; SR.ls warm 4.4-6.4 s (Plugin.Query 2.6 s);
-create/snapshot/clone/destroy 3.7-6.4 s at 3 and 3.5-5.1 s at 3000 (flat:
-noise of the load); new host after a clean move: SR.attach 46 s + first SR.ls
-4.4 s; after a crash: SR.attach 303 s + first SR.ls 8.7 s.
+Measured in the TCG guest (2 vCPU; one other test VM for the first minutes,
+2026-12-04), N=10000 (500 zvols, 9500 snapshots), --index-rows 100000: making
+them 142 + 205 s; a walk 82 s; SR.ls rebuilt 180 s; SR.ls warm 3.3-4.8 s
+(Plugin.Query 1.8 s); create/snapshot/clone/destroy 3.3-5.4 s at 3 and
+3.1-9.4 s at 10000 (single calls under load); the attach that pays the owed
+sweep 117 s; new host after a clean move: SR.attach 38 s + first SR.ls 8.8 s;
+after a crash: SR.attach 357 s + first SR.ls 14 s; 100k index rows: first
+SR.ls 56 s (renders them), warm 11-14 s (46.5 MB of JSON).
 """
 
 import argparse
