@@ -31,6 +31,7 @@ Beside it, <state dir>/cbt/<sr-uuid>/ caches CBT maps (cbt_state_dir).
 """
 
 import binascii
+import contextlib
 import json
 import os
 import sqlite3
@@ -92,6 +93,8 @@ DESTROYED_TTL = 7 * 86400
 
 COLUMNS = ["key", "zname", "kind", "name", "description", "keys", "sharable", "virtual_size",
            "physical_utilisation", "volblocksize", "origin", "createtxg", "cbt_enabled"]
+
+_KEYS, _SHARABLE, _CBT = (COLUMNS.index(c) for c in ("keys", "sharable", "cbt_enabled"))
 
 
 def entry_from_props(pool, zname, props):
@@ -220,6 +223,17 @@ class Index(object):
     def close(self):
         self.db.close()
 
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction: committed, or rolled back on an error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except Exception:
+            self.db.execute("ROLLBACK")
+            raise
+
     # generation --------------------------------------------------------------
     def generation(self):
         r = self.db.execute("SELECT v FROM meta WHERE k='generation'").fetchone()
@@ -255,17 +269,12 @@ class Index(object):
         group_concat in SQLite, not 100k records built in Python.  The order is
         all()'s as far as group_concat keeps its subquery's; SR.ls's callers
         need none."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             r = self.db.execute("SELECT v FROM meta WHERE k='render-key'").fetchone()
             if r is None or r[0] != render_key:
                 self.db.execute("UPDATE volumes SET rendered=NULL")
                 self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('render-key', ?)",
                                 (render_key,))
-            self.db.execute("COMMIT")
-        except Exception:
-            self.db.execute("ROLLBACK")
-            raise
         after = 0
         while after is not None:
             after = self._render_some(render, after)
@@ -290,17 +299,12 @@ class Index(object):
         `after` (a rowid), in one write transaction (so no row changes between
         reading and keeping it).  Returns the last rowid rendered, None when
         there was nothing left: each row is looked at once, in table order."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             got = self.db.execute(
                 "SELECT rowid, %s FROM volumes WHERE rowid>? AND rendered IS NULL "
                 "ORDER BY rowid LIMIT ?" % ",".join(COLUMNS), (after, batch)).fetchall()
             self.db.executemany("UPDATE volumes SET rendered=? WHERE rowid=?",
                                 [(render(self._row(r[1:])), r[0]) for r in got])
-            self.db.execute("COMMIT")
-        except Exception:
-            self.db.execute("ROLLBACK")
-            raise
         return got[-1][0] if got else None
 
     def count(self):
@@ -345,15 +349,10 @@ class Index(object):
     def set_usage(self, usage, done):
         """usage {key: physical_utilisation} read from ZFS; done: keys whose
         device is gone, so that reading was their last change."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self.db.executemany("UPDATE volumes SET physical_utilisation=? WHERE key=?",
                                 [(v, k) for k, v in usage.items()])
             self.db.executemany("DELETE FROM touched WHERE key=?", [(k,) for k in done])
-            self.db.execute("COMMIT")
-        except Exception:
-            self.db.execute("ROLLBACK")
-            raise
 
     # leftovers for SR.attach's sweep ---------------------------------------------
     def want_sweep(self, why):
@@ -414,21 +413,27 @@ class Index(object):
         return True
 
     # writes: each one transaction that also records the generation -------------
-    def _upsert(self, e):
+    @staticmethod
+    def _values(e):
         vals = [e.get(c) for c in COLUMNS]
-        vals[COLUMNS.index("keys")] = json.dumps(e["keys"], sort_keys=True)
-        vals[COLUMNS.index("sharable")] = 1 if e["sharable"] else 0
-        vals[COLUMNS.index("cbt_enabled")] = 1 if e.get("cbt_enabled") else 0
-        self.db.execute("DELETE FROM volumes WHERE zname=? AND key<>?", (e["zname"], e["key"]))
-        self.db.execute("INSERT OR REPLACE INTO volumes (%s) VALUES (%s)"
-                        % (",".join(COLUMNS), ",".join("?" * len(COLUMNS))), vals)
+        keys = e["keys"]
+        vals[_KEYS] = json.dumps(keys, sort_keys=True) if keys else "{}"   # most have none
+        vals[_SHARABLE] = 1 if e["sharable"] else 0
+        vals[_CBT] = 1 if e.get("cbt_enabled") else 0
+        return vals
+
+    def _upsert(self, entries):
+        """Insert or replace entries: REPLACE also drops a row holding the
+        same zname under another key (zname is UNIQUE), as after a revert."""
+        self.db.executemany("INSERT OR REPLACE INTO volumes (%s) VALUES (%s)"
+                            % (",".join(COLUMNS), ",".join("?" * len(COLUMNS))),
+                            [self._values(e) for e in entries])
 
     def commit(self, generation, upsert=(), delete=(), rename=(), destroyed=()):
         """Apply changes and record `generation` atomically.  rename is a list of
         (old dataset, new dataset) moving the snapshots under it; destroyed are
         deleted keys remembered for was_destroyed()."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             for key in delete:
                 self.db.execute("DELETE FROM volumes WHERE key=?", (key,))
             if destroyed:
@@ -445,25 +450,14 @@ class Index(object):
                 self.db.execute("UPDATE volumes SET origin = ? || substr(origin, ?) "
                                 "WHERE origin>=? AND origin<?",
                                 (new, n + 1) + _prefix_range(old + "@"))
-            for e in upsert:
-                self._upsert(e)
+            self._upsert(upsert)
             self._set_generation(generation)
-            self.db.execute("COMMIT")
-        except Exception:
-            self.db.execute("ROLLBACK")
-            raise
 
     def replace_all(self, entries, generation):
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._write():
             self.db.execute("DELETE FROM volumes")
-            for e in entries:
-                self._upsert(e)
+            self._upsert(entries)
             self._set_generation(generation)
-            self.db.execute("COMMIT")
-        except Exception:
-            self.db.execute("ROLLBACK")
-            raise
 
     def invalidate(self):
         self.db.execute("DELETE FROM meta WHERE k='generation'")

@@ -184,6 +184,9 @@ def test_index(tmp_path):
     with pytest.raises(Exception):
         idx.commit(6, upsert=[{"key": "broken"}])
     assert idx.generation() == 5 and idx.count() == 1
+    # a new key for a dataset name (a revert's r-KEY renamed to KEY) replaces the old row
+    idx.commit(6, upsert=[dict(_entry(KEY2, "%s/h-1@%s" % (ROOT, KEY2), "snapshot"), key=KEY3)])
+    assert idx.get(KEY2) is None and idx.get(KEY3)["zname"] == "%s/h-1@%s" % (ROOT, KEY2)
     # LIKE wildcards in dataset names are literal
     c = _entry(KEY, "%s/%s" % (ROOT, KEY))
     idx.commit(7, upsert=[c])
