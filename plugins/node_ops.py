@@ -39,7 +39,7 @@ def volume(method, params):
         raise smapi.Unimplemented(str(method))
     if isinstance(params, dict) and remote.parse_remote_sr(params.get("sr")) is not None:
         raise smapi.InvalidParameters("a node does not forward again")
-    return m.fn(**m.bind(params))
+    return smapi.plain(m.fn(**m.bind(params)))
 
 
 OPS = dict(node.OPS)

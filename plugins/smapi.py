@@ -148,6 +148,12 @@ class Encoded(object):
         return json.loads("".join(self.parts))
 
 
+def plain(result):
+    """A method's result as a JSON value (an Encoded one parsed): for callers
+    that look inside it, e.g. the node op answering another host."""
+    return result.value() if isinstance(result, Encoded) else result
+
+
 def encoded_list(body):
     """Encoded of a JSON list from its items' texts joined by commas."""
     return Encoded(["[", body, "]"])

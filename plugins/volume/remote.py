@@ -106,6 +106,7 @@ def for_this_host(uris, schemes=None):
 
 
 def _rewrite(result, schemes):
+    result = smapi.plain(result)     # SR.ls run here when the node is this machine
     if isinstance(result, dict) and isinstance(result.get("uri"), list):
         result = dict(result, uri=for_this_host(result["uri"], schemes))
     elif isinstance(result, list):

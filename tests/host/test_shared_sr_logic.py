@@ -142,6 +142,9 @@ def test_results_are_rewritten_for_the_host():
     assert remote._rewrite(vol, ["nbd+tls"]) == {"key": "k", "uri": [URIS[3]]}
     assert remote._rewrite([vol, vol], ["nvme+tcp"]) == [{"key": "k", "uri": [URIS[2]]}] * 2
     assert remote._rewrite(None, ["nvme+tcp"]) is None
+    # SR.ls's stored records (smapi.Encoded), as a node that is this machine returns them
+    assert remote._rewrite(smapi.encoded_list(",".join([json.dumps(vol)] * 2)),
+                           ["nvme+tcp"]) == [{"key": "k", "uri": [URIS[2]]}] * 2
     assert vol["uri"] == URIS                                     # not modified in place
 
 
@@ -173,6 +176,22 @@ def test_errors_of_the_node_cross_unchanged(node_process):
         remote._node_call("192.0.2.200", "volume", None, method="SR.stat",
                           params={"sr": "zfs-ng://h/p"})
     assert e.value.name == "Invalid_parameters"     # no forwarding loops
+
+
+def test_the_node_answers_sr_ls_as_plain_json(monkeypatch, capsys):
+    """SR.ls returns its stored records encoded already (smapi.Encoded); the
+    node op `volume` must still answer another host with one JSON document
+    (tests/e2e/test_shared_sr.py's sr-scan on B found it could not)."""
+    import io
+    from plugins import node_ops
+    vol = {"key": "k", "uri": list(URIS)}
+    ls = smapi.Method("SR", "ls", lambda sr: smapi.encoded_list(json.dumps(vol)),
+                      [smapi.Param("sr", str)])
+    monkeypatch.setitem(node_ops._METHODS, "SR.ls", ls)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(
+        {"method": "SR.ls", "params": {"sr": "zfsng-pool"}}) + "\n"))
+    assert node_ops.main(["volume"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"result": [vol]}
 
 
 def test_local_sr_strings_run_locally(node_process):
