@@ -124,9 +124,9 @@ def ls(sr):
 
 # An entry rendered to name what else a stored record depends on (Index.rendered):
 # the SR's settings that shape its URIs, and record()'s own format.
-_RENDER_PROBE = {"key": "00000000-0000-4000-8000-000000000000", "kind": "volume", "name": "", "description": "",
-                 "sharable": False, "virtual_size": 0, "physical_utilisation": 0,
-                 "keys": {}, "cbt_enabled": False}
+_RENDER_PROBE = {"key": "00000000-0000-4000-8000-000000000000", "kind": "volume", "name": "",
+                 "description": "", "sharable": False, "virtual_size": 0,
+                 "physical_utilisation": 0, "keys": {}, "cbt_enabled": False}
 
 
 def _refresh_usage(idx, pool):
@@ -599,7 +599,7 @@ def activate_device(sr, key, timeout=60.0):
         if e["kind"] == "volume":
             # an idle volume (no device node) is set at once; a node may also
             # be one a deactivate just left, going away: then look first
-            if not os.path.exists(loc["device"]) or _volmode_local(e["zname"]) != "dev":
+            if not loc["active"] or _volmode_local(e["zname"]) != "dev":
                 zfs.zfs("set", "volmode=dev", e["zname"])
         else:
             ro = names.readonly_dataset(handle.pool, key)
