@@ -5,9 +5,11 @@
 # Bytecode is cached in the guest's throw-away root (PYTHONPYCACHEPREFIX), never
 # in the shared checkout: without a cache every plugin call compiled its ~120
 # modules again (Plugin.Query 2.4-3.3 s in TCG, 1.5 s with the cache).
+# COLUMNS: pytest cuts its one-line verdicts (-ra) to the terminal width, 80
+# on the serial console; vm.py repeats them at the end of a failed run.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH HOME=/root LANG=C.UTF-8 PYTHONPATH=/mnt/share ZFSNG_IN_VM=1 \
-    PYTHONPYCACHEPREFIX=/var/cache/zfsng-pyc PYTHONUNBUFFERED=1
+    PYTHONPYCACHEPREFIX=/var/cache/zfsng-pyc PYTHONUNBUFFERED=1 COLUMNS=200
 mount -t configfs none /sys/kernel/config
 hostname zfsng-vm
 ip link set lo up

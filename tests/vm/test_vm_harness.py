@@ -98,3 +98,22 @@ def test_boot_failure_names_the_panic_line():
     console = "[ 6.6] Oops: int3: 0000 [#1] PREEMPT SMP\n[ 6.7] Kernel panic - not syncing: Fatal\n"
     assert vm.boot_failure(console).startswith("[ 6.6] Oops: int3")
     assert vm.boot_failure("[ 1.0] all fine\n") is None
+
+
+def test_a_failed_run_ends_with_pytests_verdicts(tmp_path, capsys):
+    """CI shows a long log's head and tail: stop 19's failing assertion was in
+    the cut middle.  The verdict lines (-ra) come again after the console."""
+    out = tmp_path / "output"
+    out.write_text("....F.\n___ test_x ___\nE  assert 1 == 2\n"
+                   "FAILED tests/e2e/test_a.py::test_x - AssertionError: hidden dataset p/h holds nothing\n"
+                   "ERROR tests/e2e/test_b.py::test_y - OSError: boom\n1 failed\n")
+    (tmp_path / "console.log").write_text("[ 9.0] reboot: Power down\n")
+    guest = StubGuest("img", str(tmp_path))
+    vm._keep_or_clean(str(tmp_path), 1, False, guest, str(out))
+    err = capsys.readouterr().err
+    tail = err[err.index("logs kept in"):]
+    assert "FAILED tests/e2e/test_a.py::test_x - AssertionError: hidden dataset p/h holds nothing" in tail
+    assert "ERROR tests/e2e/test_b.py::test_y - OSError: boom" in tail
+    assert "E  assert" not in tail
+    vm._keep_or_clean(str(tmp_path), 0, True, guest, str(out))     # a pass repeats nothing
+    assert "what failed" not in capsys.readouterr().err

@@ -268,11 +268,16 @@ def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep
                 time.sleep(0.2)
             guest.kill()
         log("guest finished rc=%d in %.0f s" % (rc, time.time() - t0))
-        _keep_or_clean(rundir, rc, keep, guest)
+        _keep_or_clean(rundir, rc, keep, guest, out_path)
     return rc
 
 
-def _keep_or_clean(rundir, rc, keep, guest):
+def summary_lines(output):
+    """pytest's one-line verdicts (-ra: 'FAILED test - Error: message') in output."""
+    return [l for l in output.splitlines() if l.startswith(("FAILED ", "ERROR "))]
+
+
+def _keep_or_clean(rundir, rc, keep, guest, out_path):
     if rc == 0 and not keep:
         shutil.rmtree(rundir, ignore_errors=True)
         return
@@ -280,6 +285,13 @@ def _keep_or_clean(rundir, rc, keep, guest):
         tail = guest.console_text().splitlines()[-40:]
         log("kernel console (last lines):\n    " + "\n    ".join(tail))
     log("logs kept in " + rundir)
+    if rc != 0 and os.path.exists(out_path):
+        # again at the very end: a CI that shows only the head and the tail of
+        # a long log cut the failing assertion out of stop 19's
+        with open(out_path, "rb") as f:
+            verdicts = summary_lines(f.read().decode("utf-8", "replace"))
+        if verdicts:
+            log("what failed (pytest's summary, repeated):\n    " + "\n    ".join(verdicts))
     for name in os.listdir(rundir):
         if name.endswith((".raw", ".qcow2")):
             os.unlink(os.path.join(rundir, name))
