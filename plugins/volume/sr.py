@@ -538,7 +538,7 @@ def collect_garbage(handle, rows=None):
                 if what == "snap":
                     zfs.zfs("destroy", "-d", zname)
                 else:
-                    zfs.zfs("destroy", zname)
+                    zfs.destroy_retrying(zname, tries=12)   # a udev probe, a moment
             except zfs.NotFound:
                 pass
             except zfs.Busy:

@@ -334,7 +334,9 @@ def _destroy_volume(handle, e, txn):
     try:
         if bookmarks.listed(ds):  # zfs destroy would take them along
             raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
-        zfs.zfs("destroy", ds)
+        # udev's probe (a just-deactivated node, a rename's event) may hold
+        # the device a moment: busy for ~5 s is really in use
+        zfs.destroy_retrying(ds, tries=12)
     except zfs.NotFound:
         pass
     except zfs.HasChildren:
@@ -373,7 +375,7 @@ def _collect_from(handle, ds):
                     bookmarks.listed(ds):
                 return
             origin = zfs.get([ds], ["origin"]).get(ds, {}).get("origin", "-")
-            zfs.zfs("destroy", ds)
+            zfs.destroy_retrying(ds, tries=12)
         except zfs.NotFound:
             return
         except zfs.Busy:

@@ -190,3 +190,60 @@ def test_destroy_is_idempotent_and_takes_a_clone_on_boot_transient(sr):
     call("Volume.set", sr=pool, key=a["key"], k="clone-on-boot", v=other["key"])
     call("Volume.destroy", sr=pool, key=a["key"])
     assert [x["key"] for x in call("SR.ls", sr=pool)] == [other["key"]]
+
+
+def _zfs_destroys(ds):
+    """PIDs of running `zfs destroy ... ds` processes."""
+    import os
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if len(argv) > 2 and argv[0].endswith(b"zfs") and argv[1] == b"destroy" \
+                and ds.encode() in argv:
+            out.append(pid)
+    return out
+
+
+def test_destroy_waits_out_a_moments_hold_on_the_device(sr):
+    """A deactivated volume's device node may still be open for a moment: udev
+    probes a node after each event (an add, a close after writing), and ZFS
+    keeps an open zvol's minor when volmode goes back to none.  xapi's
+    VDI.destroy right after the detach (main.ml vdi_destroy_impl) must not fail
+    on that: Volume.destroy waits a few seconds for the holder to let go.
+    Here the holder is our own fd, closed once a first `zfs destroy` of the
+    volume has run (and failed: busy) while it was open."""
+    import os
+    import threading
+    import time
+    from plugins.volume import volume
+    pool = sr
+    v = call("Volume.create", sr=pool, name="held", description="", size=MiB, sharable=False)
+    ds = "%s/zfs-ng/%s" % (pool, v["key"])
+    dev = volume.activate_device(pool, v["key"])["device"]
+    fd = os.open(dev, os.O_RDONLY)
+    seen = []
+
+    def hold():
+        deadline = time.time() + 60
+        while not seen and time.time() < deadline:
+            seen.extend(_zfs_destroys(ds))
+            time.sleep(0.002)
+        while _zfs_destroys(ds) and time.time() < deadline:   # that attempt ends
+            time.sleep(0.002)
+        os.close(fd)
+
+    holder = threading.Thread(target=hold)
+    volume.deactivate_device(pool, v["key"])
+    assert os.path.exists(dev), "the minor went while open: nothing held it"
+    holder.start()
+    try:
+        call("Volume.destroy", sr=pool, key=v["key"])
+    finally:
+        holder.join()
+    assert seen, "no zfs destroy was seen while the device was held"
+    assert not [n for n in zfs_names(pool) if v["key"] in n]
+    assert call("SR.ls", sr=pool) == []

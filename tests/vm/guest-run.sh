@@ -9,7 +9,7 @@
 # on the serial console; vm.py repeats them at the end of a failed run.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH HOME=/root LANG=C.UTF-8 PYTHONPATH=/mnt/share ZFSNG_IN_VM=1 \
-    PYTHONPYCACHEPREFIX=/var/cache/zfsng-pyc PYTHONUNBUFFERED=1 COLUMNS=200
+    PYTHONPYCACHEPREFIX=/var/cache/zfsng-pyc PYTHONUNBUFFERED=1 COLUMNS=300
 mount -t configfs none /sys/kernel/config
 hostname zfsng-vm
 ip link set lo up
