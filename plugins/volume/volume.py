@@ -100,6 +100,79 @@ def record(handle, e):
     }
 
 
+def record_text(handle):
+    """render(entry) -> json.dumps(record(handle, entry), sort_keys=True), the
+    same text, made by filling in a template instead (SR.ls renders every row
+    of a new host's index: natively at 100k rows 3.5 s of Python -> 0.5 s).
+
+    The template is record()'s own output for a probe whose fields are
+    markers, so record() stays the one definition of the format.  It is
+    checked against record() on two probes that differ in every field; where
+    they disagree (a field record() computes some other way) render falls
+    back to record() itself.  Strings are escaped as json.dumps does
+    (encode_basestring_ascii), the key is checked as uri.py checks it."""
+    slow = _render_slow(handle)
+    fields = ("cbt_enabled", "description", "key", "keys", "name", "physical_utilisation",
+              "read_write", "sharable", "uuid", "virtual_size")
+    probe = dict(_RENDER_PROBE)
+    rec = record(handle, probe)
+    if sorted(rec) != sorted(fields + ("uri",)):
+        return slow
+    for f in fields:
+        rec[f] = "@@zfsng-%s@@" % f
+    text = json.dumps(rec, sort_keys=True).replace("%", "%%")
+    found = []                      # (position, field) of each place to fill
+    for f in fields:
+        marker = '"@@zfsng-%s@@"' % f
+        if text.count(marker) != 1:
+            return slow
+        found.append((text.index(marker), f, marker))
+    at = text.find(probe["key"])    # what is left of the probe's key: in its URIs
+    while at >= 0:
+        found.append((at, "uri-key", probe["key"]))
+        at = text.find(probe["key"], at + 1)
+    found.sort()
+    parts, at = [], 0
+    for pos, _, marker in found:
+        parts.append(text[at:pos])
+        at = pos + len(marker)
+    text = "%s".join(parts + [text[at:]])
+    order = [f for _, f, _ in found]
+    quote = json.encoder.encode_basestring_ascii
+    bools = ("false", "true")
+    get = {"key": lambda e: '"%s"' % e["key"], "uuid": lambda e: '"%s"' % e["key"],
+           "uri-key": lambda e: e["key"],
+           "name": lambda e: quote(e["name"]), "description": lambda e: quote(e["description"]),
+           "read_write": lambda e: bools[e["kind"] == "volume"],
+           "sharable": lambda e: bools[bool(e["sharable"])],
+           "cbt_enabled": lambda e: bools[bool(e.get("cbt_enabled"))],
+           "keys": lambda e: json.dumps(e["keys"], sort_keys=True) if e["keys"] else "{}",
+           "virtual_size": lambda e: "%d" % e["virtual_size"],
+           "physical_utilisation": lambda e: "%d" % e["physical_utilisation"]}
+    getters = [get[f] for f in order]
+
+    def fast(e):
+        if not names.is_key(e["key"]) or type(e["virtual_size"]) is not int or \
+                type(e["physical_utilisation"]) is not int or type(e["sharable"]) is not bool \
+                or type(e["name"]) is not str or type(e["description"]) is not str:
+            return slow(e)       # what the template does not write as record() would
+        return text % tuple([g(e) for g in getters])
+
+    other = dict(probe, key="ffffffff-ffff-4fff-bfff-ffffffffffff", kind="snapshot",
+                 name='n\u00e9 "q" \\ %s\n', description="d%d", sharable=True,
+                 virtual_size=7, physical_utilisation=3, keys={"b": "1", "a": ["%"]},
+                 cbt_enabled=True)
+    if any(fast(p) != slow(p) for p in (probe, other)):
+        return slow
+    return fast
+
+
+def _render_slow(handle):
+    def render(e):
+        return json.dumps(record(handle, e), sort_keys=True)
+    return render
+
+
 def _dataset_of(e):
     return e["zname"].split("@", 1)[0]
 
@@ -117,8 +190,7 @@ def ls(sr):
     idx = handle.fresh_index()
     _refresh_usage(idx, handle.pool)
 
-    def render(e):
-        return json.dumps(record(handle, e), sort_keys=True)
+    render = record_text(handle)
     return smapi.encoded_list(idx.rendered(render(_RENDER_PROBE), render))
 
 

@@ -361,6 +361,54 @@ class FakeHandle(object):
         self.props = props
 
 
+_NODES = st.sampled_from([{}, {"nvme-node": "10.0.0.1:4420"}, {"nbd-node": "[fd00::1]:10809"},
+                          {"nvme-node": "h:4420", "nbd-node": "h:10809"}])
+
+
+@settings(max_examples=300, deadline=None)
+@given(nodes=_NODES, datapath=st.sampled_from([None, "raw", "nbd", "nvme", "nbdtls", "bogus"]),
+       key=st.uuids(version=4).map(str) | st.text(max_size=40),
+       kind=st.sampled_from(["volume", "snapshot", "bookmark"]),
+       name=st.text() | st.none(), description=st.text(),
+       sharable=st.booleans() | st.integers(0, 2), cbt=st.booleans() | st.none(),
+       size=st.integers(0, 1 << 64) | st.booleans(), used=st.integers(0, 1 << 64),
+       keys=st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers(), max_size=3))
+def test_sr_ls_template_writes_what_record_writes(nodes, datapath, key, kind, name, description,
+                                                   sharable, cbt, size, used, keys):
+    """volume.record_text fills a template taken from record(): for any entry,
+    the text is json.dumps(record(...), sort_keys=True) to the byte, or the
+    same error (a key that is no uuid fails uri.py's check either way)."""
+    props = dict(nodes)
+    if datapath:
+        props["datapath"] = datapath
+    h = FakeHandle(**props)
+    fast, slow = volume.record_text(h), volume._render_slow(h)
+    assert fast is not slow                 # the template path, not the fallback
+    e = {"key": key, "kind": kind, "name": name, "description": description,
+         "sharable": sharable, "virtual_size": size, "physical_utilisation": used,
+         "keys": keys, "cbt_enabled": cbt}
+    try:
+        want = slow(e)
+    except Exception as err:
+        with pytest.raises(type(err)):
+            fast(e)
+        return
+    assert fast(e) == want
+
+
+def test_sr_ls_template_falls_back_where_record_changes(monkeypatch):
+    """A field record() writes that the template does not know, or one it
+    computes otherwise: record_text renders by record() itself."""
+    h = FakeHandle()
+    real = volume.record
+    monkeypatch.setattr(volume, "record", lambda h, e: dict(real(h, e), extra=e["name"]))
+    assert volume.record_text(h).__name__ == "render"
+    monkeypatch.setattr(volume, "record", lambda h, e: dict(real(h, e), name=e["name"].upper()))
+    assert volume.record_text(h).__name__ == "render"
+    e = dict(volume._RENDER_PROBE, name="low")
+    assert json.loads(volume.record_text(h)(e))["name"] == "LOW"
+
+
 def test_uris():
     h = FakeHandle()
     assert volume.uris(h, KEY) == ["zfsng-raw://%s/%s" % (POOL, KEY),
