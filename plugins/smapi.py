@@ -19,6 +19,7 @@ Logging goes to stderr and syslog (LOCAL2 -> /var/log/SMlog on XCP-ng), never
 to stdout.
 """
 
+import errno
 import json
 import logging
 import os
@@ -144,8 +145,54 @@ class Encoded(object):
     def __init__(self, parts):
         self.parts = list(parts)
 
+    def text(self):
+        return "".join(p if isinstance(p, str) else p.text() for p in self.parts)
+
     def value(self):
-        return json.loads("".join(self.parts))
+        return json.loads(self.text())
+
+
+class FileText(object):
+    """A part of an Encoded result that is a file's UTF-8 text from offset
+    on (SR.ls's listing kept in /run): the kernel copies it to stdout
+    (sendfile), no Python string of it is made.  Owns the open file."""
+
+    def __init__(self, f, offset):
+        self.f = f
+        self.offset = offset
+
+    def text(self):
+        self.f.seek(self.offset)
+        return self.f.read().decode("utf-8")
+
+    def write_to(self, stdout):
+        try:
+            out = stdout.fileno()
+        except (AttributeError, ValueError, OSError):     # io.StringIO: no fd
+            stdout.write(self.text())
+            return
+        stdout.flush()
+        src = self.f.fileno()
+        end = os.fstat(src).st_size
+        at = self.offset
+        while at < end:
+            try:
+                n = os.sendfile(out, src, at, min(end - at, 1 << 30))
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS) or at != self.offset:
+                    raise
+                break                   # no sendfile to this fd: copied below
+            if n == 0:
+                return
+            at += n
+        while at < end:
+            chunk = os.pread(src, min(end - at, 1 << 20), at)
+            if not chunk:
+                return
+            mv = memoryview(chunk)
+            while mv:
+                mv = mv[os.write(out, mv):]
+            at += len(chunk)
 
 
 def plain(result):
@@ -301,7 +348,10 @@ def main(methods, argv=None, stdin=None, stdout=None):
         return 1
     status, out = call(method, args)
     for part in out:
-        stdout.write(part)
+        if isinstance(part, str):
+            stdout.write(part)
+        else:
+            part.write_to(stdout)
     stdout.write("\n")
     stdout.flush()
     return status

@@ -37,7 +37,7 @@ import os
 import sqlite3
 import time
 
-from plugins import zfs
+from plugins import smapi, zfs
 from plugins.volume import bookmarks
 from plugins.volume import cbt
 from plugins.volume import names
@@ -215,6 +215,19 @@ class Index(object):
         self.db.execute("CREATE TRIGGER IF NOT EXISTS volumes_unrender AFTER UPDATE OF %s "
                         "ON volumes BEGIN UPDATE volumes SET rendered=NULL "
                         "WHERE key=NEW.key; END" % ",".join(COLUMNS))
+        # and moves the rows' version on (a change of a text alone does not):
+        # SR.ls's whole listing kept in a file is good while it names that
+        # version of this index (Index.listing)
+        for name, event in (("insert", "INSERT"), ("delete", "DELETE"),
+                            ("update", "UPDATE OF " + ",".join(COLUMNS))):
+            self.db.execute("CREATE TRIGGER IF NOT EXISTS volumes_version_%s AFTER %s ON volumes "
+                            "BEGIN UPDATE meta SET v=CAST(v AS INTEGER)+1 "
+                            "WHERE k='rows-version'; END" % (name, event))
+        if self.db.execute("SELECT count(*) FROM meta WHERE k IN ('index-id', 'rows-version')"
+                           ).fetchone()[0] != 2:
+            self.db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('index-id', ?)",
+                            (binascii.hexlify(os.urandom(16)).decode(),))
+            self.db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('rows-version', '0')")
 
     @classmethod
     def for_sr(cls, sr_uuid, state_dir=None):
@@ -275,14 +288,23 @@ class Index(object):
                 self.db.execute("UPDATE volumes SET rendered=NULL")
                 self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('render-key', ?)",
                                 (render_key,))
+        return self._rendered(render_key, render)[0]
+
+    def _rendered(self, render_key, render):
+        """(rendered()'s text, the version of the rows it shows or None)."""
         after = 0
         while after is not None:
             after = self._render_some(render, after)
-        body, missing = self.db.execute(
-            "SELECT group_concat(rendered, ','), count(*) - count(rendered) FROM "
-            "(SELECT rendered FROM volumes ORDER BY createtxg, key)").fetchone()
+        self.db.execute("BEGIN")        # one read: the version is the texts'
+        try:
+            version = self._version(render_key)
+            body, missing = self.db.execute(
+                "SELECT group_concat(rendered, ','), count(*) - count(rendered) FROM "
+                "(SELECT rendered FROM volumes ORDER BY createtxg, key)").fetchone()
+        finally:
+            self.db.execute("COMMIT")
         if not missing:
-            return body or ""
+            return body or "", version
         out = []                         # a row changed since its render: made now, not kept
         for key, text in self.db.execute(
                 "SELECT key, rendered FROM volumes ORDER BY createtxg, key").fetchall():
@@ -292,7 +314,47 @@ class Index(object):
                     continue
                 text = render(e)
             out.append(text)
-        return ",".join(out)
+        return ",".join(out), None
+
+    def _version(self, render_key):
+        """What names the listing of the rows as they are now: this index
+        (a new one after a deleted file), its rows' version, the render key."""
+        got = dict(self.db.execute("SELECT k, v FROM meta WHERE k IN ('index-id', 'rows-version')"))
+        return json.dumps([got.get("index-id"), got.get("rows-version"), render_key]).encode()
+
+    def listing(self, render_key, render, path):
+        """SR.ls's JSON list of every row's record (rendered()), as
+        smapi.Encoded: the file at path if it holds the listing of this
+        version of the rows, else made and kept there for the next call.  So
+        a warm SR.ls of 100k volumes with nothing changed copies one file to
+        stdout (sendfile), and a change costs one listing made again.  path is
+        on /run (tmpfs): a crash never leaves a torn listing to be taken."""
+        try:
+            f = open(path, "rb")
+        except (IOError, OSError):
+            f = None
+        if f is not None:
+            head = f.readline(1 << 16)
+            if head == self._version(render_key) + b"\n":
+                return smapi.Encoded([smapi.FileText(f, len(head))])
+            f.close()
+        body, version = self._rendered(render_key, render)
+        if version is None:
+            return smapi.encoded_list(body)
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        try:
+            with open(tmp, "wb") as out:
+                out.write(version + b"\n[")
+                out.write(body.encode("utf-8"))
+                out.write(b"]")
+            os.rename(tmp, path)
+        except (IOError, OSError) as e:  # /run full: this call still answers
+            smapi.log.info("SR.ls listing not kept in %s: %s", path, e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return smapi.encoded_list(body)
 
     def _render_some(self, render, after, batch=2000):
         """Render up to batch rows that have no text and come after row
@@ -350,8 +412,9 @@ class Index(object):
         """usage {key: physical_utilisation} read from ZFS; done: keys whose
         device is gone, so that reading was their last change."""
         with self._write():
-            self.db.executemany("UPDATE volumes SET physical_utilisation=? WHERE key=?",
-                                [(v, k) for k, v in usage.items()])
+            # only where it changed: an update is a row's new version
+            self.db.executemany("UPDATE volumes SET physical_utilisation=? WHERE key=? "
+                                "AND physical_utilisation<>?", [(v, k, v) for k, v in usage.items()])
             self.db.executemany("DELETE FROM touched WHERE key=?", [(k,) for k in done])
 
     # leftovers for SR.attach's sweep ---------------------------------------------

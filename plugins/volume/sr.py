@@ -508,6 +508,20 @@ def _forget_attached(pool):
         pass
 
 
+def listing_path(sr_uuid):
+    """/run/zfs-ng/SR-UUID.ls: SR.ls's listing kept between calls
+    (metadata.Index.listing: it names the index version it shows)."""
+    return os.path.join(lock.RUN_DIR, "%s.ls" % names.check_uuid(sr_uuid))
+
+
+def _forget_listing(sr_uuid):
+    """Free the kept listing (it lives in RAM) of an SR leaving this host."""
+    try:
+        os.unlink(listing_path(sr_uuid))
+    except (OSError, smapi.SmapiError):
+        pass
+
+
 def collect_garbage(handle, rows=None):
     """Destroy hidden datasets nothing depends on any more: destroyed volumes
     whose snapshots are all gone, clone origins whose clones are gone, leftovers
@@ -665,6 +679,8 @@ def detach(sr):
             _unmount_carried(pool)
             zfs.zpool("export", pool)
         _forget_attached(pool)
+        if props is not None:
+            _forget_listing(props.get("sr-uuid"))
     return None
 
 
@@ -773,6 +789,7 @@ def destroy(sr):
         else:
             zfs.zfs("destroy", "-r", handle.root)
         _forget_attached(handle.pool)
+        _forget_listing(handle.uuid)
         path = handle.index().path
         handle.index().close()
         for suffix in ("", "-wal", "-shm"):

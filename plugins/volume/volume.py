@@ -184,14 +184,15 @@ def ls(sr):
     as of the last mutation, and only volumes whose device was activated since
     (Index.touched) can have been written, so only those are read from ZFS
     (one `zfs get`; xapi's sr-scan takes VDI usage from here).  Each record's
-    JSON is kept in the index with its row (Index.rendered), so a warm SR.ls
-    of 100k volumes copies stored text instead of building 100k records."""
+    JSON is kept in the index with its row (Index.rendered), and the whole
+    list in /run while no row changes (Index.listing): a warm SR.ls of 100k
+    volumes is one file sent to stdout, one after a change joins stored texts."""
     handle = SR.open(sr)
     idx = handle.fresh_index()
     _refresh_usage(idx, handle.pool)
 
     render = record_text(handle)
-    return smapi.encoded_list(idx.rendered(render(_RENDER_PROBE), render))
+    return idx.listing(render(_RENDER_PROBE), render, sr_mod.listing_path(handle.uuid))
 
 
 # An entry rendered to name what else a stored record depends on (Index.rendered):

@@ -267,6 +267,80 @@ def test_index_keeps_each_records_text_until_its_row_changes(tmp_path):
     assert texts("k2")[0][1] == "late" and made == [KEY]
 
 
+def test_sr_ls_listing_is_kept_until_the_rows_change(tmp_path):
+    """Index.listing (volume.ls): the whole JSON list is kept in a file and
+    given out as it is (a FileText part) while it names this index, the rows'
+    version and the render key; any change to a row (whoever makes it), a new
+    render key, a new index file or a foreign file makes it again."""
+    path, kept = str(tmp_path / "x.sqlite"), str(tmp_path / "x.ls")
+    idx = metadata.Index(path)
+    a, b = _entry(KEY, "%s/%s" % (ROOT, KEY)), _entry(KEY2, "%s/%s@%s" % (ROOT, KEY, KEY2),
+                                                      "snapshot", createtxg=9)
+    idx.replace_all([a, b], 1)
+
+    def render(e):
+        return json.dumps([e["key"], e["name"], e["physical_utilisation"]])
+
+    def ls(key="k1", index=None):
+        enc = (index or idx).listing(key, render, kept)
+        from_file = not isinstance(enc.parts[0], str)
+        return enc.value(), from_file
+
+    first, from_file = ls()
+    assert [t[0] for t in first] == [KEY, KEY2] and not from_file
+    assert ls() == (first, True)                    # warm: the file as it is
+    idx.set_usage({KEY2: 99}, done=[])
+    assert ls() == ([first[0], [KEY2, first[1][1], 99]], False)
+    assert ls()[1]
+    idx.set_usage({KEY2: 99}, done=[])              # the same usage: no new version
+    assert ls()[1]
+    for change in (lambda: idx.commit(2, upsert=[dict(a, name="renamed")]),
+                   lambda: idx.db.execute("UPDATE volumes SET name='by hand' WHERE key=?", (KEY,)),
+                   lambda: idx.commit(3, delete=[KEY2]),
+                   lambda: idx.commit(4, upsert=[b])):
+        change()
+        got, from_file = ls()
+        assert not from_file and got == [[t[0], t[1], t[2]] for t in json.loads(
+            "[%s]" % idx.rendered("k1", render))]
+        assert ls() == (got, True)
+    assert ls("k2")[1] is False and ls("k2")[1] is True     # a new render key
+    # a new index (the file deleted, the same rows written again): not taken
+    os.unlink(path)
+    idx2 = metadata.Index(path)
+    idx2.replace_all([dict(a, name="other")], 4)
+    assert ls("k2", idx2) == ([[KEY, "other", a["physical_utilisation"]]], False)
+    with open(kept, "wb") as f:                    # torn or foreign: made again
+        f.write(b'["x"')
+    assert ls("k2", idx2)[1] is False and ls("k2", idx2)[1] is True
+
+
+def test_a_kept_listing_goes_to_stdout_as_it_is(tmp_path):
+    """smapi.main writes a FileText part by sendfile to a real fd (a pipe, as
+    xapi-storage-script reads a plugin) and as text to a stream without one."""
+    import io
+    import subprocess
+    import sys
+    body = ('{"name": "\u00e9 %d"},' * 3000 % tuple(range(3000))).rstrip(",")
+    f = tmp_path / "l"
+    f.write_bytes(b"head line\n[" + body.encode() + b"]")
+
+    def method():
+        fh = open(str(f), "rb")
+        fh.readline()
+        return smapi.Encoded([smapi.FileText(fh, fh.tell())])
+    m = smapi.Method("SR", "ls", method, [])
+    out = io.StringIO()
+    assert smapi.main([m], ["SR.ls", "--json"], io.StringIO("{}\n"), out) == 0
+    assert json.loads(out.getvalue()) == json.loads("[%s]" % body)
+    code = ("import io, sys, json; sys.path.insert(0, %r); from plugins import smapi; "
+            "fh = open(%r, 'rb'); fh.readline(); "
+            "m = smapi.Method('SR', 'ls', lambda: smapi.Encoded(['', smapi.FileText(fh, fh.tell())]), []); "
+            "sys.exit(smapi.main([m], ['SR.ls', '--json'], io.StringIO('{}\\n')))"
+            % (os.getcwd(), str(f)))
+    p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, check=True)
+    assert p.stdout == b"[" + body.encode() + b"]\n"
+
+
 def test_an_index_from_before_stored_records_is_read_as_it_is(tmp_path):
     """An index written by the previous version (no `rendered` column, no
     trigger) is opened in place: rows kept, records rendered on demand."""
