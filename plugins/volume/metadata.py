@@ -343,7 +343,9 @@ class Index(object):
             return smapi.encoded_list(body)
         tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
-            with open(tmp, "wb") as out:
+            # the names of every VDI: readable by root only, like the index
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                           "wb") as out:
                 out.write(version + b"\n[")
                 out.write(body.encode("utf-8"))
                 out.write(b"]")
