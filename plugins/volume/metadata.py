@@ -189,6 +189,31 @@ def _sound(e, pool):
     return key == e["key"] and kind == want
 
 
+def _drop_dead_writers(path):
+    """Remove path.PID.tmp files whose writer is gone (a killed SR.ls): /run
+    is RAM, and at 100k volumes a listing is ~50 MB."""
+    d, base = os.path.split(path)
+    try:
+        found = os.listdir(d or ".")
+    except OSError:
+        return
+    for n in found:
+        pid = n[len(base) + 1:-len(".tmp")]
+        if not (n.startswith(base + ".") and n.endswith(".tmp") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                    # still writing (or the pid reused: left)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(os.path.join(d, n))
+        except OSError:
+            pass
+
+
 class Index(object):
     """The local sqlite cache of one SR's volumes."""
 
@@ -341,6 +366,7 @@ class Index(object):
         body, version = self._rendered(render_key, render)
         if version is None:
             return smapi.encoded_list(body)
+        _drop_dead_writers(path)
         tmp = "%s.%d.tmp" % (path, os.getpid())
         try:
             # the names of every VDI: readable by root only, like the index

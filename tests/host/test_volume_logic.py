@@ -312,6 +312,19 @@ def test_sr_ls_listing_is_kept_until_the_rows_change(tmp_path):
     with open(kept, "wb") as f:                    # torn or foreign: made again
         f.write(b'["x"')
     assert ls("k2", idx2)[1] is False and ls("k2", idx2)[1] is True
+    # what a killed writer left goes; a live one's stays
+    import subprocess
+    import sys
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, os.getppid()):
+        with open("%s.%d.tmp" % (kept, pid), "wb") as f:
+            f.write(b"partial")
+    idx2.commit(5, upsert=[a])
+    assert ls("k2", idx2)[1] is False
+    assert sorted(os.listdir(str(tmp_path))) == sorted(
+        ["x.ls", "x.ls.%d.tmp" % os.getppid()] + [n for n in os.listdir(str(tmp_path))
+                                                 if n.startswith("x.sqlite")])
 
 
 def test_a_kept_listing_goes_to_stdout_as_it_is(tmp_path):
