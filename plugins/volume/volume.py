@@ -438,14 +438,29 @@ def _destroy_snapshot(handle, e, txn):
 
 
 def _collect_from(handle, ds):
-    """Destroy hidden datasets left without snapshots, walking up the origins."""
+    """Destroy what a destroyed clone of a snapshot of ds left: hidden
+    snapshots of ds without clones, then ds itself if it is hidden and has
+    nothing left, walking up the origins.  A hidden snapshot is normally
+    destroyed by ZFS with its last clone (`zfs destroy -d`), but a
+    Volume.destroy killed between its rename and that destroy leaves one
+    without the mark, and once the SR.attach after the kill has swept (the
+    clone still there) nothing else would look at it again (found by
+    test_kill_9_at_random_points_of_plugin_calls, seed 1070240819)."""
     for _ in range(1000):
         kind, _key = names.classify(ds, handle.pool)
-        if kind != "hidden" or "@" in ds:
+        if kind not in ("hidden", "volume") or "@" in ds:
             return
         try:
-            if zfs.list_names(ds, ("name",), types="snapshot", depth=1) or \
-                    bookmarks.listed(ds):
+            snaps = []
+            for r in zfs.list_names(ds, ("name", "clones"), types="snapshot", depth=1):
+                if names.classify(r[0], handle.pool)[0] == "hidden" and \
+                        (len(r) < 2 or r[1] in ("", "-")):
+                    zfs.run([zfs.ZFS, "destroy", "-d", r[0]], check=False)
+                    if zfs.exists(r[0]):        # held, or a clone came: kept
+                        snaps.append(r[0])
+                else:
+                    snaps.append(r[0])
+            if kind != "hidden" or snaps or bookmarks.listed(ds):
                 return
             origin = zfs.get([ds], ["origin"]).get(ds, {}).get("origin", "-")
             zfs.destroy_retrying(ds, tries=12)
