@@ -26,7 +26,11 @@ them 142 + 205 s; a walk 82 s; SR.ls rebuilt 180 s; SR.ls warm 3.3-4.8 s
 3.1-9.4 s at 10000 (single calls under load); the attach that pays the owed
 sweep 117 s; new host after a clean move: SR.attach 38 s + first SR.ls 8.8 s;
 after a crash: SR.attach 357 s + first SR.ls 14 s; 100k index rows: first
-SR.ls 56 s (renders them), warm 11-14 s (46.5 MB of JSON).
+SR.ls 56 s (renders them), warm 11-14 s (46.5 MB of JSON).  Since (the
+listing kept in /run, the template render; alone, -n 30 --index-rows 100000):
+first SR.ls 25 s, warm Plugin.Query + 0.75..0.95 s (median +0.82 s); -n 3000:
+new host after a clean move SR.attach 26.5 s (zpool import -N alone 15.5 s)
++ first SR.ls 4.3 s.
 """
 
 import argparse
