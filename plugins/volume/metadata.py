@@ -307,16 +307,17 @@ class Index(object):
         group_concat in SQLite, not 100k records built in Python.  The order is
         all()'s as far as group_concat keeps its subquery's; SR.ls's callers
         need none."""
+        return self._rendered(render_key, render)[0]
+
+    def _rendered(self, render_key, render):
+        """(rendered()'s text, the version of the rows it shows or None):
+        what rendered() and listing() both make."""
         with self._write():
             r = self.db.execute("SELECT v FROM meta WHERE k='render-key'").fetchone()
             if r is None or r[0] != render_key:
                 self.db.execute("UPDATE volumes SET rendered=NULL")
                 self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('render-key', ?)",
                                 (render_key,))
-        return self._rendered(render_key, render)[0]
-
-    def _rendered(self, render_key, render):
-        """(rendered()'s text, the version of the rows it shows or None)."""
         after = 0
         while after is not None:
             after = self._render_some(render, after)

@@ -304,6 +304,14 @@ def test_sr_ls_listing_is_kept_until_the_rows_change(tmp_path):
             "[%s]" % idx.rendered("k1", render))]
         assert ls() == (got, True)
     assert ls("k2")[1] is False and ls("k2")[1] is True     # a new render key
+    # ... whose texts are made again, not the stored ones (the SR's URIs changed)
+    real_render = render
+
+    def render(e):
+        return json.dumps(json.loads(real_render(e)) + ["k3"])
+    assert [t[-1] for t in ls("k3")[0]] == ["k3"] * len(first)
+    assert ls("k3")[1] is True
+    render = real_render
     # a new index (the file deleted, the same rows written again): not taken
     os.unlink(path)
     idx2 = metadata.Index(path)
