@@ -9,7 +9,11 @@ so callers can tell "does not exist" from "busy" from "has dependent clones"
 without parsing text themselves; modules with an error type of their own
 (cbt.CbtError, the backup's BackupError) translate at their edge.  pyzfs is
 not used: it cannot list or get/set properties, and one code path is easier
-to get right; the fork cost is paid once per call.
+to get right; the fork cost is paid once per call.  The exception is the few calls on a
+device's activation path (one dataset's properties read, one property set
+or inherited): they go through libzfs in-process (plugins/libzfs.py, whose
+only user is this module) where it loads, the command otherwise, with the
+same typed errors either way.
 """
 
 import json
@@ -17,6 +21,7 @@ import os
 import subprocess
 import time
 
+from plugins import libzfs
 from plugins.smapi import BackendError
 
 PREFIX = "org.zfs-ng:"
@@ -137,15 +142,23 @@ def device_path(dataset):
 
 
 def wait_for_device(path, timeout):
-    """Wait for a zvol's device node (udev makes it); Device_timeout."""
-    deadline = time.time() + timeout
+    """Wait for a zvol's device node (udev makes the /dev/zvol link a moment
+    after ZFS adds the zvol's minor); Device_timeout.  Polled, a few ms apart
+    at first: `udevadm settle` is a process of its own (a tenth of a second
+    in a slow guest) and waits for every queued event, not only this one, so
+    it is run only once the node is late."""
+    start = time.time()
+    delay = 0.002
     while not os.path.exists(path):
-        if time.time() > deadline:
+        waited = time.time() - start
+        if waited > timeout:
             raise BackendError("Device_timeout", "%s did not appear within %d s"
                                % (path, timeout))
-        subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
-        time.sleep(0.05)
+        if waited > 2.0:
+            subprocess.call(["udevadm", "settle", "--timeout=5"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
 
 
 def zpool(*args):
@@ -206,6 +219,52 @@ def get(targets, props, recursive=False, types=None, local_only_prefix=True):
     return out
 
 
+def local_user_props(name, props):
+    """{prop: value} of those user properties (PREFIX...) set on dataset name
+    itself (not inherited): what get([name], props)[name] holds."""
+    assert all(p.startswith(PREFIX) for p in props)
+    try:
+        got = libzfs.user_props(name)
+    except libzfs.Unusable:
+        return get([name], props).get(name, {})
+    except libzfs.LibZfsError as e:
+        raise _error(["libzfs", "get", ",".join(props), name], 1, e.message)
+    return dict((k, v) for k, (v, source) in got.items() if k in props and source == name)
+
+
+def native_prop(name, prop):
+    """(value, set locally?) of native property prop of dataset name."""
+    try:
+        return libzfs.native_prop(name, prop)
+    except libzfs.Unusable:
+        pass
+    except libzfs.LibZfsError as e:
+        raise _error(["libzfs", "get", prop, name], 1, e.message)
+    value, _, source = run([ZFS, "get", "-H", "-p", "-o", "value,source", prop, name]) \
+        .rstrip("\n").partition("\t")
+    return value, source == "local"
+
+
+def set_prop(name, prop, value):
+    """zfs set prop=value name."""
+    try:
+        return libzfs.set_prop(name, prop, value)
+    except libzfs.Unusable:
+        zfs("set", "%s=%s" % (prop, value), name)
+    except libzfs.LibZfsError as e:
+        raise _error(["libzfs", "set", "%s=%s" % (prop, value), name], 1, e.message)
+
+
+def inherit_prop(name, prop):
+    """zfs inherit prop name."""
+    try:
+        return libzfs.inherit_prop(name, prop)
+    except libzfs.Unusable:
+        zfs("inherit", prop, name)
+    except libzfs.LibZfsError as e:
+        raise _error(["libzfs", "inherit", prop, name], 1, e.message)
+
+
 def get_existing(targets, props):
     """get() of those targets that exist ({} for none): one `zfs get`, whose
     complaints about the missing ones are not an error.  A failure that
@@ -236,6 +295,11 @@ def exists(name):
     """Whether dataset, snapshot (DS@S) or bookmark (DS#B) `name` exists."""
     # `zfs list DS#B` refuses the bookmark delimiter unless the type is given
     kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
+    if kind != "bookmark":
+        try:
+            return libzfs.exists(name)
+        except libzfs.Unusable:
+            pass
     try:
         run([ZFS, "list", "-H", "-o", "name", "-t", kind, name])
         return True

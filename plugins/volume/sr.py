@@ -224,11 +224,12 @@ def attached_pool(sr_uuid):
 
 def read_root_props(pool):
     try:
-        got = zfs.get([names.sr_root(pool)], [zfs.uprop(p) for p in metadata.ROOT_PROPS])
+        got = zfs.local_user_props(names.sr_root(pool),
+                                   [zfs.uprop(p) for p in metadata.ROOT_PROPS])
     except zfs.NotFound:
         return None
     props = {}
-    for k, v in got.get(names.sr_root(pool), {}).items():
+    for k, v in got.items():
         props[k[len(zfs.PREFIX):]] = zfs.decode(v)
     if "sr-uuid" not in props:
         return None  # a dataset of that name that we did not make

@@ -630,9 +630,8 @@ def compare(sr, key, key2):
 # -- for the datapath plugins -----------------------------------------------------
 
 def _volmode_local(ds):
-    got = zfs.run([zfs.ZFS, "get", "-H", "-p", "-o", "value,source", "volmode", ds])
-    value, _, source = got.strip().partition("\t")
-    return value if source == "local" else None
+    value, local = zfs.native_prop(ds, "volmode")
+    return value if local else None
 
 
 def locate(sr, key):
@@ -690,7 +689,7 @@ def activate_device(sr, key, timeout=60.0):
             # an idle volume (no device node) is set at once; a node may also
             # be one a deactivate just left, going away: then look first
             if not loc["active"] or _volmode_local(e["zname"]) != "dev":
-                zfs.zfs("set", "volmode=dev", e["zname"])
+                zfs.set_prop(e["zname"], "volmode", "dev")
         else:
             ro = names.readonly_dataset(handle.pool, key)
             if not zfs.exists(ro):
@@ -715,7 +714,7 @@ def deactivate_device(sr, key):
     with lock.sr_lock(handle.pool):
         if e["kind"] == "volume":
             if _volmode_local(e["zname"]) is not None:
-                zfs.zfs("inherit", "volmode", e["zname"])
+                zfs.inherit_prop(e["zname"], "volmode")
         else:
             ro = names.readonly_dataset(handle.pool, key)
             try:

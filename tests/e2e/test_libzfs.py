@@ -1,0 +1,110 @@
+"""plugins/libzfs.py against real ZFS: every reading and change it makes
+in-process is the one the zfs command makes or sees, and its failures are
+the command's typed errors (plugins/zfs.py types both by the same table).
+
+Each check runs the same plugins.zfs call twice, through libzfs and through
+the zfs command (ZFSNG_LIBZFS=0, module state reset), and compares them, or
+changes a property through libzfs and reads it back with the zfs command."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import run, wait_for_path
+from plugins import libzfs, zfs
+
+P = zfs.PREFIX
+
+
+@pytest.fixture
+def both(monkeypatch):
+    """call(fn, *args) -> (through libzfs, through the command)."""
+    def through(use_lib, fn, *args):
+        monkeypatch.setenv("ZFSNG_LIBZFS", "1" if use_lib else "0")
+        libzfs._state.clear()
+        try:
+            return fn(*args)
+        except zfs.ZfsError as e:
+            return e
+        finally:
+            libzfs._state.clear()
+
+    def call(fn, *args):
+        return through(True, fn, *args), through(False, fn, *args)
+    yield call
+    monkeypatch.delenv("ZFSNG_LIBZFS")
+    libzfs._state.clear()
+
+
+def test_libzfs_loads_here():
+    # otherwise every comparison below compares the command with itself
+    libzfs._state.clear()
+    try:
+        libzfs._load()      # Unusable: fails the test
+    finally:
+        libzfs._state.clear()
+
+
+def test_user_props_read_as_the_command_reads_them(zpool, both):
+    root, child = zpool + "/sr", zpool + "/sr/child"
+    run("zfs", "create", "-o", "mountpoint=none", root)
+    run("zfs", "set", P + "sr-uuid=" + zfs.encode("u-1"), P + "generation=7",
+        P + "odd=" + zfs.encode("tab\there \u00e9"), root)
+    run("zfs", "create", "-o", P + "own=1", child)
+    props = [P + "sr-uuid", P + "generation", P + "odd", P + "own", P + "unset"]
+    lib, cmd = both(zfs.local_user_props, root, props)
+    assert lib == cmd == {P + "sr-uuid": '"u-1"', P + "generation": "7",
+                          P + "odd": zfs.encode("tab\there \u00e9")}
+    # the child inherits the root's: only its own is local
+    lib, cmd = both(zfs.local_user_props, child, props)
+    assert lib == cmd == {P + "own": "1"}
+
+
+def test_volmode_set_and_inherited_through_libzfs_as_the_command_sees_it(zpool, both):
+    run("zfs", "set", "volmode=none", zpool)
+    ds = zpool + "/v"
+    run("zfs", "create", "-s", "-V", "16M", ds)
+    dev = zfs.device_path(ds)
+    lib, cmd = both(zfs.native_prop, ds, "volmode")
+    assert lib == cmd == ("none", False)
+
+    libzfs._state.clear()
+    zfs.set_prop(ds, "volmode", "dev")
+    assert run("zfs", "get", "-H", "-o", "value,source", "volmode", ds).stdout == "dev\tlocal\n"
+    wait_for_path(dev)
+    lib, cmd = both(zfs.native_prop, ds, "volmode")
+    assert lib == cmd == ("dev", True)
+
+    zfs.inherit_prop(ds, "volmode")
+    assert run("zfs", "get", "-H", "-o", "value,source", "volmode", ds).stdout == \
+        "none\tinherited from %s\n" % zpool
+    subprocess.run(["udevadm", "settle"])
+    assert not os.path.exists(dev)
+
+
+def test_exists_as_the_command_answers(zpool, both):
+    ds = zpool + "/v"
+    run("zfs", "create", "-s", "-V", "16M", ds)
+    run("zfs", "snapshot", ds + "@s")
+    for name, want in ((ds, True), (ds + "@s", True), (zpool, True), (ds + "@nope", False),
+                       (zpool + "/nope", False), ("nopool%s/x" % zpool, False)):
+        lib, cmd = both(zfs.exists, name)
+        assert lib is cmd is want, (name, lib, cmd)
+
+
+def test_failures_are_the_commands_typed_errors(zpool, both):
+    missing = zpool + "/nope"
+    for fn, args in ((zfs.local_user_props, (missing, [P + "x"])),
+                     (zfs.native_prop, (missing, "volmode")),
+                     (zfs.set_prop, (missing, "volmode", "dev")),
+                     (zfs.inherit_prop, (missing, "volmode"))):
+        lib, cmd = both(fn, *args)
+        assert type(lib) is type(cmd) is zfs.NotFound, (fn.__name__, lib, cmd)
+        assert "does not exist" in lib.message
+    ds = zpool + "/v"
+    run("zfs", "create", "-s", "-V", "16M", ds)
+    lib, cmd = both(zfs.set_prop, ds, "volmode", "sideways")
+    assert isinstance(lib, zfs.ZfsError) and isinstance(cmd, zfs.ZfsError), (lib, cmd)
+    assert "volmode" in lib.message, lib.message
+    assert run("zfs", "get", "-H", "-o", "value", "volmode", ds).stdout != "sideways\n"
