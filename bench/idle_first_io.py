@@ -66,10 +66,38 @@ def first_io(devices, pool, key, expect):
             "warm_read": t_warm, "deactivate": time.time() - t}
 
 
-def parts(pool, key):
+BLKZNAME = (2 << 30) | (256 << 16) | (0x12 << 8) | 125   # _IOR(0x12, 125, char[256])
+
+
+def _zd_named(ds, before):
+    """/dev/zdN of zvol ds among the zd devices not in `before`, asked by
+    name (the ioctl zvol_id makes for udev), or None."""
+    import fcntl
+    for n in set(os.listdir("/sys/block")) - before:
+        if not n.startswith("zd"):
+            continue
+        try:
+            fd = os.open("/dev/" + n, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            buf = bytearray(256)
+            fcntl.ioctl(fd, BLKZNAME, buf, True)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        if bytes(buf).split(b"\0")[0].decode() == ds:
+            return "/dev/" + n
+    return None
+
+
+def parts(pool, key, use_lib):
     """The same activation by hand, its parts timed: one `zfs get` (what any
-    zfs command costs), `zfs set volmode=dev`, then the wait until udev made
-    the /dev/zvol link (polled, no udevadm)."""
+    zfs command costs), volmode=dev set by the zfs command or, as
+    activate_device does, in-process (use_lib), then from the set's return
+    until the zvol's minor is there (/dev/zdN, asked by name) and until
+    udev has made the /dev/zvol link (both polled every ms, no udevadm)."""
     from plugins import zfs
     from plugins.volume import names
     ds = names.volume_dataset(pool, key)
@@ -78,18 +106,28 @@ def parts(pool, key):
     subprocess.run(["zfs", "get", "-H", "-o", "value", "volmode", ds], check=True,
                    stdout=subprocess.DEVNULL)
     t_get = time.time() - t
+    before = set(os.listdir("/sys/block"))
     t = time.time()
-    subprocess.run(["zfs", "set", "volmode=dev", ds], check=True)
+    if use_lib:
+        zfs.set_prop(ds, "volmode", "dev")
+    else:
+        subprocess.run(["zfs", "set", "volmode=dev", ds], check=True)
     t_set = time.time() - t
     t = time.time()
-    while not os.path.exists(dev):
+    t_minor = t_link = None
+    while t_minor is None or t_link is None:
         if time.time() - t > 60:
             sys.exit("%s did not appear" % dev)
-        time.sleep(0.005)
-    t_udev = time.time() - t
+        if t_minor is None and _zd_named(ds, before):
+            t_minor = time.time() - t
+        if t_link is None and os.path.exists(dev):
+            t_link = time.time() - t
+        time.sleep(0.001)
     subprocess.run(["zfs", "inherit", "volmode", ds], check=True)
     subprocess.run(["udevadm", "settle"], check=True)
-    return {"zfs_get": t_get, "zfs_set": t_set, "device_node": t_udev}
+    out = {"zfs_get": t_get, "minor": t_minor, "udev_link": t_link}
+    out["libzfs_set" if use_lib else "zfs_set"] = t_set
+    return out
 
 
 def summary(rows, field):
@@ -127,7 +165,7 @@ def main():
         _, query = script("Plugin.Query", env)
         rows_v = [first_io(devices, pool, k, m) for k, m in vols]
         rows_s = [first_io(devices, pool, k, m) for k, m in snaps]
-        rows_p = [parts(pool, k) for k, _ in vols]
+        rows_p = [parts(pool, k, i % 2 == 1) for i, (k, _) in enumerate(vols)]
         fig = {"volumes": rows_v, "snapshots": rows_s, "parts": rows_p, "plugin_query": query}
         print("first 4 KiB read of an idle device, %d each, median (min..max), ms:"
               % args.volumes)
@@ -136,8 +174,8 @@ def main():
                 med, lo, hi = summary(rows, field)
                 print("  %-8s %-10s %8.1f (%.1f..%.1f)" % (what, field, med * 1e3, lo * 1e3,
                                                            hi * 1e3))
-        for field in ("zfs_get", "zfs_set", "device_node"):
-            med, lo, hi = summary(rows_p, field)
+        for field in ("zfs_get", "zfs_set", "libzfs_set", "minor", "udev_link"):
+            med, lo, hi = summary([r for r in rows_p if field in r], field)
             print("  parts    %-10s %8.1f (%.1f..%.1f)" % (field, med * 1e3, lo * 1e3, hi * 1e3))
         print("  (Plugin.Query, the fixed cost of a plugin call: %.0f ms)" % (query * 1e3))
         if args.json:
