@@ -7,18 +7,30 @@ test VM (needs ZFS):
     python3 tests/vm/vm.py run -- python3 bench/idle_first_io.py --volumes 8
 
 The path measured is the one every datapath takes (plugins/datapath/devices.py
-acquire -> volume.activate_device: the index mark, `zfs set volmode=dev`, then
-the wait for udev's /dev/zvol link), then open(O_DIRECT) + one 4 KiB pread,
-checked against what was written.  Then the activation's parts by hand
-(one `zfs get`, `zfs set volmode=dev`, the wait for the node).  Times are in-process: the plugin's Python
-start-up (Plugin.Query, printed beside them) is not included.  A snapshot's
-first read (a read-only clone made on demand) is measured the same way.
-Prints medians and ranges (--json FILE too); asserts nothing about time.
+acquire -> volume.activate_device: the SR root's properties and volmode=dev
+through libzfs in-process (plugins/libzfs.py), the index mark, then the wait
+for udev's /dev/zvol link), then open(O_DIRECT) + one 4 KiB pread, checked
+against what was written.  Then the activation's parts by hand (one `zfs
+get`; volmode=dev set by the zfs command and through libzfs in turn; from
+the set until the zvol's minor is there and until udev's link is).  Times
+are in-process: the plugin's Python start-up (Plugin.Query, printed beside
+them) is not included.  A snapshot's first read (a read-only clone made on
+demand) is measured the same way.  `env ZFSNG_LIBZFS=0` measures the same
+with zfs commands only.  Prints medians and ranges (--json FILE too);
+asserts nothing about time.
 
-Measured in the TCG guest (2 vCPU, two other test VMs beside it, 2026-12-04),
-6 volumes: first I/O of an idle volume 1458 ms median (activate 1423 ms, the
-read 36 ms; 19 ms once the device exists); of a snapshot 1769 ms; the parts:
-one `zfs get` 253 ms, `zfs set volmode=dev` 434 ms, udev's node 433 ms.
+Measured in the TCG guest (2 vCPU, alone on the 2-core machine, 2026-12-04),
+6 volumes, median (min..max):
+
+    first I/O of an idle volume      622 ms (554..832)   commands only: 1055 ms
+      of which activate_device       604 ms                             1030 ms
+    deactivate                       188 ms                              808 ms
+    first I/O of a snapshot          840 ms                             1262 ms
+    parts: `zfs get` 223 ms; volmode=dev by `zfs set` 277 ms, by libzfs 86 ms;
+    after the set, the zvol's minor 65 ms, udev's /dev/zvol link 321 ms
+
+So half of what is left is udev making the link (it runs zvol_id on the new
+/dev/zdN); the minor itself is there in a tenth of that time.
 """
 
 import argparse
