@@ -10,9 +10,9 @@ against 10-30 ms for the same reading from a process that has libzfs
 loaded (and 0.2-0.3 s to load it once).  Only opaque pointers, ints and C
 strings cross ctypes here, and every function used (libzfs_init, zfs_open,
 zfs_dataset_exists, zfs_get_user_props, zfs_name_to_prop,
-zfs_prop_get/set/inherit, libzfs_error_*, nvlist_*) has had the same
-signature from OpenZFS 2.0 (libzfs.so.4; XCP-ng 8.3 has 2.1) to 2.3
-(libzfs.so.6).  A libzfs handle is not thread-safe: one lock serialises
+zfs_prop_get/set/inherit, libzfs_error_action/description, nvlist_*) has
+had the same signature from OpenZFS 2.0 (libzfs.so.4; XCP-ng 8.3 has 2.1)
+to 2.3 (libzfs.so.6).  A libzfs handle is not thread-safe: one lock serialises
 every call.
 
 Failures raise LibZfsError(action, description): the same words the zfs
@@ -47,9 +47,13 @@ _state = {}     # "lib", "nv", "handle" once loaded; "unusable": why not
 
 
 def _candidates():
-    """The libzfs names to try: the known sonames, then ldconfig's."""
+    """The libzfs names to try: the known sonames, then ldconfig's (asked
+    only if none of those loads: find_library runs ldconfig, a process)."""
+    for name in SONAMES:
+        yield name
     found = ctypes.util.find_library("zfs")
-    return SONAMES + ((found,) if found else ())
+    if found:
+        yield found
 
 
 def _load():
@@ -61,22 +65,22 @@ def _load():
         _state["unusable"] = "ZFSNG_LIBZFS=0"
         raise Unusable(_state["unusable"])
     lib = None
+    tried = []
     for name in _candidates():
         try:
             lib = ctypes.CDLL(name)
             break
         except OSError:
-            continue
+            tried.append(name)
     try:
         if lib is None:
-            raise OSError("none of %s" % ", ".join(_candidates()))
+            raise OSError("none of %s" % ", ".join(tried))
         nv = ctypes.CDLL(NVPAIR)
     except OSError as e:
         _state["unusable"] = "libzfs not loaded: %s" % e
         raise Unusable(_state["unusable"])
     P, S, I = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int
     for fn, res, args in (("libzfs_init", P, []),
-                          ("libzfs_errno", I, [P]),
                           ("libzfs_error_action", S, [P]),
                           ("libzfs_error_description", S, [P]),
                           ("zfs_open", P, [P, S, I]),
