@@ -9,11 +9,12 @@ so callers can tell "does not exist" from "busy" from "has dependent clones"
 without parsing text themselves; modules with an error type of their own
 (cbt.CbtError, the backup's BackupError) translate at their edge.  pyzfs is
 not used: it cannot list or get/set properties, and one code path is easier
-to get right; the fork cost is paid once per call.  The exception is the few calls on a
-device's activation path (one dataset's properties read, one property set
-or inherited): they go through libzfs in-process (plugins/libzfs.py, whose
-only user is this module) where it loads, the command otherwise, with the
-same typed errors either way.
+to get right; the fork cost is paid once per call.  The exception is the
+few calls on a device's activation path (exists, one dataset's user
+properties or one native property read, one property set or inherited):
+they go through libzfs in-process (plugins/libzfs.py, whose only user is
+this module) where it loads, the command otherwise, with the same typed
+errors either way (_in_process).
 """
 
 import json
@@ -219,50 +220,52 @@ def get(targets, props, recursive=False, types=None, local_only_prefix=True):
     return out
 
 
+_COMMAND = object()
+
+
+def _in_process(argv, call, *args):
+    """call(*args) through libzfs; _COMMAND where libzfs can't be used (the
+    caller runs the command), and its failure typed as that of argv would be."""
+    try:
+        return call(*args)
+    except libzfs.Unusable:
+        return _COMMAND
+    except libzfs.LibZfsError as e:
+        raise _error(argv, 1, e.message)
+
+
 def local_user_props(name, props):
     """{prop: value} of those user properties (PREFIX...) set on dataset name
     itself (not inherited): what get([name], props)[name] holds."""
     assert all(p.startswith(PREFIX) for p in props)
-    try:
-        got = libzfs.user_props(name)
-    except libzfs.Unusable:
+    got = _in_process([ZFS, "get", ",".join(props), name], libzfs.user_props, name)
+    if got is _COMMAND:
         return get([name], props).get(name, {})
-    except libzfs.LibZfsError as e:
-        raise _error(["libzfs", "get", ",".join(props), name], 1, e.message)
     return dict((k, v) for k, (v, source) in got.items() if k in props and source == name)
 
 
 def native_prop(name, prop):
     """(value, set locally?) of native property prop of dataset name."""
-    try:
-        return libzfs.native_prop(name, prop)
-    except libzfs.Unusable:
-        pass
-    except libzfs.LibZfsError as e:
-        raise _error(["libzfs", "get", prop, name], 1, e.message)
-    value, _, source = run([ZFS, "get", "-H", "-p", "-o", "value,source", prop, name]) \
-        .rstrip("\n").partition("\t")
-    return value, source == "local"
+    argv = [ZFS, "get", "-H", "-p", "-o", "value,source", prop, name]
+    got = _in_process(argv, libzfs.native_prop, name, prop)
+    if got is _COMMAND:
+        value, _, source = run(argv).rstrip("\n").partition("\t")
+        got = value, source == "local"
+    return got
 
 
 def set_prop(name, prop, value):
     """zfs set prop=value name."""
-    try:
-        return libzfs.set_prop(name, prop, value)
-    except libzfs.Unusable:
-        zfs("set", "%s=%s" % (prop, value), name)
-    except libzfs.LibZfsError as e:
-        raise _error(["libzfs", "set", "%s=%s" % (prop, value), name], 1, e.message)
+    argv = [ZFS, "set", "%s=%s" % (prop, value), name]
+    if _in_process(argv, libzfs.set_prop, name, prop, value) is _COMMAND:
+        run(argv)
 
 
 def inherit_prop(name, prop):
     """zfs inherit prop name."""
-    try:
-        return libzfs.inherit_prop(name, prop)
-    except libzfs.Unusable:
-        zfs("inherit", prop, name)
-    except libzfs.LibZfsError as e:
-        raise _error(["libzfs", "inherit", prop, name], 1, e.message)
+    argv = [ZFS, "inherit", prop, name]
+    if _in_process(argv, libzfs.inherit_prop, name, prop) is _COMMAND:
+        run(argv)
 
 
 def get_existing(targets, props):
@@ -296,10 +299,9 @@ def exists(name):
     # `zfs list DS#B` refuses the bookmark delimiter unless the type is given
     kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
     if kind != "bookmark":
-        try:
-            return libzfs.exists(name)
-        except libzfs.Unusable:
-            pass
+        got = _in_process([ZFS, "list", name], libzfs.exists, name)
+        if got is not _COMMAND:
+            return got
     try:
         run([ZFS, "list", "-H", "-o", "name", "-t", kind, name])
         return True
