@@ -15,7 +15,6 @@ File layout, one pair per volume (the id is a hash: keys may be long):
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 
@@ -38,6 +37,9 @@ def node_state_dir():
 
 
 def _ident(volume_id):
+    # imported here: hashlib loads OpenSSL, 0.1 s of every plugin call's
+    # start-up in the test VM, and most calls never name a state file
+    import hashlib
     return hashlib.sha256(volume_id.encode("utf-8")).hexdigest()[:32]
 
 

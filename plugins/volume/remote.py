@@ -25,7 +25,6 @@ the node's own is.
 """
 
 import os
-import platform
 
 from plugins import nodes, smapi
 from plugins.uri import NBD_TLS, NVME_TCP
@@ -69,7 +68,7 @@ def remote_node(configuration):
 def _kernel_has(module):
     if os.path.isdir("/sys/module/" + module.replace("-", "_")):
         return True
-    base = "/lib/modules/%s" % platform.release()
+    base = "/lib/modules/%s" % os.uname()[2]
     for name in ("modules.dep", "modules.builtin"):
         try:
             with open(os.path.join(base, name)) as f:

@@ -18,6 +18,20 @@ if os.environ.get("ZFSNG_IN_VM") != "1":
 
 TEST_DIR = "/var/lib/zfsng-test"
 
+# Each test's wall time (setup + call + teardown), written as it ends to the
+# run folder the host reads (tests/vm/guest-run.sh exports the path).  A run
+# stopped by vm.py's --timeout never reaches pytest's --durations table; from
+# this file vm.py prints the slowest tests anyway (tests/vm/vm.py: slowest).
+DURATIONS = os.environ.get("ZFSNG_DURATIONS")
+_spent = {}
+
+
+def pytest_runtest_logreport(report):
+    _spent[report.nodeid] = _spent.get(report.nodeid, 0.0) + report.duration
+    if report.when == "teardown" and DURATIONS:
+        with open(DURATIONS, "a") as f:
+            f.write("%.1f\t%s\n" % (_spent.pop(report.nodeid), report.nodeid))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def image_dirs(tmp_path_factory):

@@ -3,8 +3,8 @@ by `bash packaging/build-rpm.sh`, which run-tests does before the VM tests) is
 unpacked into a scratch root and a whole SR/VDI lifecycle runs through the
 unpacked /usr/libexec/xapi-storage-script executables and /usr/bin/zfs-ng only:
 PYTHONPATH is the unpacked site-packages (and the vendored click beside it),
-the cwd is outside the checkout, and the checkout (/mnt/share, the guest's
-PYTHONPATH) is out of reach.  The guest runs the scripts with its own python3
+the cwd is outside the checkout, and the checkout (the guest's copy in
+/tmp/checkout, its PYTHONPATH) is out of reach.  The guest runs the scripts with its own python3
 (3.13; tests/host/test_rpm.py runs them on 3.6).  The guest has no rpm2cpio:
 packaging/unpack_rpm.py reads the payload (gzip, by the spec)."""
 

@@ -117,3 +117,59 @@ def test_a_failed_run_ends_with_pytests_verdicts(tmp_path, capsys):
     assert "E  assert" not in tail
     vm._keep_or_clean(str(tmp_path), 0, True, guest, str(out))     # a pass repeats nothing
     assert "what failed" not in capsys.readouterr().err
+
+
+def test_a_timed_out_run_lists_its_slowest_tests(tmp_path, capsys):
+    """A run stopped by the guard never prints pytest's --durations table (stop
+    20 ran out of time with no clue which tests took it): vm.py prints the
+    guest's own durations log (tests/e2e/conftest.py) instead."""
+    out = tmp_path / "output"
+    out.write_text("....\n")
+    (tmp_path / "console.log").write_text("[ 9.0] still running\n")
+    (tmp_path / "durations.tsv").write_text(
+        "12.5\ttests/e2e/test_a.py::test_quick\n"
+        "301.0\ttests/e2e/test_b.py::test_slow\n"
+        "40.0\ttests/e2e/test_a.py::test_middle[1]\n")
+    vm._keep_or_clean(str(tmp_path), 124, False, StubGuest("img", str(tmp_path)), str(out))
+    err = capsys.readouterr().err
+    assert "3 tests ended, 354 s in tests" in err
+    listed = [l.split("s  ", 1)[1] for l in err.splitlines() if " s  tests/e2e/" in l]
+    assert listed == ["tests/e2e/test_b.py::test_slow", "tests/e2e/test_a.py::test_middle[1]",
+                      "tests/e2e/test_a.py::test_quick"]
+    assert vm.slowest(str(tmp_path / "missing.tsv")) == []
+
+
+def test_shards_deal_every_file_once_and_balance_by_weight():
+    import shards
+    files = ["t/a.py", "t/b.py", "t/c.py", "t/d.py", "t/e.py"]
+    weights = {"t/a.py": 100, "t/b.py": 60, "t/c.py": 50, "t/d.py": 10}   # e: unknown, the mean
+    bins = shards.split(files, 2, weights)
+    assert sorted(f for b in bins for f in b) == files
+    load = [sum(weights.get(f, 55) for f in b) for b in bins]
+    assert bins == [["t/a.py", "t/c.py"], ["t/b.py", "t/d.py", "t/e.py"]]   # longest first,
+    assert load == [150, 125]                                             # to the lighter
+    assert all(b == sorted(b) for b in bins)
+    assert shards.split(files, 2, weights) == bins        # the same every run
+    assert shards.split(files[:1], 3, weights) == [["t/a.py"]]   # no empty guest
+    with pytest.raises(ValueError):
+        shards.split(files, 0, weights)
+
+
+def test_shards_every_e2e_file_is_dealt_and_the_weights_name_real_files():
+    import shards
+    files = shards.test_files()
+    assert len(files) > 20 and all(f.startswith("tests/e2e/test_") for f in files)
+    assert sorted(f for b in shards.split(files, 2) for f in b) == files
+    stale = set(shards.WEIGHTS) - set(files)
+    assert not stale, "WEIGHTS names files that are gone: %s" % sorted(stale)
+
+
+def test_shards_end_with_each_guests_verdicts():
+    import shards
+    log = ("....F\nFAILED tests/e2e/test_a.py::test_x - AssertionError: boom\n"
+           "=========== 1 failed, 40 passed in 1800.00s (0:30:00) ===========\n"
+           "vm: guest finished rc=1 in 1900 s\n")
+    assert shards.verdicts(log) == [
+        "FAILED tests/e2e/test_a.py::test_x - AssertionError: boom",
+        "1 failed, 40 passed in 1800.00s (0:30:00)",
+        "vm: guest finished rc=1 in 1900 s"]

@@ -277,6 +277,21 @@ def summary_lines(output):
     return [l for l in output.splitlines() if l.startswith(("FAILED ", "ERROR "))]
 
 
+def slowest(durations_path, n=15):
+    """The n slowest tests in the guest's durations log (tests/e2e/conftest.py),
+    and how many tests ended and in how long: [] when there is no log."""
+    try:
+        with open(durations_path) as f:
+            rows = [line.rstrip("\n").split("\t", 1) for line in f if "\t" in line]
+    except OSError:
+        return []
+    rows = [(float(t), name) for t, name in rows]
+    total = sum(t for t, _ in rows)
+    lines = ["%d tests ended, %.0f s in tests; the slowest:" % (len(rows), total)]
+    lines += ["%7.1f s  %s" % row for row in sorted(rows, reverse=True)[:n]]
+    return lines
+
+
 def _keep_or_clean(rundir, rc, keep, guest, out_path):
     if rc == 0 and not keep:
         shutil.rmtree(rundir, ignore_errors=True)
@@ -285,6 +300,11 @@ def _keep_or_clean(rundir, rc, keep, guest, out_path):
         tail = guest.console_text().splitlines()[-40:]
         log("kernel console (last lines):\n    " + "\n    ".join(tail))
     log("logs kept in " + rundir)
+    if rc == 124:
+        # pytest's own --durations table dies with the guest at a timeout
+        lines = slowest(os.path.join(rundir, "durations.tsv"))
+        if lines:
+            log("test times (the guest's durations log):\n    " + "\n    ".join(lines))
     if rc != 0 and os.path.exists(out_path):
         # again at the very end: a CI that shows only the head and the tail of
         # a long log cut the failing assertion out of stop 19's

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Run the VM tests (tests/e2e) in several test VMs at once.
+
+    shards.py [--guests N] [--timeout S] [PYTEST ARGS...]
+
+One TCG guest keeps about 1.2 of the machine's cores busy: its work is mostly
+one process at a time (a plugin call, a zfs command, a target).  On CI's
+2-core machine the suite alone took 4200+ s in one guest and hit its guard
+(stop 20).  Two guests, each with its own ZFS, kernel NVMe/NBD peers, disks
+and network, run disjoint halves of the test files side by side and share
+nothing, so no test can see another's pools, ports or devices.
+
+Test files (not tests: module fixtures stay in one guest) are dealt out
+greedily, longest first, by the seconds each took in a measured run
+(WEIGHTS, from the guests' durations logs; a file not listed counts as the
+mean).  The weights only steer the balance: a stale table makes one guest
+finish later, never skips a test.  Every guest runs under the same --timeout
+(vm.py's guard), so the step lasts at most that long.
+
+Each guest's output goes to its own log, printed whole when all are done,
+followed by every guest's pytest verdict lines, so the end of a long CI log
+says what failed and where.  Exit code: 0 when every guest's pytest passed,
+else the first non-zero one.  Dev tool: runs on the host's Python.
+"""
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.dirname(os.path.dirname(HERE))
+E2E = "tests/e2e"
+
+# Seconds per test file, summed from the durations logs of a two-guest run of
+# the whole suite (see the README's measured runs).  Re-measure after adding a
+# long test: python3 tests/vm/shards.py prints each guest's test time.
+WEIGHTS = {}
+
+
+def test_files(root=CHECKOUT):
+    """tests/e2e/test_*.py, as paths relative to the checkout, sorted."""
+    paths = glob.glob(os.path.join(root, E2E, "test_*.py"))
+    return sorted(os.path.relpath(p, root) for p in paths)
+
+
+def split(files, n, weights=WEIGHTS):
+    """Deal files into n lists of about equal total weight (longest first to
+    the lightest list; ties by name, so the result is the same every run).
+    Each list keeps the files in name order."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    known = [weights[f] for f in files if f in weights]
+    default = sum(known) / len(known) if known else 1.0
+    order = sorted(files, key=lambda f: (-weights.get(f, default), f))
+    bins = [[] for _ in range(n)]
+    load = [0.0] * n
+    for f in order:
+        i = min(range(n), key=lambda k: (load[k], k))
+        bins[i].append(f)
+        load[i] += weights.get(f, default)
+    return [sorted(b) for b in bins if b]
+
+
+def verdicts(text):
+    """The lines that say how a guest's run ended: pytest's FAILED/ERROR
+    lines, its final count line, vm.py's own 'vm:' result lines."""
+    keep = []
+    for line in text.splitlines():
+        s = line.strip()
+        if line.startswith(("FAILED ", "ERROR ")):
+            keep.append(line)
+        elif s.startswith("=") and (" passed" in s or " failed" in s or " error" in s):
+            keep.append(s.strip("= "))
+        elif s.startswith(("vm: timeout", "vm: guest finished", "vm: QEMU exited",
+                           "vm: the guest failed")):
+            keep.append(s)
+    return keep
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--guests", type=int, default=int(os.environ.get("ZFSNG_VM_GUESTS", 2)))
+    p.add_argument("--timeout", type=int, default=4200)
+    a, pytest_args = p.parse_known_args(argv)
+    shares = split(test_files(), a.guests)
+    logdir = tempfile.mkdtemp(prefix="zfsng-shards-")
+    procs = []
+    t0 = time.time()
+    for i, files in enumerate(shares, 1):
+        log = os.path.join(logdir, "guest%d.log" % i)
+        print("shards: guest %d of %d runs %d files: %s"
+              % (i, len(shares), len(files), " ".join(os.path.basename(f) for f in files)),
+              flush=True)
+        out = open(log, "wb")
+        procs.append((i, log, out, subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "vm.py"), "pytest", "--timeout", str(a.timeout)]
+            + pytest_args + files, cwd=CHECKOUT, stdout=out, stderr=subprocess.STDOUT)))
+    rcs = {}
+    try:
+        while len(rcs) < len(procs):
+            for i, _, _, proc in procs:
+                if i not in rcs and proc.poll() is not None:
+                    rcs[i] = proc.returncode
+                    print("shards: guest %d finished rc=%d at %.0f s"
+                          % (i, proc.returncode, time.time() - t0), flush=True)
+            time.sleep(1)
+    finally:
+        for _, _, out, proc in procs:
+            if proc.poll() is None:
+                proc.terminate()   # vm.py kills its QEMU on SIGTERM
+                proc.wait()
+            out.close()
+    summary = []
+    for i, log, _, _ in procs:
+        with open(log, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+        print("\n--- guest %d of %d (%s)" % (i, len(procs), log))
+        sys.stdout.write(text)
+        summary += ["guest %d: %s" % (i, line) for line in verdicts(text)]
+    print("\nshards: %d guests in %.0f s; how each ended:\n    %s"
+          % (len(procs), time.time() - t0, "\n    ".join(summary)))
+    bad = [rcs[i] for i, _, _, _ in procs if rcs[i] != 0]
+    return bad[0] if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
