@@ -35,10 +35,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 E2E = "tests/e2e"
 
-# Seconds per test file, summed from the durations logs of a two-guest run of
-# the whole suite (see the README's measured runs).  Re-measure after adding a
-# long test: python3 tests/vm/shards.py prints each guest's test time.
-WEIGHTS = {}
+# Seconds per test file with two guests side by side on 2 cores.  Measured
+# (run sh1, 2026-12-04): the files of sh1's second guest; the others are
+# estimates, sh1's first guest having lost its log.  Re-measure after adding
+# a long test: shards.py ends with the table, ready to paste.
+WEIGHTS = {
+    "tests/e2e/test_toolstack.py": 650,
+    "tests/e2e/test_volume_kill9.py": 366,
+    "tests/e2e/test_datapath_nbdtls.py": 362,
+    "tests/e2e/test_volume_plugin.py": 300,
+    "tests/e2e/test_shared_sr.py": 300,
+    "tests/e2e/test_sr_plugin.py": 160,
+    "tests/e2e/test_datapath_raw.py": 159,
+    "tests/e2e/test_shared_migration.py": 152,
+    "tests/e2e/test_backup.py": 150,
+    "tests/e2e/test_nvme_auth.py": 150,
+    "tests/e2e/test_volume_cbt.py": 131,
+    "tests/e2e/test_cbt.py": 120,
+    "tests/e2e/test_volume_concurrency.py": 115,
+    "tests/e2e/test_nvmeof_load.py": 115,
+    "tests/e2e/test_datapath_nbd.py": 100,
+    "tests/e2e/test_sr_export_import.py": 100,
+    "tests/e2e/test_nvmeof_kill9.py": 100,
+    "tests/e2e/test_harness_nvmet.py": 93,
+    "tests/e2e/test_datapath_remote.py": 90,
+    "tests/e2e/test_datapath_nvme.py": 80,
+    "tests/e2e/test_rpm_payload.py": 60,
+    "tests/e2e/test_sr_cli.py": 57,
+    "tests/e2e/test_nvmeof.py": 51,
+    "tests/e2e/test_libzfs.py": 50,
+    "tests/e2e/test_backup_sr.py": 46,
+    "tests/e2e/test_nbd_kernel.py": 40,
+    "tests/e2e/test_datapath_cli.py": 29,
+    "tests/e2e/test_nbd_cbt.py": 24,
+    "tests/e2e/test_nbd_nbdkit.py": 13,
+}
 
 
 def test_files(root=CHECKOUT):
@@ -63,6 +94,24 @@ def split(files, n, weights=WEIGHTS):
         bins[i].append(f)
         load[i] += weights.get(f, default)
     return [sorted(b) for b in bins if b]
+
+
+def file_times(paths):
+    """Seconds per test file, summed from guests' durations logs (lines
+    "seconds<TAB>nodeid", tests/e2e/conftest.py); missing logs are skipped."""
+    times = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            seconds, _, nodeid = line.partition("\t")
+            if nodeid:
+                name = nodeid.split("::", 1)[0]
+                times[name] = times.get(name, 0.0) + float(seconds)
+    return times
 
 
 def verdicts(text):
@@ -92,12 +141,14 @@ def main(argv=None):
     t0 = time.time()
     for i, files in enumerate(shares, 1):
         log = os.path.join(logdir, "guest%d.log" % i)
+        times = os.path.join(logdir, "guest%d.tsv" % i)
         print("shards: guest %d of %d runs %d files: %s"
               % (i, len(shares), len(files), " ".join(os.path.basename(f) for f in files)),
               flush=True)
         out = open(log, "wb")
         procs.append((i, log, out, subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "vm.py"), "pytest", "--timeout", str(a.timeout)]
+            [sys.executable, os.path.join(HERE, "vm.py"), "pytest", "--timeout", str(a.timeout),
+             "--durations-to", times]
             + pytest_args + files, cwd=CHECKOUT, stdout=out, stderr=subprocess.STDOUT)))
     rcs = {}
     try:
@@ -121,6 +172,10 @@ def main(argv=None):
         print("\n--- guest %d of %d (%s)" % (i, len(procs), log))
         sys.stdout.write(text)
         summary += ["guest %d: %s" % (i, line) for line in verdicts(text)]
+    times = file_times(os.path.join(logdir, "guest%d.tsv" % i) for i, _, _, _ in procs)
+    print("\nshards: seconds per test file (WEIGHTS):")
+    for name, seconds in sorted(times.items(), key=lambda kv: (-kv[1], kv[0])):
+        print("    %r: %d," % (name, round(seconds)))
     print("\nshards: %d guests in %.0f s; how each ended:\n    %s"
           % (len(procs), time.time() - t0, "\n    ".join(summary)))
     bad = [rcs[i] for i, _, _, _ in procs if rcs[i] != 0]

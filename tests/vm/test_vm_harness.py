@@ -173,3 +173,13 @@ def test_shards_end_with_each_guests_verdicts():
         "FAILED tests/e2e/test_a.py::test_x - AssertionError: boom",
         "1 failed, 40 passed in 1800.00s (0:30:00)",
         "vm: guest finished rc=1 in 1900 s"]
+
+
+def test_shards_sum_each_files_time_from_the_guests_logs(tmp_path):
+    import shards
+    (tmp_path / "g1.tsv").write_text("10.5\ttests/e2e/test_a.py::t1\n"
+                                     "4.5\ttests/e2e/test_a.py::t2[x::y]\n")
+    (tmp_path / "g2.tsv").write_text("7.0\ttests/e2e/test_b.py::t\n")
+    assert shards.file_times([str(tmp_path / "g1.tsv"), str(tmp_path / "g2.tsv"),
+                              str(tmp_path / "lost.tsv")]) == {
+        "tests/e2e/test_a.py": 15.0, "tests/e2e/test_b.py": 7.0}

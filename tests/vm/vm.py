@@ -211,8 +211,11 @@ def start_guest(image, rundir, accel, mem, smp, disks, disk_size, out_path,
                        % (attempts, "; ".join(failures)))
 
 
-def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep=False):
-    """Run argv in a fresh guest; stream its output; return its exit code."""
+def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep=False,
+        durations_to=None):
+    """Run argv in a fresh guest; stream its output; return its exit code.
+    durations_to: where to copy the guest's test-times log (if it wrote one)
+    before the run folder goes."""
     image = image_dir()
     accel = choose_accel(image)
     smp = smp or min(os.cpu_count() or 1, 4)
@@ -268,6 +271,8 @@ def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep
                 time.sleep(0.2)
             guest.kill()
         log("guest finished rc=%d in %.0f s" % (rc, time.time() - t0))
+        if durations_to and os.path.exists(os.path.join(rundir, "durations.tsv")):
+            shutil.copyfile(os.path.join(rundir, "durations.tsv"), durations_to)
         _keep_or_clean(rundir, rc, keep, guest, out_path)
     return rc
 
@@ -328,6 +333,7 @@ def main():
         s.add_argument("--smp", type=int, default=None)
         s.add_argument("--disks", type=int, default=4)
         s.add_argument("--keep", action="store_true", help="keep the run folder")
+        s.add_argument("--durations-to", help="copy the guest's test-times log here")
         s.add_argument("argv", nargs=argparse.REMAINDER)
     # Options vm.py does not know (pytest's -q, -k ...) pass through, in order.
     a, unknown = p.parse_known_args()
@@ -342,7 +348,8 @@ def main():
             argv = ["python3", "-m", "pytest"] + argv
         if not argv:
             p.error("nothing to run")
-        return run(argv, timeout=a.timeout, mem=a.mem, smp=a.smp, disks=a.disks, keep=a.keep)
+        return run(argv, timeout=a.timeout, mem=a.mem, smp=a.smp, disks=a.disks, keep=a.keep,
+                   durations_to=a.durations_to)
     except HarnessError as e:
         log(str(e))
         return 125
