@@ -69,7 +69,7 @@ class Guest:
         if accel == "kvm":
             machine = ["-accel", "kvm", "-cpu", "host"]
         else:
-            machine = ["-accel", "tcg,thread=multi", "-cpu", "max"]
+            machine = ["-accel", "tcg,thread=multi", "-cpu", os.environ.get("ZFSNG_VM_CPU", "max")]
         argv = ["qemu-system-x86_64", "-nodefaults", "-no-reboot", "-display", "none",
                 "-monitor", "none", "-serial", "file:" + self.console,
                 "-m", str(mem), "-smp", str(smp)] + machine + [
