@@ -20,12 +20,13 @@ finish later, never skips a test.  Every guest runs under the same --timeout
 Each guest's output goes to its own log, printed whole when all are done,
 followed by every guest's pytest verdict lines, so the end of a long CI log
 says what failed and where.  Exit code: 0 when every guest's pytest passed,
-else the first non-zero one.  Dev tool: runs on the host's Python.
+else the first failing one (overall_rc).  Dev tool: runs on the host's Python.
 """
 
 import argparse
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,11 @@ def file_times(paths):
     return times
 
 
+# pytest's last line, bare with -q ("6 passed, 46 deselected in 60.75s"), else in "="
+COUNTS = re.compile(r"^(\d+ (passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)"
+                    r"|no tests ran)\b.* in [\d.]+s\b")
+
+
 def verdicts(text):
     """The lines that say how a guest's run ended: pytest's FAILED/ERROR
     lines, its final count line, vm.py's own 'vm:' result lines."""
@@ -124,7 +130,7 @@ def verdicts(text):
         s = line.strip()
         if line.startswith(("FAILED ", "ERROR ")):
             keep.append(line)
-        elif s.startswith("=") and (" passed" in s or " failed" in s or " error" in s):
+        elif COUNTS.match(s.strip("= ")):
             keep.append(s.strip("= "))
         elif s.startswith(("vm: timeout", "vm: guest finished", "vm: QEMU exited",
                            "vm: the guest failed")):
@@ -183,8 +189,17 @@ def main(argv=None):
         print("    %r: %d," % (name, round(seconds)))
     print("\nshards: %d guests in %.0f s; how each ended:\n    %s"
           % (len(procs), time.time() - t0, "\n    ".join(summary)))
-    bad = [rcs[i] for i, _, _, _ in procs if rcs[i] != 0]
-    return bad[0] if bad else 0
+    return overall_rc([rcs[i] for i, _, _, _ in procs])
+
+
+def overall_rc(rcs):
+    """The run's exit code from the guests': 0 when all passed; pytest's 5 (no
+    test collected) from a guest whose files a -k expression emptied is no
+    failure while another guest ran tests, but is when every guest says 5."""
+    bad = [rc for rc in rcs if rc not in (0, 5)]
+    if bad:
+        return bad[0]
+    return 0 if 0 in rcs else (rcs[0] if rcs else 5)
 
 
 if __name__ == "__main__":

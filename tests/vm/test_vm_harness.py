@@ -173,6 +173,9 @@ def test_shards_end_with_each_guests_verdicts():
         "FAILED tests/e2e/test_a.py::test_x - AssertionError: boom",
         "1 failed, 40 passed in 1800.00s (0:30:00)",
         "vm: guest finished rc=1 in 1900 s"]
+    # -q (run-tests): the count line comes bare
+    assert shards.verdicts("..\n6 passed, 46 deselected in 60.75s\n.. 3 passed here\n") == [
+        "6 passed, 46 deselected in 60.75s"]
 
 
 def test_shards_sum_each_files_time_from_the_guests_logs(tmp_path):
@@ -183,3 +186,12 @@ def test_shards_sum_each_files_time_from_the_guests_logs(tmp_path):
     assert shards.file_times([str(tmp_path / "g1.tsv"), str(tmp_path / "g2.tsv"),
                               str(tmp_path / "lost.tsv")]) == {
         "tests/e2e/test_a.py": 15.0, "tests/e2e/test_b.py": 7.0}
+
+
+def test_shards_exit_code_a_guest_with_nothing_selected_is_no_failure():
+    import shards
+    assert shards.overall_rc([0, 0]) == 0
+    assert shards.overall_rc([0, 5]) == 0          # -k emptied one guest's files
+    assert shards.overall_rc([5, 5]) == 5          # nothing ran anywhere: a failure
+    assert shards.overall_rc([5, 1]) == 1
+    assert shards.overall_rc([124, 0]) == 124      # a guard stop stays a failure
