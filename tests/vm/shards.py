@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+import vm
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 E2E = "tests/e2e"
@@ -100,20 +102,13 @@ def split(files, n, weights=WEIGHTS):
 
 
 def file_times(paths):
-    """Seconds per test file, summed from guests' durations logs (lines
-    "seconds<TAB>nodeid", tests/e2e/conftest.py); missing logs are skipped."""
+    """Seconds per test file, summed from guests' durations logs
+    (vm.read_durations); missing logs are skipped."""
     times = {}
     for path in paths:
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            seconds, _, nodeid = line.partition("\t")
-            if nodeid:
-                name = nodeid.split("::", 1)[0]
-                times[name] = times.get(name, 0.0) + float(seconds)
+        for seconds, nodeid in vm.read_durations(path):
+            name = nodeid.split("::", 1)[0]
+            times[name] = times.get(name, 0.0) + seconds
     return times
 
 
@@ -128,7 +123,7 @@ def verdicts(text):
     keep = []
     for line in text.splitlines():
         s = line.strip()
-        if line.startswith(("FAILED ", "ERROR ")):
+        if line.startswith(vm.VERDICTS):
             keep.append(line)
         elif COUNTS.match(s.strip("= ")):
             keep.append(s.strip("= "))
@@ -152,14 +147,14 @@ def main(argv=None):
     t0 = time.time()
     for i, files in enumerate(shares, 1):
         log = os.path.join(logdir, "guest%d.log" % i)
-        times = os.path.join(logdir, "guest%d.tsv" % i)
+        tsv = os.path.join(logdir, "guest%d.tsv" % i)
         print("shards: guest %d of %d runs %d files: %s"
               % (i, len(shares), len(files), " ".join(os.path.basename(f) for f in files)),
               flush=True)
         out = open(log, "wb")
         procs.append((i, log, out, subprocess.Popen(
             [sys.executable, os.path.join(HERE, "vm.py"), "pytest", "--timeout", str(a.timeout),
-             "--durations-to", times]
+             "--durations-to", tsv]
             + pytest_args + files, cwd=CHECKOUT, stdout=out, stderr=subprocess.STDOUT)))
     rcs = {}
     try:
@@ -199,7 +194,7 @@ def overall_rc(rcs):
     bad = [rc for rc in rcs if rc not in (0, 5)]
     if bad:
         return bad[0]
-    return 0 if 0 in rcs else (rcs[0] if rcs else 5)
+    return 0 if 0 in rcs else 5
 
 
 if __name__ == "__main__":

@@ -271,26 +271,41 @@ def run(argv, timeout=1800, mem=4096, smp=None, disks=4, disk_size=2 << 30, keep
                 time.sleep(0.2)
             guest.kill()
         log("guest finished rc=%d in %.0f s" % (rc, time.time() - t0))
-        if durations_to and os.path.exists(os.path.join(rundir, "durations.tsv")):
-            shutil.copyfile(os.path.join(rundir, "durations.tsv"), durations_to)
+        if durations_to and os.path.exists(os.path.join(rundir, DURATIONS_LOG)):
+            shutil.copyfile(os.path.join(rundir, DURATIONS_LOG), durations_to)
         _keep_or_clean(rundir, rc, keep, guest, out_path)
     return rc
 
 
+VERDICTS = ("FAILED ", "ERROR ")     # how pytest's -ra one-line verdicts begin
+
+
 def summary_lines(output):
     """pytest's one-line verdicts (-ra: 'FAILED test - Error: message') in output."""
-    return [l for l in output.splitlines() if l.startswith(("FAILED ", "ERROR "))]
+    return [l for l in output.splitlines() if l.startswith(VERDICTS)]
 
 
-def slowest(durations_path, n=15):
-    """The n slowest tests in the guest's durations log (tests/e2e/conftest.py),
-    and how many tests ended and in how long: [] when there is no log."""
+# The guest's test-times log in the run folder, one "seconds<TAB>nodeid" line
+# per test as it ends (written by tests/e2e/conftest.py, named by guest-run.sh).
+DURATIONS_LOG = "durations.tsv"
+
+
+def read_durations(path):
+    """[(seconds, nodeid)] from a durations log; [] when there is none."""
     try:
-        with open(durations_path) as f:
+        with open(path) as f:
             rows = [line.rstrip("\n").split("\t", 1) for line in f if "\t" in line]
     except OSError:
         return []
-    rows = [(float(t), name) for t, name in rows]
+    return [(float(t), name) for t, name in rows]
+
+
+def slowest(durations_path, n=15):
+    """The n slowest tests in the guest's durations log, and how many tests
+    ended and in how long: [] when there is no log."""
+    rows = read_durations(durations_path)
+    if not rows:
+        return []
     total = sum(t for t, _ in rows)
     lines = ["%d tests ended, %.0f s in tests; the slowest:" % (len(rows), total)]
     lines += ["%7.1f s  %s" % row for row in sorted(rows, reverse=True)[:n]]
@@ -307,7 +322,7 @@ def _keep_or_clean(rundir, rc, keep, guest, out_path):
     log("logs kept in " + rundir)
     if rc == 124:
         # pytest's own --durations table dies with the guest at a timeout
-        lines = slowest(os.path.join(rundir, "durations.tsv"))
+        lines = slowest(os.path.join(rundir, DURATIONS_LOG))
         if lines:
             log("test times (the guest's durations log):\n    " + "\n    ".join(lines))
     if rc != 0 and os.path.exists(out_path):
