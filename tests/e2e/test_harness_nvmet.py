@@ -11,7 +11,7 @@ import pytest
 from conftest import run, wait_for_path
 from kernel_nvmet import KernelTarget, connect, disconnect, find_namespace
 
-FIO_COMMON = ["--name=smoke", "--ioengine=libaio", "--direct=1", "--bs=4k", "--size=32m",
+FIO_COMMON = ["--name=smoke", "--ioengine=libaio", "--direct=1", "--bs=4k", "--size=8m",
               "--iodepth=8", "--rw=randwrite", "--verify=crc32c", "--randseed=1234",
               "--verify_state_save=0"]
 
@@ -47,7 +47,7 @@ def test_kernel_nvmet_discover_connect_fio_verify(exported_zvol):
         run("fio", "--filename=" + dev, *FIO_COMMON, "--verify_only=1")
         with open(zvol, "r+b", buffering=0) as f:
             f.seek(0)
-            blocks = [f.read(4096) for _ in range(32 << 8)]
+            blocks = [f.read(4096) for _ in range(8 << 8)]
             victim = next(i for i, b in enumerate(blocks) if b.strip(b"\0"))
             f.seek(victim * 4096 + 100)
             f.write(b"corrupted!")

@@ -616,3 +616,39 @@ def test_datapath_features_match_what_each_scheme_implements():
         table = {m.full_name: m for m in mod.methods()}
         assert table["Plugin.Query"].fn()["features"] == want
         assert {"Datapath.open", "Datapath.close"} <= set(table)
+
+
+def _zpool_failing(monkeypatch, messages):
+    """SR.create's zpool runner fed these errors in turn (then success); the
+    settle between tries is counted.  The race itself is a VM matter: see
+    sr._create_pool's docstring for where it was seen."""
+    from plugins.volume import sr
+    calls = {"zpool": 0, "settle": 0}
+
+    def zpool(*argv):
+        calls["zpool"] += 1
+        if messages:
+            raise zfs.ZfsError(messages.pop(0), ["zpool"] + list(argv))
+        return ""
+    monkeypatch.setattr(zfs, "zpool", zpool)
+    monkeypatch.setattr(sr, "_settle", lambda: calls.__setitem__("settle", calls["settle"] + 1))
+    return sr, calls
+
+
+def test_zpool_create_is_tried_again_while_a_new_partition_is_missing(monkeypatch):
+    busy = "cannot create 'p': one or more devices is currently unavailable"
+    sr, calls = _zpool_failing(monkeypatch, [busy, busy])
+    sr._create_pool(["create", "p", "raidz1", "/dev/a", "/dev/b", "/dev/c"])
+    assert calls == {"zpool": 3, "settle": 3}
+
+    sr, calls = _zpool_failing(monkeypatch, [busy] * sr.CREATE_TRIES)
+    with pytest.raises(zfs.ZfsError, match="currently unavailable"):
+        sr._create_pool(["create", "p", "/dev/a"])
+    assert calls["zpool"] == sr.CREATE_TRIES
+
+
+def test_zpool_create_other_errors_are_final(monkeypatch):
+    sr, calls = _zpool_failing(monkeypatch, ["cannot create 'p': pool already exists"])
+    with pytest.raises(zfs.ZfsError, match="already exists"):
+        sr._create_pool(["create", "p", "/dev/a"])
+    assert calls["zpool"] == 1

@@ -20,15 +20,6 @@ udevadm trigger --action=add
 udevadm settle --timeout=60
 for m in zfs nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || echo "guest-run: modprobe $m failed"; done
 modprobe nbd nbds_max=32
-# zpool create on a whole disk writes a new partition table; udev then drops
-# and re-makes the partition's links, and ZFS's kernel open of the partition
-# waits zfs_vdev_open_timeout_ms (default 1 s, "the missing path may be
-# transient", module/os/linux/zfs/vdev_disk.c) before failing with "one or
-# more devices is currently unavailable".  Two TCG guests sharing 2 cores
-# passed that second (test_sr_plugin.py::test_raidz1, twice in one SR.create).
-# This is the tunable OpenZFS provides for slow udev; 10 s here.
-echo 10000 > /sys/module/zfs/parameters/zfs_vdev_open_timeout_ms \
-    || echo "guest-run: cannot set zfs_vdev_open_timeout_ms"
 mkdir -p /etc/nvme
 [ -s /etc/nvme/hostnqn ] || nvme gen-hostnqn > /etc/nvme/hostnqn
 [ -s /etc/nvme/hostid ] || cat /proc/sys/kernel/random/uuid > /etc/nvme/hostid
