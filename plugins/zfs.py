@@ -22,7 +22,6 @@ import os
 import subprocess
 import time
 
-from plugins import libzfs
 from plugins.smapi import BackendError
 
 PREFIX = "org.zfs-ng:"
@@ -224,10 +223,13 @@ _COMMAND = object()
 
 
 def _in_process(argv, call, *args):
-    """call(*args) through libzfs; _COMMAND where libzfs can't be used (the
-    caller runs the command), and its failure typed as that of argv would be."""
+    """libzfs.<call>(*args); _COMMAND where libzfs can't be used (the caller
+    runs the command), and its failure typed as that of argv would be.
+    libzfs (and ctypes with it) is imported on the first such call: most
+    plugin calls never make one."""
+    from plugins import libzfs
     try:
-        return call(*args)
+        return getattr(libzfs, call)(*args)
     except libzfs.Unusable:
         return _COMMAND
     except libzfs.LibZfsError as e:
@@ -238,7 +240,7 @@ def local_user_props(name, props):
     """{prop: value} of those user properties (PREFIX...) set on dataset name
     itself (not inherited): what get([name], props)[name] holds."""
     assert all(p.startswith(PREFIX) for p in props)
-    got = _in_process([ZFS, "get", ",".join(props), name], libzfs.user_props, name)
+    got = _in_process([ZFS, "get", ",".join(props), name], "user_props", name)
     if got is _COMMAND:
         return get([name], props).get(name, {})
     return dict((k, v) for k, (v, source) in got.items() if k in props and source == name)
@@ -247,7 +249,7 @@ def local_user_props(name, props):
 def native_prop(name, prop):
     """(value, set locally?) of native property prop of dataset name."""
     argv = [ZFS, "get", "-H", "-p", "-o", "value,source", prop, name]
-    got = _in_process(argv, libzfs.native_prop, name, prop)
+    got = _in_process(argv, "native_prop", name, prop)
     if got is _COMMAND:
         value, _, source = run(argv).rstrip("\n").partition("\t")
         got = value, source == "local"
@@ -257,14 +259,14 @@ def native_prop(name, prop):
 def set_prop(name, prop, value):
     """zfs set prop=value name."""
     argv = [ZFS, "set", "%s=%s" % (prop, value), name]
-    if _in_process(argv, libzfs.set_prop, name, prop, value) is _COMMAND:
+    if _in_process(argv, "set_prop", name, prop, value) is _COMMAND:
         run(argv)
 
 
 def inherit_prop(name, prop):
     """zfs inherit prop name."""
     argv = [ZFS, "inherit", prop, name]
-    if _in_process(argv, libzfs.inherit_prop, name, prop) is _COMMAND:
+    if _in_process(argv, "inherit_prop", name, prop) is _COMMAND:
         run(argv)
 
 
@@ -299,7 +301,7 @@ def exists(name):
     # `zfs list DS#B` refuses the bookmark delimiter unless the type is given
     kind = "bookmark" if "#" in name else "snapshot" if "@" in name else "filesystem,volume"
     if kind != "bookmark":
-        got = _in_process([ZFS, "list", name], libzfs.exists, name)
+        got = _in_process([ZFS, "list", name], "exists", name)
         if got is not _COMMAND:
             return got
     try:

@@ -13,12 +13,11 @@ A scheme (raw, nbd, nvme+tcp) subclasses Datapath and supplies the hooks
 _attach/_activate/_deactivate/_detach/_open/_close/_release.
 """
 
-import logging
 import re
 
 from plugins import smapi, state, uri as urimod
 
-log = logging.getLogger("zfs-ng")
+log = smapi.log
 
 # xapi passes a guest's domid ("3"); for dom0 users "u0_" + the datapath id with
 # '-' and '/' turned into '_' (xapi-storage-script main.ml, domain_of, since

@@ -64,7 +64,6 @@ import base64
 import binascii
 import os
 import re
-import tempfile
 import time
 import zlib
 
@@ -502,6 +501,7 @@ def _send(from_ref, to_snap, stats=None, bufsize=1 << 20, volsize=None):
     if volsize is None:
         volsize = int(_props(to_snap, "volsize")["volsize"])
     t0 = time.time()
+    import tempfile   # here, not at the top: it pulls shutil, random, bz2, lzma
     err = tempfile.TemporaryFile()
     try:
         proc = zfs.send(args, err)
@@ -593,6 +593,7 @@ class MapStore(object):
         d = os.path.dirname(path)
         try:
             os.makedirs(d, exist_ok=True)
+            import tempfile
             fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(encode_map(ranges))
@@ -662,6 +663,7 @@ def _inherit(dataset, props):
     if not props:
         return
     pool = dataset.split("/", 1)[0]
+    import tempfile
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
         f.write(_INHERIT_LUA)
         f.flush()

@@ -15,7 +15,6 @@ devices no datapath records (reset_stale_devices, from plugins/records.py).
 
 import contextlib
 import errno
-import gzip
 import json
 import os
 import stat as stat_mod
@@ -756,6 +755,7 @@ def carry_index(handle):
         if not zfs.exists(index_dataset(handle.pool)):
             zfs.zfs("create", "-o", "mountpoint=legacy", "-o", "compression=off",
                     index_dataset(handle.pool))
+        import gzip   # only the export and import of an SR need it
         data = gzip.compress(json.dumps(idx.export_doc(handle.uuid)).encode("utf-8"))
         with _mounted(handle.pool) as d:
             tmp = os.path.join(d, CARRIED_FILE + ".tmp")
@@ -772,6 +772,7 @@ def adopt_carried(handle):
     """Take the index the pool carries if it is at the pool's generation."""
     if not zfs.exists(index_dataset(handle.pool)):
         return False
+    import gzip
     try:
         with _mounted(handle.pool) as d:
             with open(os.path.join(d, CARRIED_FILE), "rb") as f:
