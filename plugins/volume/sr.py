@@ -173,7 +173,9 @@ class SR(object):
         if idx.generation() != self.generation:
             self.reconcile()
         gen = self.generation + 1
-        zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), gen), self.root)
+        # in-process (libzfs) where it loads: every mutation pays this, and a
+        # zfs process took 0.3-0.46 s of a 1.3 s Volume.create in the TCG VM
+        zfs.set_prop(self.root, zfs.uprop("generation"), str(gen))
         self.props["generation"] = str(gen)
         txn = Txn()
         yield txn

@@ -83,6 +83,19 @@ def test_volmode_set_and_inherited_through_libzfs_as_the_command_sees_it(zpool, 
     assert not os.path.exists(dev)
 
 
+def test_a_user_property_set_through_libzfs_is_the_commands(zpool):
+    """SR.mutate bumps the pool generation (a user property) this way."""
+    ds = zpool + "/fs"
+    run("zfs", "create", ds)
+    libzfs._state.clear()
+    zfs.set_prop(ds, P + "generation", "7")
+    assert "lib" in libzfs._state, "libzfs did not load: the command ran"
+    assert run("zfs", "get", "-H", "-o", "value,source", P + "generation", ds).stdout == \
+        "7\tlocal\n"
+    zfs.set_prop(ds, P + "generation", "8")
+    assert zfs.local_user_props(ds, [P + "generation"]) == {P + "generation": "8"}
+
+
 def test_exists_as_the_command_answers(zpool, both):
     ds = zpool + "/v"
     run("zfs", "create", "-s", "-V", "16M", ds)
