@@ -83,6 +83,20 @@ def test_files(root=CHECKOUT):
     return sorted(os.path.relpath(p, root) for p in paths)
 
 
+def named_tests(args, root=CHECKOUT):
+    """(the test files or node ids named in args, the other args): a run of a
+    few files deals those, not the whole of tests/e2e."""
+    named, rest = [], []
+    for x in args:
+        path = x.split("::", 1)[0]
+        if not x.startswith("-") and path.endswith(".py") \
+                and os.path.isfile(os.path.join(root, path)):
+            named.append(x)
+        else:
+            rest.append(x)
+    return named, rest
+
+
 def split(files, n, weights=WEIGHTS):
     """Deal files into n lists of about equal total weight (longest first to
     the lightest list; ties by name, so the result is the same every run).
@@ -141,7 +155,8 @@ def main(argv=None):
     # SIGTERM (a CI timeout, a kill) unwinds through main's finally, which
     # stops every guest's vm.py, which kills its QEMU
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    shares = split(test_files(), a.guests)
+    named, pytest_args = named_tests(pytest_args)
+    shares = split(named or test_files(), a.guests)
     logdir = tempfile.mkdtemp(prefix="zfsng-shards-")
     procs = []
     t0 = time.time()
@@ -171,6 +186,13 @@ def main(argv=None):
                 proc.terminate()   # vm.py kills its QEMU on SIGTERM
                 proc.wait()
             out.close()
+        if len(rcs) < len(procs):   # stopped from outside: say where the logs are
+            print("shards: stopped after %.0f s; each guest's log is in %s"
+                  % (time.time() - t0, logdir), flush=True)
+            for i, log, _, _ in procs:
+                with open(log, "rb") as f:
+                    tail = f.read().decode("utf-8", "replace").splitlines()[-15:]
+                print("--- guest %d, last lines:\n    %s" % (i, "\n    ".join(tail)), flush=True)
     summary = []
     for i, log, _, _ in procs:
         with open(log, "rb") as f:

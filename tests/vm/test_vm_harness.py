@@ -94,6 +94,28 @@ def test_a_hung_boot_is_killed_and_retried(tmp_path, monkeypatch):
     assert (tmp_path / "console.boot3.log").read_text() == "[    1.0] stuck in early boot 3\n"
 
 
+def test_a_sigterm_while_booting_kills_the_guest_being_booted(tmp_path, monkeypatch):
+    """vm.main turns SIGTERM into SystemExit(143); run()'s finally has no guest
+    yet while start_guest boots, so start_guest must kill it itself (a CI
+    kill of shards.py once left two QEMUs running)."""
+    monkeypatch.setattr(vm, "Guest", StubGuest)
+    made = []
+    real_init = StubGuest.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        made.append(self)
+    monkeypatch.setattr(StubGuest, "__init__", init)
+
+    def sigterm(_):
+        raise SystemExit(143)
+    monkeypatch.setattr(vm.time, "sleep", sigterm)
+    with pytest.raises(SystemExit):
+        vm.start_guest("img", str(tmp_path), "tcg", 1, 1, 0, 0, str(tmp_path / "output"),
+                       attempts=3, boot_seconds=60)
+    assert len(made) == 1 and made[0].killed
+
+
 def test_boot_failure_names_the_panic_line():
     console = "[ 6.6] Oops: int3: 0000 [#1] PREEMPT SMP\n[ 6.7] Kernel panic - not syncing: Fatal\n"
     assert vm.boot_failure(console).startswith("[ 6.6] Oops: int3")
@@ -153,6 +175,16 @@ def test_shards_deal_every_file_once_and_balance_by_weight():
     assert shards.split(files[:1], 3, weights) == [["t/a.py"]]   # no empty guest
     with pytest.raises(ValueError):
         shards.split(files, 0, weights)
+
+
+def test_shards_deal_the_files_named_on_the_command_line():
+    import shards
+    args = ["-q", "-k", "not slow", "tests/e2e/test_libzfs.py",
+            "tests/e2e/test_sr_plugin.py::test_raidz1", "tests/e2e/nope.py", "-ra"]
+    named, rest = shards.named_tests(args)
+    assert named == ["tests/e2e/test_libzfs.py", "tests/e2e/test_sr_plugin.py::test_raidz1"]
+    assert rest == ["-q", "-k", "not slow", "tests/e2e/nope.py", "-ra"]
+    assert shards.named_tests(["-q"]) == ([], ["-q"])
 
 
 def test_shards_every_e2e_file_is_dealt_and_the_weights_name_real_files():

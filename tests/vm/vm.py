@@ -185,18 +185,22 @@ def start_guest(image, rundir, accel, mem, smp, disks, disk_size, out_path,
         init = "/bin/false" if attempt <= fail_boots else "/sbin/zfsng-init"
         guest = Guest(image, rundir, accel, mem, smp, disks, disk_size, init=init,
                       persistent=persistent)
-        while not os.path.exists(out_path):
-            if not guest.alive():
-                why = "QEMU exited"
-                break
-            if time.time() - t0 > boot_seconds:
-                why = "not started after %d s" % boot_seconds
-                break
-            time.sleep(0.5)
-        else:
-            if attempt > 1:
-                log("boot %d of %d reached the command" % (attempt, attempts))
-            return guest
+        try:
+            while not os.path.exists(out_path):
+                if not guest.alive():
+                    why = "QEMU exited"
+                    break
+                if time.time() - t0 > boot_seconds:
+                    why = "not started after %d s" % boot_seconds
+                    break
+                time.sleep(0.5)
+            else:
+                if attempt > 1:
+                    log("boot %d of %d reached the command" % (attempt, attempts))
+                return guest
+        except BaseException:   # SIGTERM (SystemExit) while booting: the caller
+            guest.kill()        # has no guest yet to kill in its finally
+            raise
         guest.kill()
         console = guest.console_text()
         kept = os.path.join(rundir, "console.boot%d.log" % attempt)
