@@ -28,7 +28,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 
 from plugins import smapi
@@ -77,6 +76,7 @@ def ssh_destination(node):
 # -- who is the node ---------------------------------------------------------------
 
 def _addresses(host):
+    import socket   # here: most plugin calls never ask who the node is
     try:
         infos = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
@@ -86,6 +86,7 @@ def _addresses(host):
 
 def is_local(host):
     """True when host names this machine (in its network namespace)."""
+    import socket
     for family, addr in _addresses(host):
         if family == socket.AF_INET and addr.startswith("127."):
             return True
@@ -121,6 +122,7 @@ def identity():
             v = f.read().strip()
     except (OSError, IOError):
         v = ""
+    import socket
     return v or socket.gethostname()
 
 

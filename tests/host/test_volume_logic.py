@@ -24,6 +24,13 @@ UUID2 = "6f0e2a4b-1c3d-4e5f-8a9b-0c1d2e3f4a5b"
 
 def test_keys():
     assert names.is_key(names.new_key())
+    for _ in range(200):    # what uuid.uuid4() would have made
+        k = names.new_key()
+        u = uuid_mod.UUID(k)
+        assert str(u) == k and u.version == 4 and u.variant == uuid_mod.RFC_4122
+        h = names.hidden_name()[len(names.HIDDEN):]
+        assert uuid_mod.UUID(hex=h).version == 4 and len(h) == 32
+    assert len(set(names.new_key() for _ in range(1000))) == 1000
     for bad in ("", "x", KEY.upper(), KEY + " ", "../" + KEY, KEY + "@s", "h-" + KEY, None, 3):
         assert not names.is_key(bad)
         with pytest.raises(smapi.InvalidParameters):
