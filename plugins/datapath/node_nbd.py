@@ -35,7 +35,6 @@ reconnecting, ends.
 """
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -85,6 +84,7 @@ def grants_dir():
 
 
 def _grant_path(client, export):
+    import hashlib   # here: it loads OpenSSL, which most calls never need
     h = hashlib.sha256(export.encode("utf-8")).hexdigest()[:32]
     return os.path.join(grants_dir(), client, h + ".json")
 

@@ -11,7 +11,6 @@ classifies them as 'session').  zfs runs through plugins/zfs.py.
 """
 
 import os
-import uuid
 
 from plugins import zfs
 from plugins.volume import names
@@ -45,7 +44,7 @@ def destroy(name):
 
 def np_begin(pool, key, dataset):
     """Snapshot + writable clone for a non-persistent session; returns the record."""
-    snap = names.session_snapshot(dataset, uuid.uuid4().hex[:12])
+    snap = names.session_snapshot(dataset, names.uuid4_hex()[:12])
     clone = names.session_dataset(pool, key)
     if zfs.exists(clone):  # a session whose close never came (host crash): discard it
         np_end({"clone": clone, "snapshot": _origin(clone)})

@@ -46,7 +46,7 @@ _HEX = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_TEXT = 2048  # characters of a name/description/key/value (ZFS allows 8 KiB per value)
 
 
-def _uuid4_hex():
+def uuid4_hex():
     """uuid.uuid4().hex, without the uuid module: it imports platform (with
     it 0.1 s of a plugin call in the TCG test VM, for 16 random bytes)."""
     b = bytearray(os.urandom(16))
@@ -57,12 +57,12 @@ def _uuid4_hex():
 
 def new_key():
     """A new volume key: a random uuid4, lower case, as str(uuid.uuid4())."""
-    h = _uuid4_hex()
+    h = uuid4_hex()
     return "%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 def hidden_name():
-    return HIDDEN + _uuid4_hex()
+    return HIDDEN + uuid4_hex()
 
 
 def is_key(s):
