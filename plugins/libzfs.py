@@ -1,6 +1,7 @@
 """libzfs in-process, for the few calls on the hot path of a device's
 activation: does a dataset exist, one dataset's user properties or one
-native property, set or inherit one property.
+native property, a volume's or snapshot's sizes (Volume.stat), set or
+inherit one property.
 
 plugins/zfs.py is this module's only user: it calls here first and runs the
 zfs command when this module is not usable (no libzfs on the machine, or
@@ -118,12 +119,12 @@ def _error(st):
 
 
 class _Open(object):
-    """zfs_open .. zfs_close of one filesystem or volume (not a snapshot)."""
+    """zfs_open .. zfs_close of one filesystem or volume (or, where types say
+    so, a snapshot)."""
 
-    def __init__(self, st, name):
+    def __init__(self, st, name, types=ZFS_TYPE_FILESYSTEM | ZFS_TYPE_VOLUME):
         self.st = st
-        self.zhp = st["lib"].zfs_open(st["handle"], name.encode("utf-8"),
-                                      ZFS_TYPE_FILESYSTEM | ZFS_TYPE_VOLUME)
+        self.zhp = st["lib"].zfs_open(st["handle"], name.encode("utf-8"), types)
         if not self.zhp:
             raise _error(st)
 
@@ -191,6 +192,24 @@ def native_prop(name, prop):
             if lib.zfs_prop_get(zhp, p, buf, len(buf), ctypes.byref(src), stat, len(stat), 1) != 0:
                 raise _error(st)
             return buf.value.decode("utf-8", "replace"), src.value == ZPROP_SRC_LOCAL
+
+
+def sizes(name):
+    """[volsize, referenced] of volume or snapshot NAME, in bytes."""
+    with _lock:
+        st = _load()
+        lib = st["lib"]
+        with _Open(st, name, ZFS_TYPE_VOLUME | ZFS_TYPE_SNAPSHOT) as zhp:
+            out = []
+            for prop in (b"volsize", b"referenced"):
+                buf = ctypes.create_string_buffer(64)
+                src = ctypes.c_int(0)
+                stat = ctypes.create_string_buffer(1024)
+                if lib.zfs_prop_get(zhp, lib.zfs_name_to_prop(prop), buf, len(buf),
+                                    ctypes.byref(src), stat, len(stat), 1) != 0:
+                    raise LibZfsError("cannot get %s of '%s'" % (prop.decode(), name))
+                out.append(int(buf.value))
+            return out
 
 
 def set_prop(name, prop, value):

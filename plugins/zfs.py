@@ -256,6 +256,16 @@ def native_prop(name, prop):
     return got
 
 
+def sizes(name):
+    """(volsize, referenced) in bytes of a volume or snapshot (Volume.stat's
+    fresh figures: a zfs process is 0.3 s of the call in the TCG VM)."""
+    argv = [ZFS, "get", "-H", "-p", "-o", "value", "volsize,referenced", name]
+    got = _in_process(argv, "sizes", name)
+    if got is _COMMAND:
+        got = run(argv).split()
+    return int(got[0]), int(got[1])
+
+
 def set_prop(name, prop, value):
     """zfs set prop=value name."""
     argv = [ZFS, "set", "%s=%s" % (prop, value), name]

@@ -240,9 +240,7 @@ def stat(sr, key):
         return record(handle, bookmarks.stat(handle, e))
     # sizes fresh from ZFS (the index holds them as of the last mutation)
     try:
-        got = zfs.get([e["zname"]], ["volsize", "referenced"]).get(e["zname"], {})
-        e["virtual_size"] = int(got.get("volsize", e["virtual_size"]))
-        e["physical_utilisation"] = int(got.get("referenced", e["physical_utilisation"]))
+        e["virtual_size"], e["physical_utilisation"] = zfs.sizes(e["zname"])
     except zfs.NotFound:
         handle.index().invalidate()
         raise smapi.VolumeDoesNotExist(key)

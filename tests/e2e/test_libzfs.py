@@ -96,6 +96,27 @@ def test_a_user_property_set_through_libzfs_is_the_commands(zpool):
     assert zfs.local_user_props(ds, [P + "generation"]) == {P + "generation": "8"}
 
 
+def test_sizes_of_a_volume_and_its_snapshot_as_the_command_reads_them(zpool, both):
+    """Volume.stat's fresh figures (zfs.sizes): the same through libzfs and
+    `zfs get`, for a written volume, its snapshot, and a missing name."""
+    ds = zpool + "/v"
+    run("zfs", "create", "-s", "-V", "16M", ds)
+    with open(wait_for_path(zfs.device_path(ds)), "r+b") as f:
+        f.write(os.urandom(1 << 20))
+        os.fsync(f.fileno())
+    run("zfs", "snapshot", ds + "@s")
+    run("dd", "if=/dev/urandom", "of=" + zfs.device_path(ds), "bs=1M", "count=2",
+        "oflag=direct,sync")
+    run("zpool", "sync", zpool)
+    for name in (ds, ds + "@s"):
+        lib, cmd = both(zfs.sizes, name)
+        assert lib == cmd, (name, lib, cmd)
+        assert lib[0] == 16 << 20 and lib[1] > (1 << 20), (name, lib)
+    assert both(zfs.sizes, ds)[0][1] > both(zfs.sizes, ds + "@s")[0][1]
+    lib, cmd = both(zfs.sizes, ds + "@nope")
+    assert type(lib) is type(cmd) is zfs.NotFound, (lib, cmd)
+
+
 def test_exists_as_the_command_answers(zpool, both):
     ds = zpool + "/v"
     run("zfs", "create", "-s", "-V", "16M", ds)
