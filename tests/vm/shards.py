@@ -39,41 +39,40 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(os.path.dirname(HERE))
 E2E = "tests/e2e"
 
-# Seconds per test file with two guests side by side on CI's 2-core machine:
-# fresh9 (2026-12-04, a fresh clone; the machine ran about 1.45 times slower
-# than an hour before, in run sh1), and for the few files fresh9 did not reach,
-# sh1's times scaled by 1.45.  Only the balance matters.  Re-measure after
-# adding a long test: shards.py ends with the table, ready to paste.
+# Seconds per test file with two guests side by side on CI's 2-core machine,
+# from fresh11 (2026-12-05, a fresh clone run alone: 103 VM tests passed in
+# 3066 s; 5667 s of test time in all).  Only the balance matters.  Re-measure
+# after adding a long test: shards.py ends with the table, ready to paste.
 WEIGHTS = {
-    "tests/e2e/test_toolstack.py": 1165,
-    "tests/e2e/test_volume_kill9.py": 530,
-    "tests/e2e/test_datapath_nbdtls.py": 504,
-    "tests/e2e/test_volume_plugin.py": 435,
-    "tests/e2e/test_shared_sr.py": 398,
-    "tests/e2e/test_sr_export_import.py": 352,
-    "tests/e2e/test_datapath_raw.py": 238,
-    "tests/e2e/test_harness_nvmet.py": 235,
-    "tests/e2e/test_backup.py": 229,
-    "tests/e2e/test_datapath_nvme.py": 227,
-    "tests/e2e/test_sr_plugin.py": 217,
-    "tests/e2e/test_shared_migration.py": 211,
-    "tests/e2e/test_volume_cbt.py": 208,
-    "tests/e2e/test_datapath_nbd.py": 204,
-    "tests/e2e/test_cbt.py": 174,
-    "tests/e2e/test_nvme_auth.py": 172,
-    "tests/e2e/test_nvmeof_load.py": 164,
-    "tests/e2e/test_volume_concurrency.py": 164,
-    "tests/e2e/test_datapath_remote.py": 158,
-    "tests/e2e/test_rpm_payload.py": 114,
-    "tests/e2e/test_nvmeof.py": 97,
-    "tests/e2e/test_nvmeof_kill9.py": 81,
-    "tests/e2e/test_sr_cli.py": 78,
-    "tests/e2e/test_nbd_kernel.py": 77,
-    "tests/e2e/test_backup_sr.py": 62,
-    "tests/e2e/test_datapath_cli.py": 44,
-    "tests/e2e/test_nbd_cbt.py": 30,
+    "tests/e2e/test_toolstack.py": 848,
+    "tests/e2e/test_datapath_nbdtls.py": 483,
+    "tests/e2e/test_volume_kill9.py": 416,
+    "tests/e2e/test_shared_sr.py": 400,
+    "tests/e2e/test_sr_export_import.py": 268,
+    "tests/e2e/test_volume_concurrency.py": 257,
+    "tests/e2e/test_sr_plugin.py": 239,
+    "tests/e2e/test_shared_migration.py": 225,
+    "tests/e2e/test_datapath_raw.py": 211,
+    "tests/e2e/test_backup.py": 206,
+    "tests/e2e/test_volume_plugin.py": 192,
+    "tests/e2e/test_nvme_auth.py": 191,
+    "tests/e2e/test_nvmeof_load.py": 187,
+    "tests/e2e/test_datapath_nvme.py": 171,
+    "tests/e2e/test_nvmeof_kill9.py": 163,
+    "tests/e2e/test_datapath_nbd.py": 161,
+    "tests/e2e/test_volume_cbt.py": 150,
+    "tests/e2e/test_cbt.py": 147,
+    "tests/e2e/test_datapath_remote.py": 133,
+    "tests/e2e/test_rpm_payload.py": 112,
+    "tests/e2e/test_nvmeof.py": 111,
+    "tests/e2e/test_nbd_kernel.py": 90,
+    "tests/e2e/test_sr_cli.py": 85,
+    "tests/e2e/test_backup_sr.py": 72,
+    "tests/e2e/test_harness_nvmet.py": 34,
+    "tests/e2e/test_nbd_cbt.py": 33,
+    "tests/e2e/test_datapath_cli.py": 32,
     "tests/e2e/test_libzfs.py": 29,
-    "tests/e2e/test_nbd_nbdkit.py": 18,
+    "tests/e2e/test_nbd_nbdkit.py": 21,
 }
 
 
