@@ -168,3 +168,30 @@ def test_real_script_via_symlink(tmp_path):
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
     assert p.returncode == 1
     check_error_shape(json.loads(p.stdout))
+
+
+def test_the_log_writes_one_prefixed_line_to_stderr_and_each_line_to_syslog(capsys):
+    """smapi.Log: "zfs-ng[PID] message" on stderr (what the e2e tests and an
+    admin running a script read); to syslog one record per line, at the
+    record's priority (rsyslog would otherwise show the traceback's newlines
+    as #012 in SMlog)."""
+    got = []
+
+    class Syslog(object):
+        def syslog(self, priority, line):
+            got.append((priority, line))
+    log = smapi.Log("zfs-ng")
+    log.info("plain %s", "text")
+    log._syslog = Syslog()
+    log.warning("100% sure")            # no args: not %-formatted
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("call %s failed", "X.y")
+    err = capsys.readouterr().err
+    assert err.startswith("zfs-ng[%d] plain text\nzfs-ng[%d] 100%% sure\n" % (os.getpid(), os.getpid()))
+    assert "call X.y failed\nTraceback (most recent call last):" in err and "ValueError: boom" in err
+    assert got[0] == (smapi.Log.WARNING, "100% sure")
+    assert got[1] == (smapi.Log.ERROR, "call X.y failed")
+    assert got[-1] == (smapi.Log.ERROR, "ValueError: boom")
+    assert all("\n" not in line for _, line in got)
