@@ -176,6 +176,17 @@ ZPROP_SRC_LOCAL = 0x8
 ZPROP_INVAL = -1
 
 
+def _prop_get(lib, zhp, p):
+    """(value, source) of native property number p of an open dataset, as
+    `zfs get -p` prints the value (literal); None where zfs_prop_get fails."""
+    buf = ctypes.create_string_buffer(1024)
+    src = ctypes.c_int(0)
+    stat = ctypes.create_string_buffer(1024)
+    if lib.zfs_prop_get(zhp, p, buf, len(buf), ctypes.byref(src), stat, len(stat), 1) != 0:
+        return None
+    return buf.value.decode("utf-8", "replace"), src.value
+
+
 def native_prop(name, prop):
     """(value, set locally?) of a native property of dataset NAME, as
     `zfs get -p` prints it."""
@@ -186,12 +197,10 @@ def native_prop(name, prop):
         if p == ZPROP_INVAL:
             raise LibZfsError("bad property list: invalid property '%s'" % prop)
         with _Open(st, name) as zhp:
-            buf = ctypes.create_string_buffer(1024)
-            src = ctypes.c_int(0)
-            stat = ctypes.create_string_buffer(1024)
-            if lib.zfs_prop_get(zhp, p, buf, len(buf), ctypes.byref(src), stat, len(stat), 1) != 0:
+            got = _prop_get(lib, zhp, p)
+            if got is None:
                 raise _error(st)
-            return buf.value.decode("utf-8", "replace"), src.value == ZPROP_SRC_LOCAL
+            return got[0], got[1] == ZPROP_SRC_LOCAL
 
 
 def sizes(name):
@@ -201,14 +210,11 @@ def sizes(name):
         lib = st["lib"]
         with _Open(st, name, ZFS_TYPE_VOLUME | ZFS_TYPE_SNAPSHOT) as zhp:
             out = []
-            for prop in (b"volsize", b"referenced"):
-                buf = ctypes.create_string_buffer(64)
-                src = ctypes.c_int(0)
-                stat = ctypes.create_string_buffer(1024)
-                if lib.zfs_prop_get(zhp, lib.zfs_name_to_prop(prop), buf, len(buf),
-                                    ctypes.byref(src), stat, len(stat), 1) != 0:
-                    raise LibZfsError("cannot get %s of '%s'" % (prop.decode(), name))
-                out.append(int(buf.value))
+            for prop in ("volsize", "referenced"):
+                got = _prop_get(lib, zhp, lib.zfs_name_to_prop(prop.encode("ascii")))
+                if got is None:
+                    raise LibZfsError("cannot get %s of '%s'" % (prop, name))
+                out.append(int(got[0]))
             return out
 
 
