@@ -49,6 +49,19 @@ def file_sr(state, env, size):
     return conf, pool
 
 
+def disks_sr(env):
+    """SR.create + SR.attach of a zfs-ng SR striped over the VM's four blank
+    disks: (configuration, pool).  For big SRs: a file SR lives in the
+    guest's /tmp, which is RAM (100k snapshots starved an 8 GiB guest)."""
+    import uuid
+    disks = [d for d in DISKS if os.path.exists(d)]
+    conf, _ = plugin_call("SR.create", env, uuid=str(uuid.uuid4()),
+                          configuration={"device": ",".join(disks)}, name="bench",
+                          description="")
+    pool, _ = plugin_call("SR.attach", env, configuration=conf)
+    return conf, pool
+
+
 def wait(path, timeout=60):
     """A device node, once udev has made it."""
     t = time.time() + timeout

@@ -44,13 +44,35 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._vm import file_sr, plugin_call as script  # noqa: E402
+from bench._vm import disks_sr, file_sr, plugin_call as script  # noqa: E402
 
 
 def timed(argv):
     t = time.time()
     out = subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout
     return time.time() - t, out.count(b"\n")
+
+
+def progress(fig, args, msg):
+    """One line as soon as a figure is taken (a run at 100k takes hours in TCG:
+    what it measured survives a stop), and the figures so far to --json."""
+    print(msg, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(fig, f, indent=1)
+
+
+def warm_rounds(env, pool, count, rounds=5):
+    """[(Plugin.Query s, warm SR.ls s)] interleaved (the load moves), and the
+    median of SR.ls over the fixed cost."""
+    out = []
+    for _ in range(rounds):
+        _, q = script("Plugin.Query", env)
+        vols, t = script("SR.ls", env, sr=pool)
+        assert len(vols) == count, (len(vols), count)
+        out.append((q, t))
+    over = sorted(t - q for q, t in out)
+    return out, over[len(over) // 2]
 
 
 def ops(env, pool):
@@ -87,15 +109,7 @@ def pad_index(fig, env, conf, pool, extra):
     out, fig["ls_padded_first"] = script("SR.ls", env, sr=pool)
     assert len(out) == fig["padded"], (len(out), fig["padded"])
     fig["ls_padded_bytes"] = len(json.dumps(out))
-    # warm SR.ls against the fixed cost, in interleaved rounds (the load moves)
-    fig["padded_rounds"] = []
-    for _ in range(5):
-        _, q = script("Plugin.Query", env)
-        out, t = script("SR.ls", env, sr=pool)
-        assert len(out) == fig["padded"]
-        fig["padded_rounds"].append((q, t))
-    over = sorted(t - q for q, t in fig["padded_rounds"])
-    fig["ls_padded_over_median"] = over[len(over) // 2]
+    fig["padded_rounds"], fig["ls_padded_over_median"] = warm_rounds(env, pool, fig["padded"])
 
 
 def main():
@@ -106,8 +120,16 @@ def main():
                     help="then pad the last host's index to this many rows (made-up volumes "
                     "without datasets: a warm SR.ls reads no dataset) and time SR.ls")
     ap.add_argument("--keep", action="store_true", help="keep the pool")
-    ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--disks", action="store_true", help="the SR on the VM's four disks, not "
+                    "on a file in /tmp (RAM in the guest: use it from 100k)")
+    ap.add_argument("--json", help="write the figures here too (after each step)")
+    ap.add_argument("--skip", default="", help="comma list of steps not to run: walk (the "
+                    "zfs list -r), crash (the new host after a crash: a full read, hours at "
+                    "100k in TCG)")
     args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - {"walk", "crash"}:
+        ap.error("--skip takes walk, crash")
     import libzfs_core as lzc
     from plugins import zfs
     from plugins.volume import names
@@ -116,10 +138,16 @@ def main():
     env = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-a"))
     env_b = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-b"))
     env_c = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-c"))
-    conf, pool = file_sr(state, env, 8 << 30)
+    if args.disks:
+        conf, pool = disks_sr(env)
+        search = "/dev/disk/by-id"
+    else:
+        conf, pool = file_sr(state, env, 8 << 30)
+        search = state
     fig = {"n": args.n}
     try:
         fig["ops_small"] = ops(env, pool)
+        progress(fig, args, "ops at 3: %s" % fig["ops_small"])
         zvols = min(args.zvols, args.n)
         t = time.time()
         keys = []
@@ -131,6 +159,7 @@ def main():
                 zfs.uprop("name").encode(): zfs.encode("bench %d" % i).encode()})
             keys.append(ds)
         fig["make_zvols"] = time.time() - t
+        progress(fig, args, "made %d zvols: %.1f s" % (zvols, fig["make_zvols"]))
         t = time.time()
         left = args.n - zvols
         while left > 0:
@@ -140,46 +169,65 @@ def main():
             lzc.lzc_snapshot(snaps, {zfs.uprop("name").encode(): b'"bench snap"'})
             left -= batch
         fig["make_snapshots"] = time.time() - t
+        progress(fig, args, "made %d snapshots: %.1f s" % (args.n - zvols, fig["make_snapshots"]))
         # the pool changed behind the plugin's back: its generation tells it
         zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 10 ** 6), names.sr_root(pool))
         root = names.sr_root(pool)
-        fig["zfs_list_all"], rows = timed(["zfs", "list", "-H", "-p", "-o", "name", "-t",
-                                           "volume,snapshot", "-r", root])
+        if "walk" not in skip:
+            fig["zfs_list_all"], rows = timed(["zfs", "list", "-H", "-p", "-o", "name", "-t",
+                                               "volume,snapshot", "-r", root])
+            progress(fig, args, "walk: %.1f s, %d rows" % (fig["zfs_list_all"], rows))
         vols, fig["ls_rebuilt"] = script("SR.ls", env, sr=pool)
         assert len(vols) == args.n, (len(vols), args.n)
-        _, fig["ls_warm"] = script("SR.ls", env, sr=pool)
-        _, fig["ls_warm2"] = script("SR.ls", env, sr=pool)
-        _, fig["query"] = script("Plugin.Query", env)
+        progress(fig, args, "SR.ls rebuilt: %.1f s" % fig["ls_rebuilt"])
+        fig["warm_rounds"], fig["ls_warm_over_median"] = warm_rounds(env, pool, args.n)
+        progress(fig, args, "warm rounds (Plugin.Query, SR.ls): %s, median over +%.2f s"
+                 % (fig["warm_rounds"], fig["ls_warm_over_median"]))
         fig["ops_large"] = ops(env, pool)
+        progress(fig, args, "ops at %d: %s" % (args.n, fig["ops_large"]))
         # the rebuild left a sweep owed (a changed pool looks like a crash):
         # the next SR.attach pays it, here on the same host
         script("SR.detach", env, sr=pool)
         _, fig["attach_sweeping"] = script("SR.attach", env, configuration=conf)
+        progress(fig, args, "SR.attach paying the sweep: %.1f s" % fig["attach_sweeping"])
         # another host, after a clean SR.detach (the index travels in the pool)
         _, fig["detach"] = script("SR.detach", env, sr=pool)
         _, fig["attach_carried"] = script("SR.attach", env_b, configuration=conf)
         vols, fig["ls_first_carried"] = script("SR.ls", env_b, sr=pool)
         assert len(vols) == args.n, (len(vols), args.n)
+        progress(fig, args, "new host, clean move: SR.detach %.1f s, SR.attach %.1f s, first "
+                 "SR.ls %.1f s" % (fig["detach"], fig["attach_carried"], fig["ls_first_carried"]))
         # and after a crash: the pool's generation moved on without a copy
         script("SR.detach", env_b, sr=pool)
         # `zpool import -N` alone, the part of every new host's SR.attach
         # that is ZFS's own (the same pool, the same caches as the move above)
-        fig["zpool_import"], _ = timed(["zpool", "import", "-N", "-d", state, pool])
-        zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 2 * 10 ** 6), names.sr_root(pool))
-        subprocess.run(["zpool", "export", pool], check=True)
-        _, fig["attach_crashed"] = script("SR.attach", env_c, configuration=conf)
-        vols, fig["ls_first_crashed"] = script("SR.ls", env_c, sr=pool)
-        assert len(vols) == args.n, (len(vols), args.n)
+        fig["zpool_import"], _ = timed(["zpool", "import", "-N", "-d", search, pool])
+        progress(fig, args, "zpool import -N alone: %.1f s" % fig["zpool_import"])
+        last = env_b
+        if "crash" not in skip:
+            zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 2 * 10 ** 6),
+                    names.sr_root(pool))
+            subprocess.run(["zpool", "export", pool], check=True)
+            _, fig["attach_crashed"] = script("SR.attach", env_c, configuration=conf)
+            vols, fig["ls_first_crashed"] = script("SR.ls", env_c, sr=pool)
+            assert len(vols) == args.n, (len(vols), args.n)
+            progress(fig, args, "new host after a crash: SR.attach %.1f s + first SR.ls %.1f s"
+                     % (fig["attach_crashed"], fig["ls_first_crashed"]))
+            last = env_c
+        else:
+            script("SR.attach", env_b, configuration=conf)
         if args.index_rows > args.n:
-            pad_index(fig, env_c, conf, pool, args.index_rows - args.n)
+            pad_index(fig, last, conf, pool, args.index_rows - args.n)
         print("N=%d (%d zvols, %d snapshots)" % (args.n, zvols, args.n - zvols))
         print("  make: lzc_create %.1f s, lzc_snapshot batches %.1f s"
               % (fig["make_zvols"], fig["make_snapshots"]))
-        print("  zfs list -r -o name (a walk of every dataset): %.2f s, %d rows"
-              % (fig["zfs_list_all"], rows))
+        if "zfs_list_all" in fig:
+            print("  zfs list -r -o name (a walk of every dataset): %.2f s, %d rows"
+                  % (fig["zfs_list_all"], rows))
         print("  SR.ls after the pool changed behind the index: %.2f s" % fig["ls_rebuilt"])
-        print("  SR.ls warm: %.2f s, %.2f s   (Plugin.Query, the fixed cost: %.2f s)"
-              % (fig["ls_warm"], fig["ls_warm2"], fig["query"]))
+        for q, t in fig["warm_rounds"]:
+            print("  Plugin.Query %.2f s, warm SR.ls %.2f s (+%.2f s)" % (q, t, t - q))
+        print("  warm SR.ls over the fixed cost, median: +%.2f s" % fig["ls_warm_over_median"])
         for k in ("create", "snapshot", "clone", "destroy"):
             print("  Volume.%-8s at 3: %.2f s   at %d: %.2f s" % (
                 k, fig["ops_small"][k], args.n, fig["ops_large"][k]))
@@ -188,8 +236,9 @@ def main():
         print("  new host, clean move: SR.attach %.2f s + first SR.ls %.2f s"
               % (fig["attach_carried"], fig["ls_first_carried"]))
         print("    of which zpool import -N, timed alone: %.2f s" % fig["zpool_import"])
-        print("  new host, after a crash: SR.attach %.2f s + first SR.ls %.2f s"
-              % (fig["attach_crashed"], fig["ls_first_crashed"]))
+        if "attach_crashed" in fig:
+            print("  new host, after a crash: SR.attach %.2f s + first SR.ls %.2f s"
+                  % (fig["attach_crashed"], fig["ls_first_crashed"]))
         if "padded" in fig:
             print("  index padded to %d rows (%.1f MB of JSON): first SR.ls %.2f s (renders the"
                   " new rows)" % (fig["padded"], fig["ls_padded_bytes"] / 1e6,
