@@ -31,6 +31,19 @@ listing kept in /run, the template render; alone, -n 30 --index-rows 100000):
 first SR.ls 25 s, warm Plugin.Query + 0.75..0.95 s (median +0.82 s); -n 3000:
 new host after a clean move SR.attach 26.5 s (zpool import -N alone 15.5 s)
 + first SR.ls 4.3 s.
+
+N=100000 for real (2026-12-05, alone, 8 GiB guest; the log is in the tenth
+session's closing note):
+
+    vm.py run --timeout 10800 --mem 8192 -- python3 bench/volume_ls.py \
+        -n 100000 --zvols 1000 --disks --skip walk,crash
+
+making 168.5 + 2465.7 s; SR.ls rebuilt (a full read) 1716 s; warm SR.ls
+2.59-2.69 s against Plugin.Query 0.80-1.02 s (median +1.79 s);
+create/snapshot/clone/destroy 1.91/2.04/2.31/2.76 s against 1.62/1.74/
+1.97/2.43 s at 3 (1.13-1.18x); the attach that pays the owed sweep 893 s;
+new host after a clean move: SR.detach 33.1 s, SR.attach 181.6 s (zpool
+import -N alone 50.7 s) + first SR.ls 45.4 s.
 """
 
 import argparse
