@@ -342,6 +342,53 @@ def test_sr_ls_listing_is_kept_until_the_rows_change(tmp_path):
                                                  if n.startswith("x.sqlite")])
 
 
+def test_replace_all_moves_the_version_once_and_keeps_the_triggers(tmp_path):
+    """Index.replace_all drops the per-row INSERT/DELETE version triggers for
+    its own transaction (half its time at 100k rows) and moves the rows'
+    version itself: a kept listing is made again after it, and writes after
+    it (SQL by hand included) still move the version; a failed replace_all
+    leaves rows, version and triggers as they were."""
+    KEY3 = "2f9e3dbf-6b0a-4d3c-9e5f-4a7b8c9d0e1f"
+    path, kept = str(tmp_path / "x.sqlite"), str(tmp_path / "x.ls")
+    idx = metadata.Index(path)
+    a, b = _entry(KEY, "%s/%s" % (ROOT, KEY)), _entry(KEY2, "%s/%s@%s" % (ROOT, KEY, KEY2),
+                                                      "snapshot", createtxg=9)
+
+    def version():
+        return int(idx.db.execute("SELECT v FROM meta WHERE k='rows-version'").fetchone()[0])
+
+    def triggers():
+        return sorted(r[0] for r in idx.db.execute(
+            "SELECT name FROM sqlite_master WHERE type='trigger'"))
+
+    def ls():
+        enc = idx.listing("k1", lambda e: json.dumps(e["key"]), kept)
+        return enc.value(), not isinstance(enc.parts[0], str)
+
+    made = triggers()
+    assert made == ["volumes_unrender", "volumes_version_delete", "volumes_version_insert",
+                    "volumes_version_update"]
+    v0 = version()
+    idx.replace_all([a, b], 1)
+    assert version() == v0 + 1 and triggers() == made
+    assert ls() == ([KEY, KEY2], False) and ls() == ([KEY, KEY2], True)
+    idx.replace_all([a, b], 2)                       # the same rows again: still a change
+    assert version() == v0 + 2 and ls()[1] is False
+    idx.db.execute("DELETE FROM volumes WHERE key=?", (KEY2,))      # by hand, after it
+    assert version() == v0 + 3 and ls() == ([KEY], False)
+    idx.db.execute("INSERT INTO volumes (key, zname, kind, name, description, keys, sharable, "
+                   "virtual_size, physical_utilisation, volblocksize, origin, createtxg, "
+                   "cbt_enabled) SELECT ?, ?, kind, name, description, keys, sharable, "
+                   "virtual_size, physical_utilisation, volblocksize, origin, 99, cbt_enabled "
+                   "FROM volumes WHERE key=?", (KEY3, "%s/%s" % (ROOT, KEY3), KEY))
+    assert version() == v0 + 4 and ls() == ([KEY, KEY3], False)
+    # a replace_all that fails half-way (a row without its columns) changes nothing
+    with pytest.raises(Exception):
+        idx.replace_all([a, {"key": KEY2}], 3)
+    assert version() == v0 + 4 and triggers() == made and idx.generation() == 2
+    assert ls() == ([KEY, KEY3], True)
+
+
 def test_a_kept_listing_goes_to_stdout_as_it_is(tmp_path):
     """smapi.main writes a FileText part by sendfile to a real fd (a pipe, as
     xapi-storage-script reads a plugin) and as text to a stream without one."""
