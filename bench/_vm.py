@@ -36,30 +36,29 @@ def plugin_call(method, env=None, **params):
     return json.loads(p.stdout.decode("utf-8")), took
 
 
-def file_sr(state, env, size):
-    """SR.create + SR.attach of a zfs-ng SR on a sparse file of size bytes in
-    state: (configuration, pool).  The caller destroys the pool."""
+def sr_on(env, device):
+    """SR.create + SR.attach of a zfs-ng SR on device (a path, or a comma
+    list of them): (configuration, pool).  The caller destroys the pool."""
     import uuid
+    conf, _ = plugin_call("SR.create", env, uuid=str(uuid.uuid4()),
+                          configuration={"device": device}, name="bench", description="")
+    pool, _ = plugin_call("SR.attach", env, configuration=conf)
+    return conf, pool
+
+
+def file_sr(state, env, size):
+    """sr_on a sparse file of size bytes in state."""
     vdev = os.path.join(state, "vdev")
     with open(vdev, "wb") as f:
         f.truncate(size)
-    conf, _ = plugin_call("SR.create", env, uuid=str(uuid.uuid4()),
-                          configuration={"device": vdev}, name="bench", description="")
-    pool, _ = plugin_call("SR.attach", env, configuration=conf)
-    return conf, pool
+    return sr_on(env, vdev)
 
 
 def disks_sr(env):
-    """SR.create + SR.attach of a zfs-ng SR striped over the VM's four blank
-    disks: (configuration, pool).  For big SRs: a file SR lives in the
-    guest's /tmp, which is RAM (100k snapshots starved an 8 GiB guest)."""
-    import uuid
-    disks = [d for d in DISKS if os.path.exists(d)]
-    conf, _ = plugin_call("SR.create", env, uuid=str(uuid.uuid4()),
-                          configuration={"device": ",".join(disks)}, name="bench",
-                          description="")
-    pool, _ = plugin_call("SR.attach", env, configuration=conf)
-    return conf, pool
+    """sr_on the VM's four blank disks, striped.  For big SRs: a file SR
+    lives in the guest's /tmp, which is RAM (100k snapshots starved an 8 GiB
+    guest)."""
+    return sr_on(env, ",".join(d for d in DISKS if os.path.exists(d)))
 
 
 def wait(path, timeout=60):

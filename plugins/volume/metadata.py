@@ -195,11 +195,12 @@ def _sound(e, pool):
 # DELETE first: replace_all drops and remakes those two.
 _VERSION_TRIGGERS = (("insert", "INSERT"), ("delete", "DELETE"),
                      ("update", "UPDATE OF " + ",".join(COLUMNS)))
+_NEXT_VERSION = "UPDATE meta SET v=CAST(v AS INTEGER)+1 WHERE k='rows-version'"
 
 
 def _version_trigger(name, event, if_not_exists=""):
-    return ("CREATE TRIGGER %svolumes_version_%s AFTER %s ON volumes BEGIN UPDATE meta "
-            "SET v=CAST(v AS INTEGER)+1 WHERE k='rows-version'; END" % (if_not_exists, name, event))
+    return "CREATE TRIGGER %svolumes_version_%s AFTER %s ON volumes BEGIN %s; END" % (
+        if_not_exists, name, event, _NEXT_VERSION)
 
 
 def _drop_dead_writers(path):
@@ -253,9 +254,7 @@ class Index(object):
         self.db.execute("CREATE TRIGGER IF NOT EXISTS volumes_unrender AFTER UPDATE OF %s "
                         "ON volumes BEGIN UPDATE volumes SET rendered=NULL "
                         "WHERE key=NEW.key; END" % ",".join(COLUMNS))
-        # and moves the rows' version on (a change of a text alone does not):
-        # SR.ls's whole listing kept in a file is good while it names that
-        # version of this index (Index.listing)
+        # and moves the rows' version on (_VERSION_TRIGGERS)
         for name, event in _VERSION_TRIGGERS:
             self.db.execute(_version_trigger(name, event, "IF NOT EXISTS "))
         if self.db.execute("SELECT count(*) FROM meta WHERE k IN ('index-id', 'rows-version')"
@@ -566,7 +565,7 @@ class Index(object):
                 self.db.execute("DROP TRIGGER IF EXISTS volumes_version_%s" % name)
             self.db.execute("DELETE FROM volumes")
             self._upsert(entries)
-            self.db.execute("UPDATE meta SET v=CAST(v AS INTEGER)+1 WHERE k='rows-version'")
+            self.db.execute(_NEXT_VERSION)
             for name, event in _VERSION_TRIGGERS[:2]:
                 self.db.execute(_version_trigger(name, event))
             self._set_generation(generation)

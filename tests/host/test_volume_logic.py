@@ -383,7 +383,7 @@ def test_replace_all_moves_the_version_once_and_keeps_the_triggers(tmp_path):
                    "FROM volumes WHERE key=?", (KEY3, "%s/%s" % (ROOT, KEY3), KEY))
     assert version() == v0 + 4 and ls() == ([KEY, KEY3], False)
     # a replace_all that fails half-way (a row without its columns) changes nothing
-    with pytest.raises(Exception):
+    with pytest.raises(KeyError):
         idx.replace_all([a, {"key": KEY2}], 3)
     assert version() == v0 + 4 and triggers() == made and idx.generation() == 2
     assert ls() == ([KEY, KEY3], True)
