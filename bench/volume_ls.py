@@ -14,10 +14,12 @@ Volumes are made fast: --zvols zvols with lzc_create, and the rest as
 snapshots in atomic lzc_snapshot batches (one snapshot of every zvol per
 txg), each with its org.zfs-ng:name property, so the SR looks like one made by
 the plugin.  --index-rows M then pads the last host's index with made-up rows
-to M and times SR.ls there: a warm SR.ls reads no dataset, so that is its own
-cost at M volumes even where M datasets cannot be made (100k take hours of
-lzc_create in TCG).  Prints figures (--json FILE too); asserts nothing about
-time.
+to M and times SR.ls there (a warm SR.ls reads no dataset, so that is its own
+cost at M volumes even where M datasets cannot be made: 100k take hours of
+lzc_create in TCG), then moves that index to another host (its SR.attach and
+first SR.ls at M rows).  --profile moves the SR once more and prints where
+the new host's calls spend their time.  Prints figures (--json FILE too);
+asserts nothing about time.
 
 Measured in the TCG guest (2 vCPU; one other test VM for the first minutes,
 2026-12-04), N=10000 (500 zvols, 9500 snapshots), --index-rows 100000: making
@@ -57,7 +59,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._vm import disks_sr, file_sr, plugin_call as script  # noqa: E402
+from bench._vm import VOLUME_PLUGIN, disks_sr, file_sr, plugin_call as script  # noqa: E402
 
 
 def timed(argv):
@@ -102,6 +104,36 @@ def ops(env, pool):
     return out
 
 
+def profiled(method, env, out_dir, **params):
+    """One plugin call under cProfile (its own figures are not the bench's:
+    the profiler slows Python down); prints where its time went."""
+    import pstats
+    params["dbg"] = "bench"
+    out = os.path.join(out_dir, method + ".prof")
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "cProfile", "-o", out,
+                        os.path.join(VOLUME_PLUGIN, method), "--json"],
+                       input=json.dumps(params).encode(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, env=env)
+    took = time.time() - t
+    if p.returncode != 0:
+        sys.exit("%s failed: %s %s" % (method, p.stdout[:2000], p.stderr[-2000:]))
+    print("== %s under cProfile: %.2f s" % (method, took), flush=True)
+    st = pstats.Stats(out, stream=sys.stdout)
+    st.sort_stats("cumulative").print_stats(25)
+    st.sort_stats("tottime").print_stats(12)
+    sys.stdout.flush()
+
+
+def profile_move(env_from, env_to, conf, pool, out_dir):
+    """Another clean move, its SR.attach, first and warm SR.ls profiled."""
+    script("SR.detach", env_from, sr=pool)
+    profiled("SR.attach", env_to, out_dir, configuration=conf)
+    profiled("SR.ls", env_to, out_dir, sr=pool)
+    profiled("SR.ls", env_to, out_dir, sr=pool)
+    profiled("Plugin.Query", env_to, out_dir)
+
+
 def pad_index(fig, env, conf, pool, extra):
     """Made-up volume rows added to host env's index of the SR at its current
     generation, so a warm SR.ls lists N + extra volumes.  Their datasets do
@@ -123,6 +155,13 @@ def pad_index(fig, env, conf, pool, extra):
     assert len(out) == fig["padded"], (len(out), fig["padded"])
     fig["ls_padded_bytes"] = len(json.dumps(out))
     fig["padded_rounds"], fig["ls_padded_over_median"] = warm_rounds(env, pool, fig["padded"])
+    # a clean move of that index: the new host's own share of SR.attach and
+    # its first SR.ls at N + extra rows (the pool imports N datasets)
+    env_q = dict(env, ZFSNG_STATE_DIR=env["ZFSNG_STATE_DIR"] + "-moved")
+    _, fig["padded_detach"] = script("SR.detach", env, sr=pool)
+    _, fig["padded_attach"] = script("SR.attach", env_q, configuration=conf)
+    out, fig["padded_ls_first"] = script("SR.ls", env_q, sr=pool)
+    assert len(out) == fig["padded"], (len(out), fig["padded"])
 
 
 def main():
@@ -136,6 +175,9 @@ def main():
     ap.add_argument("--disks", action="store_true", help="the SR on the VM's four disks, not "
                     "on a file in /tmp (RAM in the guest: use it from 100k)")
     ap.add_argument("--json", help="write the figures here too (after each step)")
+    ap.add_argument("--profile", action="store_true", help="then move the SR once more to a "
+                    "new host and print cProfile's view of its SR.attach, first and warm "
+                    "SR.ls and a Plugin.Query (not timed figures: the profiler slows Python)")
     ap.add_argument("--skip", default="", help="comma list of steps not to run: walk (the "
                     "zfs list -r), crash (the new host after a crash: a full read, hours at "
                     "100k in TCG)")
@@ -229,6 +271,10 @@ def main():
             last = env_c
         else:
             script("SR.attach", env_b, configuration=conf)
+        if args.profile:
+            env_p = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-p"))
+            profile_move(last, env_p, conf, pool, state)
+            last = env_p
         if args.index_rows > args.n:
             pad_index(fig, last, conf, pool, args.index_rows - args.n)
         print("N=%d (%d zvols, %d snapshots)" % (args.n, zvols, args.n - zvols))
@@ -260,6 +306,9 @@ def main():
                 print("    Plugin.Query %.2f s, warm SR.ls %.2f s (+%.2f s)" % (q, t, t - q))
             print("    warm SR.ls over the fixed cost, median: +%.2f s"
                   % fig["ls_padded_over_median"])
+            print("    moved to a new host: SR.detach %.2f s, SR.attach %.2f s + first SR.ls "
+                  "%.2f s" % (fig["padded_detach"], fig["padded_attach"],
+                              fig["padded_ls_first"]))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(fig, f, indent=1)

@@ -90,9 +90,14 @@ def check_host(host):
     raise BadUri("invalid host %r" % (host,))
 
 
+def is_uuid(value):
+    """Is value a uuid in canonical form (lower case, hyphens)?"""
+    return isinstance(value, str) and bool(_UUID.match(value))
+
+
 def check_uuid(what, value):
     """A canonical (lower-case) uuid, as the volume plugin writes SR uuids."""
-    if not isinstance(value, str) or not _UUID.match(value):
+    if not is_uuid(value):
         raise BadUri("invalid %s uuid %r" % (what, value))
     return value
 

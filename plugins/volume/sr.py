@@ -27,6 +27,7 @@ from plugins.volume import cbt
 from plugins.volume import lock
 from plugins.volume import metadata
 from plugins.volume import names
+from plugins.volume import vdi
 
 # configuration keys SR.create/attach understand (Plugin.query lists them)
 CONFIGURATION = {
@@ -144,7 +145,7 @@ class SR(object):
         entries, rows = metadata.read_all(self.pool)
         if self._finish_reverts(set(r[0] for r in rows)):
             entries, rows = metadata.read_all(self.pool)    # renamed: read again
-        self.index().replace_all(entries, self.generation)
+        self.index().replace_all(entries, self.generation, vdi.renderer(self))
         return rows
 
     def _finish_reverts(self, present):
@@ -784,7 +785,8 @@ def adopt_carried(handle):
         return False
     if not isinstance(doc, dict):
         return False
-    ok = handle.index().adopt_doc(doc, handle.pool, handle.uuid, handle.generation)
+    ok = handle.index().adopt_doc(doc, handle.pool, handle.uuid, handle.generation,
+                                  vdi.renderer(handle))
     smapi.log.info("%s: carried index at generation %s %s", handle.pool, doc.get("generation"),
                    "adopted" if ok else "not used (pool at %d)" % handle.generation)
     return ok

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from plugins import smapi, zfs
-from plugins.volume import bookmarks, cbt, metadata, methods, plugin, volume
+from plugins.volume import bookmarks, cbt, metadata, methods, plugin, vdi
 
 from conftest import old_index_schema
 
@@ -45,7 +45,7 @@ def test_bookmark_entry_and_field_props():
     assert e["keys"] == {"vdi-type": "cbt_metadata"} and e["sharable"] is True
     assert e["virtual_size"] == 64 << 20 and e["physical_utilisation"] == 0
     assert e["createtxg"] == 77 and e["cbt_enabled"] is True
-    r = volume.record(FakeHandle(), e)
+    r = vdi.record(FakeHandle(), e)
     assert r["read_write"] is False and r["cbt_enabled"] is True
     assert r["virtual_size"] == 64 << 20 and r["physical_utilisation"] == 0
     # metadata of a bookmark lives on its parent dataset, per key

@@ -37,3 +37,25 @@ def test_sizes():
     assert parse_size("512M") == 512 << 20
     assert parse_size("1.5G") == 3 << 29
     assert parse_size("2TiB") == 2 << 40
+
+
+def test_a_command_imports_only_its_own_area():
+    """sr_tools/cli.py: `zfs-ng target serve` (the target's systemd unit, so
+    its restart) imports the target's commands, not the volume, SR, NBD or
+    backup ones; `zfs-ng --help` still lists every area."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom sr_tools.cli import main\n"
+            "try:\n    main(['target', 'serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('sr_tools.')))")
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         universal_newlines=True, check=True).stdout
+    assert "Serve NVMe/TCP until SIGTERM" in out
+    loaded = eval(out.strip().splitlines()[-1])
+    assert "sr_tools.target_cmds" in loaded
+    assert not set(loaded) & {"sr_tools.vol_cmds", "sr_tools.sr_cmds", "sr_tools.nbd_cmds",
+                              "sr_tools.backup_cmds", "sr_tools.vol_attach_cmds"}
+    from sr_tools.cli import AREAS, main
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0 and all("  %s " % a in r.output for a in AREAS)
+    assert CliRunner().invoke(main, ["nosuch"]).exit_code == 2

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from plugins import smapi, zfs
-from plugins.volume import metadata, methods, names, plugin, volume
+from plugins.volume import metadata, methods, names, plugin, vdi, volume
 
 from conftest import old_index_schema
 
@@ -274,6 +274,56 @@ def test_index_keeps_each_records_text_until_its_row_changes(tmp_path):
     assert texts("k2")[0][1] == "late" and made == [KEY]
 
 
+def test_texts_made_with_the_rows_are_the_ones_sr_ls_would_make(tmp_path):
+    """replace_all/adopt_doc with a renderer (sr.reconcile, sr.adopt_carried:
+    a new host, a rebuild) keep each row's text as they write the rows: the
+    first SR.ls after them renders nothing and lists, to the byte, what it
+    lists when it renders the rows itself.  Texts come from the rows as _row
+    reads them back (sharable 1 -> true), never from the carried file; a
+    new render key (the SR's settings changed since) makes them again."""
+    KEY3 = "2f9e3dbf-6b0a-4d3c-9e5f-4a7b8c9d0e1f"
+    a = _entry(KEY, "%s/%s" % (ROOT, KEY), sharable=1, keys={"b": "2", "a": "1"})
+    b = _entry(KEY2, "%s/%s@%s" % (ROOT, KEY, KEY2), "snapshot", createtxg=9)
+    c = _entry(KEY3, "%s/%s" % (ROOT, KEY3), origin=b["zname"], createtxg=12,
+               name='n\u00e9 "q"', cbt_enabled=1)
+    render_key, render = vdi.renderer(FakeHandle())
+    made = []
+
+    def counted(e):
+        made.append(e["key"])
+        return render(e)
+
+    lazy = metadata.Index(str(tmp_path / "lazy.sqlite"))
+    lazy.replace_all([a, b, c], 1)
+    want = lazy.listing(render_key, counted, str(tmp_path / "lazy.ls")).value()
+    assert sorted(made) == sorted([KEY, KEY2, KEY3])
+    assert want[0]["sharable"] is True and want[2]["cbt_enabled"] is True
+    assert want == [json.loads(vdi._render_slow(FakeHandle())(lazy.get(k)))
+                    for k in (KEY, KEY2, KEY3)]
+
+    eager = metadata.Index(str(tmp_path / "eager.sqlite"))
+    eager.replace_all([a, b, c], 1, (render_key, render))
+    del made[:]
+    listed = eager.listing(render_key, counted, str(tmp_path / "eager.ls"))
+    assert listed.value() == want and made == []
+    assert listed.text() == lazy.listing(render_key, counted, str(tmp_path / "lazy.ls")).text()
+
+    doc = json.loads(json.dumps(lazy.export_doc(FakeHandle.uuid)))
+    doc["volumes"][0][metadata.COLUMNS.index("name")] = "carried"
+    moved = metadata.Index(str(tmp_path / "moved.sqlite"))
+    assert moved.adopt_doc(doc, POOL, FakeHandle.uuid, 1, (render_key, render))
+    del made[:]
+    got = moved.listing(render_key, counted, str(tmp_path / "moved.ls")).value()
+    assert made == [] and got[0]["name"] == "carried" and got[1:] == want[1:]
+    # the SR's settings changed after the adopt: every text made again
+    nvme = FakeHandle(datapath="nvme", **{"nvme-node": "10.0.0.1:4420"})
+    key2, render2 = vdi.renderer(nvme)
+    made2 = []
+    got = moved.listing(key2, lambda e: made2.append(e) or render2(e),
+                        str(tmp_path / "moved.ls")).value()
+    assert len(made2) == 3 and got[0]["uri"][0].startswith("nvme+tcp://")
+
+
 def test_sr_ls_listing_is_kept_until_the_rows_change(tmp_path):
     """Index.listing (volume.ls): the whole JSON list is kept in a file and
     given out as it is (a FileText part) while it names this index, the rows'
@@ -485,6 +535,42 @@ def test_carried_index_is_taken_only_at_its_generation_and_when_sound(tmp_path):
     for broken in ({}, {"format": 1}, dict(doc, volumes=[[1]]), dict(doc, volumes=None),
                    dict(doc, format=2)):
         assert not fresh().adopt_doc(broken, POOL, UUID, 7)
+    for col, value in (("zname", "%s/@%s" % (ROOT, KEY2)),             # no dataset
+                       ("zname", "%s/%s#%s" % (ROOT, KEY, KEY2)),         # a bookmark's name
+                       ("kind", "volume"), ("kind", "bookmark"), ("kind", "hidden"),
+                       ("key", KEY2.upper()), ("keys", {"k": 1}), ("sharable", None),
+                       ("createtxg", 1.5), ("origin", None)):
+        bad = json.loads(json.dumps(doc))
+        bad["volumes"][1][metadata.COLUMNS.index(col)] = value    # the snapshot row
+        assert not fresh().adopt_doc(bad, POOL, UUID, 7), (col, value)
+    bad = json.loads(json.dumps(doc))
+    bad["volumes"][1][metadata.COLUMNS.index("kind")] = "bookmark"
+    bad["volumes"][1][metadata.COLUMNS.index("zname")] = "%s/%s#%s" % (ROOT, KEY, KEY2)
+    assert fresh().adopt_doc(bad, POOL, UUID, 7)                 # a data-destroyed snapshot
+    assert fresh().adopt_doc(dict(doc, volumes=[]), POOL, UUID, 7)
+
+
+_PIECES = st.sampled_from([KEY, KEY2, "h-" + "0" * 32, "", "a/b", KEY.upper(), "x@y", "r-" + KEY])
+
+
+@settings(max_examples=500, deadline=None)
+@given(kind=st.sampled_from(["volume", "snapshot", "bookmark"]), key=st.sampled_from([KEY, KEY2]),
+       root=st.sampled_from([ROOT, "other/zfs-ng", POOL]), ds=_PIECES,
+       sep=st.sampled_from(["", "@", "#"]), tail=_PIECES)
+def test_carried_rows_are_sound_as_the_name_parsers_say(kind, key, root, ds, sep, tail):
+    """metadata._sound_rows (a column at a time, for speed) against the one
+    parser of each name: names.classify for volumes and snapshots, and a
+    bookmark is its snapshot's name with '#' for '@' (bookmarks.py)."""
+    zname = "%s/%s%s%s" % (root, ds, sep, tail)
+    row = [_entry(KEY, "%s/%s" % (ROOT, KEY))[c] for c in metadata.COLUMNS]
+    row[metadata.COLUMNS.index("key")], row[metadata.COLUMNS.index("zname")] = key, zname
+    row[metadata.COLUMNS.index("kind")] = kind
+    parsed = names.classify(zname.replace("#", "@", 1) if kind == "bookmark" else zname, POOL)
+    other = {"snapshot": "#", "bookmark": "@"}.get(kind)
+    want = parsed == ("volume" if kind == "volume" else "snapshot", key) and \
+        (other is None or other not in zname) and not zname.startswith(ROOT + "/@") and \
+        not zname.startswith(ROOT + "/#")
+    assert metadata._sound_rows([row], POOL) == want
 
 
 @settings(max_examples=200, deadline=None)
@@ -524,14 +610,14 @@ _NODES = st.sampled_from([{}, {"nvme-node": "10.0.0.1:4420"}, {"nbd-node": "[fd0
        keys=st.dictionaries(st.text(max_size=8), st.text(max_size=8) | st.integers(), max_size=3))
 def test_sr_ls_template_writes_what_record_writes(nodes, datapath, key, kind, name, description,
                                                    sharable, cbt, size, used, keys):
-    """volume.record_text fills a template taken from record(): for any entry,
+    """vdi.record_text fills a template taken from record(): for any entry,
     the text is json.dumps(record(...), sort_keys=True) to the byte, or the
     same error (a key that is no uuid fails uri.py's check either way)."""
     props = dict(nodes)
     if datapath:
         props["datapath"] = datapath
     h = FakeHandle(**props)
-    fast, slow = volume.record_text(h), volume._render_slow(h)
+    fast, slow = vdi.record_text(h), vdi._render_slow(h)
     assert fast is not slow                 # the template path, not the fallback
     e = {"key": key, "kind": kind, "name": name, "description": description,
          "sharable": sharable, "virtual_size": size, "physical_utilisation": used,
@@ -549,24 +635,24 @@ def test_sr_ls_template_falls_back_where_record_changes(monkeypatch):
     """A field record() writes that the template does not know, or one it
     computes otherwise: record_text renders by record() itself."""
     h = FakeHandle()
-    real = volume.record
-    monkeypatch.setattr(volume, "record", lambda h, e: dict(real(h, e), extra=e["name"]))
-    assert volume.record_text(h).__name__ == "render"
-    monkeypatch.setattr(volume, "record", lambda h, e: dict(real(h, e), name=e["name"].upper()))
-    assert volume.record_text(h).__name__ == "render"
-    e = dict(volume._RENDER_PROBE, name="low")
-    assert json.loads(volume.record_text(h)(e))["name"] == "LOW"
+    real = vdi.record
+    monkeypatch.setattr(vdi, "record", lambda h, e: dict(real(h, e), extra=e["name"]))
+    assert vdi.record_text(h).__name__ == "render"
+    monkeypatch.setattr(vdi, "record", lambda h, e: dict(real(h, e), name=e["name"].upper()))
+    assert vdi.record_text(h).__name__ == "render"
+    e = dict(vdi.RENDER_PROBE, name="low")
+    assert json.loads(vdi.record_text(h)(e))["name"] == "LOW"
 
 
 def test_uris():
     h = FakeHandle()
-    assert volume.uris(h, KEY) == ["zfsng-raw://%s/%s" % (POOL, KEY),
+    assert vdi.uris(h, KEY) == ["zfsng-raw://%s/%s" % (POOL, KEY),
                                    "zfsng-nbd://%s/%s" % (POOL, KEY)]
     h = FakeHandle(datapath="nvme", **{"nvme-node": "10.0.0.1:4420"})
-    u = volume.uris(h, KEY)
+    u = vdi.uris(h, KEY)
     assert u[0] == "nvme+tcp://10.0.0.1:4420/nqn.2014-08.org.zfs-ng:%s:%s" % (h.uuid, KEY)
     assert u[1:] == ["zfsng-raw://%s/%s" % (POOL, KEY), "zfsng-nbd://%s/%s" % (POOL, KEY)]
-    assert volume.uris(FakeHandle(datapath="nbd"), KEY)[0].startswith("zfsng-nbd://")
+    assert vdi.uris(FakeHandle(datapath="nbd"), KEY)[0].startswith("zfsng-nbd://")
 
 
 def test_round_up():
