@@ -77,31 +77,37 @@ def record_text(handle):
         found.append((at, "uri-key", probe["key"]))
         at = text.find(probe["key"], at + 1)
     found.sort()
+    # each place becomes a named conversion of one mapping made per row
+    # (C fills the template; no call per field)
+    spec = {"key": '"%(key)s"', "uuid": '"%(key)s"', "uri-key": "%(key)s",
+            "name": "%(name)s", "description": "%(description)s",
+            "read_write": "%(read_write)s", "sharable": "%(sharable)s",
+            "cbt_enabled": "%(cbt_enabled)s", "keys": "%(keys)s",
+            "virtual_size": "%(virtual_size)d",
+            "physical_utilisation": "%(physical_utilisation)d"}
     parts, at = [], 0
-    for pos, _, marker in found:
-        parts.append(text[at:pos])
+    for pos, f, marker in found:
+        parts.append(text[at:pos] + spec[f])
         at = pos + len(marker)
-    text = "%s".join(parts + [text[at:]])
-    order = [f for _, f, _ in found]
+    text = "".join(parts) + text[at:]
     quote = json.encoder.encode_basestring_ascii
-    bools = ("false", "true")
-    get = {"key": lambda e: '"%s"' % e["key"], "uuid": lambda e: '"%s"' % e["key"],
-           "uri-key": lambda e: e["key"],
-           "name": lambda e: quote(e["name"]), "description": lambda e: quote(e["description"]),
-           "read_write": lambda e: bools[e["kind"] == "volume"],
-           "sharable": lambda e: bools[bool(e["sharable"])],
-           "cbt_enabled": lambda e: bools[bool(e.get("cbt_enabled"))],
-           "keys": lambda e: json.dumps(e["keys"], sort_keys=True) if e["keys"] else "{}",
-           "virtual_size": lambda e: "%d" % e["virtual_size"],
-           "physical_utilisation": lambda e: "%d" % e["physical_utilisation"]}
-    getters = [get[f] for f in order]
+    dumps = json.dumps
+    is_key = names.is_key
 
     def fast(e):
-        if not names.is_key(e["key"]) or type(e["virtual_size"]) is not int or \
-                type(e["physical_utilisation"]) is not int or type(e["sharable"]) is not bool \
-                or type(e["name"]) is not str or type(e["description"]) is not str:
+        key, size, used, sharable = e["key"], e["virtual_size"], e["physical_utilisation"], \
+            e["sharable"]
+        name, description, keys = e["name"], e["description"], e["keys"]
+        if not is_key(key) or type(size) is not int or type(used) is not int or \
+                type(sharable) is not bool or type(name) is not str or \
+                type(description) is not str:
             return slow(e)       # what the template does not write as record() would
-        return text % tuple([g(e) for g in getters])
+        return text % {"key": key, "name": quote(name), "description": quote(description),
+                       "read_write": "true" if e["kind"] == "volume" else "false",
+                       "sharable": "true" if sharable else "false",
+                       "cbt_enabled": "true" if e.get("cbt_enabled") else "false",
+                       "keys": dumps(keys, sort_keys=True) if keys else "{}",
+                       "virtual_size": size, "physical_utilisation": used}
 
     other = dict(probe, key="ffffffff-ffff-4fff-bfff-ffffffffffff", kind="snapshot",
                  name='n\u00e9 "q" \\ %s\n', description="d%d", sharable=True,
