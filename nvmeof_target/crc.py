@@ -2,15 +2,13 @@
 
 The C-backed `crc32c` package is used when importable (Debian python3-crc32c);
 otherwise a table-driven pure-Python fallback, which is slow but correct.
+Either is chosen on the first digest, not at import: the package imports
+importlib.metadata (40 ms natively, a second in the TCG guest), a cost of
+every target start although most hosts ask for no digest.
 Digests go on the wire little-endian: put_unaligned_le32(~crc32c(~0, buf)).
 """
 
 import struct
-
-try:
-    from crc32c import crc32c as _fast
-except ImportError:  # pragma: no cover - depends on the machine
-    _fast = None
 
 
 def _make_table():
@@ -35,8 +33,19 @@ def crc32c_pure(data, crc=0):
     return c ^ 0xFFFFFFFF
 
 
-crc32c = _fast if _fast is not None else crc32c_pure
-HAVE_FAST = _fast is not None
+_chosen = []
+
+
+def crc32c(data, crc=0):
+    """crc32c.crc32c where the package is importable, else crc32c_pure."""
+    if not _chosen:
+        try:
+            from crc32c import crc32c as fast
+        except ImportError:  # pragma: no cover - depends on the machine
+            fast = crc32c_pure
+        _chosen.append(fast)
+    return _chosen[0](data, crc)
+
 
 _LE32 = struct.Struct("<I")
 
