@@ -46,6 +46,15 @@ create/snapshot/clone/destroy 1.91/2.04/2.31/2.76 s against 1.62/1.74/
 1.97/2.43 s at 3 (1.13-1.18x); the attach that pays the owed sweep 893 s;
 new host after a clean move: SR.detach 33.1 s, SR.attach 181.6 s (zpool
 import -N alone 50.7 s) + first SR.ls 45.4 s.
+
+Since the new host keeps each row's SR.ls text as it takes the carried index
+(2026-12-05, eleventh session; the machine busy, 33% steal), N=10000 with
+--index-rows 100000 --profile: the padded index moved to a new host: SR.detach
+47.3 s, SR.attach 175.7 s + first SR.ls 16.8 s; warm SR.ls at 100k rows
+Plugin.Query + 2.21 s (46.5 MB through a pipe alone: 2.3-3.3 s in the guest).
+Interleaved in one guest against the code before (probe, one round each):
+SR.attach + first SR.ls at 100k rows 323.6 + 57.3 s before, 147.1 + 18.9 s
+after.
 """
 
 import argparse
