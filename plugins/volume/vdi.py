@@ -47,8 +47,9 @@ def record(handle, e):
 
 def record_text(handle):
     """render(entry) -> json.dumps(record(handle, entry), sort_keys=True), the
-    same text, made by filling in a template instead (SR.ls renders every row
-    of a new host's index: natively at 100k rows 3.5 s of Python -> 0.5 s).
+    same text, made by filling in a template instead (a new host's SR.attach
+    and every rebuild render every row: natively at 100k rows 3.5 s of Python
+    -> 0.5 s).
 
     The template is record()'s own output for a probe whose fields are
     markers, so record() stays the one definition of the format.  It is
