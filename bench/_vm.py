@@ -20,12 +20,16 @@ def sh(*argv):
                           universal_newlines=True).stdout
 
 
-def plugin_call(method, env=None, **params):
+def plugin_call(method, env=None, profile_to=None, **params):
     """(result, seconds) of one volume plugin call, run as xapi runs it
-    (`<method> --json` with the parameters on stdin); exits on an error."""
+    (`<method> --json` with the parameters on stdin); exits on an error.
+    profile_to: run it under cProfile, its statistics written there."""
     params["dbg"] = "bench"
+    argv = [os.path.join(VOLUME_PLUGIN, method), "--json"]
+    if profile_to:
+        argv = [sys.executable, "-m", "cProfile", "-o", profile_to] + argv
     t = time.time()
-    p = subprocess.run([os.path.join(VOLUME_PLUGIN, method), "--json"],
+    p = subprocess.run(argv,
                        input=json.dumps(params).encode(), stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, env=env)
     # the call and its output read as bytes (as xapi reads it), not our

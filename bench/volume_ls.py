@@ -68,7 +68,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench._vm import VOLUME_PLUGIN, disks_sr, file_sr, plugin_call as script  # noqa: E402
+from bench._vm import disks_sr, file_sr, plugin_call as script  # noqa: E402
 
 
 def timed(argv):
@@ -117,16 +117,8 @@ def profiled(method, env, out_dir, **params):
     """One plugin call under cProfile (its own figures are not the bench's:
     the profiler slows Python down); prints where its time went."""
     import pstats
-    params["dbg"] = "bench"
     out = os.path.join(out_dir, method + ".prof")
-    t = time.time()
-    p = subprocess.run([sys.executable, "-m", "cProfile", "-o", out,
-                        os.path.join(VOLUME_PLUGIN, method), "--json"],
-                       input=json.dumps(params).encode(), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, env=env)
-    took = time.time() - t
-    if p.returncode != 0:
-        sys.exit("%s failed: %s %s" % (method, p.stdout[:2000], p.stderr[-2000:]))
+    _, took = script(method, env, profile_to=out, **params)
     print("== %s under cProfile: %.2f s" % (method, took), flush=True)
     st = pstats.Stats(out, stream=sys.stdout)
     st.sort_stats("cumulative").print_stats(25)
