@@ -177,7 +177,6 @@ _TYPES = {"key": _STR, "zname": _STR, "kind": _STR, "name": _STR, "description":
           "keys": frozenset((dict,)), "sharable": _INT, "virtual_size": _INT,
           "physical_utilisation": _INT, "volblocksize": _INT, "origin": _STR,
           "createtxg": _INT, "cbt_enabled": _INT}
-_SEPARATOR = {"snapshot": "@", "bookmark": "#"}
 
 
 def _sound_rows(rows, pool):
@@ -199,18 +198,7 @@ def _sound_rows(rows, pool):
     for keys in cols["keys"]:
         if keys and not set(map(type, keys.values())) <= _STR:     # JSON keys are str
             return False
-    prefix = names.sr_root(pool) + "/"
-    n = len(prefix)
-    for key, zname, kind in zip(cols["key"], cols["zname"], cols["kind"]):
-        if kind == "volume":
-            if zname != prefix + key:
-                return False
-            continue
-        ds = zname[n:-len(key) - 1]
-        if not (zname.startswith(prefix) and zname.endswith(_SEPARATOR[kind] + key) and ds
-                and "/" not in ds and "@" not in ds and "#" not in ds):
-            return False
-    return True
+    return names.all_named(pool, cols["key"], cols["zname"], cols["kind"])
 
 
 # The rows' version moves on with any change to a row's columns, whoever

@@ -191,6 +191,29 @@ def classify(zname, pool):
     return None, None
 
 
+_SEPARATOR = {"snapshot": "@", "bookmark": "#"}
+
+
+def all_named(pool, keys, znames, kinds):
+    """Is each zname what classify() calls that kind with that key: a volume
+    ROOT/KEY, a snapshot ROOT/DS@KEY, a bookmark ROOT/DS#KEY (bookmarks.py),
+    DS one name component?  Keys are checked as keys already (all_keys);
+    many at once (a carried index: metadata._sound_rows), so no classify()
+    per name."""
+    prefix = sr_root(pool) + "/"
+    n = len(prefix)
+    for key, zname, kind in zip(keys, znames, kinds):
+        if kind == "volume":
+            if zname != prefix + key:
+                return False
+            continue
+        ds = zname[n:-len(key) - 1]
+        if not (zname.startswith(prefix) and zname.endswith(_SEPARATOR[kind] + key) and ds
+                and "/" not in ds and "@" not in ds and "#" not in ds):
+            return False
+    return True
+
+
 # -- vdev specs -----------------------------------------------------------------
 
 VDEV_TYPES = {"mirror": 2, "raidz1": 2, "raidz": 2, "raidz2": 3, "raidz3": 4}
