@@ -135,6 +135,17 @@ def profile_move(env_from, env_to, conf, pool, out_dir):
     profiled("Plugin.Query", env_to, out_dir)
 
 
+def built(env, conf):
+    """How host env's index of the SR was last made whole (Index.built)."""
+    from plugins.volume import metadata
+    from plugins.volume.sr import configured_uuid
+    idx = metadata.Index.for_sr(configured_uuid(conf), env["ZFSNG_STATE_DIR"])
+    try:
+        return idx.built()
+    finally:
+        idx.close()
+
+
 def pad_index(fig, env, conf, pool, extra):
     """Made-up volume rows added to host env's index of the SR at its current
     generation, so a warm SR.ls lists N + extra volumes.  Their datasets do
@@ -159,10 +170,37 @@ def pad_index(fig, env, conf, pool, extra):
     # a clean move of that index: the new host's own share of SR.attach and
     # its first SR.ls at N + extra rows (the pool imports N datasets)
     env_q = dict(env, ZFSNG_STATE_DIR=env["ZFSNG_STATE_DIR"] + "-moved")
+    fig["padded_carry"] = carry_once(env, pool)
     _, fig["padded_detach"] = script("SR.detach", env, sr=pool)
     _, fig["padded_attach"] = script("SR.attach", env_q, configuration=conf)
     out, fig["padded_ls_first"] = script("SR.ls", env_q, sr=pool)
     assert len(out) == fig["padded"], (len(out), fig["padded"])
+    # that host works on, then dies (no SR.detach): a new host catches up
+    # from the copy the detach left and the pool's journal
+    fig["padded_ops"] = ops(env_q, pool)
+    kept, _ = script("Volume.create", env_q, sr=pool, name="after the move", description="",
+                     size=1 << 20, sharable=False)
+    subprocess.run(["zpool", "export", pool], check=True)
+    env_r = dict(env, ZFSNG_STATE_DIR=env["ZFSNG_STATE_DIR"] + "-crashed")
+    _, fig["padded_attach_crashed"] = script("SR.attach", env_r, configuration=conf)
+    out, fig["padded_ls_first_crashed"] = script("SR.ls", env_r, sr=pool)
+    assert len(out) == fig["padded"] + 1 and kept["key"] in set(v["key"] for v in out)
+    fig["padded_crashed_built"] = built(env_r, conf)
+
+
+def carry_once(env, pool):
+    """Seconds of one copy of host env's index into the pool (sr.carry_index,
+    what a mutation pays when the journal is full), under the SR lock."""
+    code = ("import sys, time; from plugins.volume import lock, sr; "
+            "pool = sys.argv[1]\n"
+            "with lock.sr_lock(pool):\n"
+            "    h = sr.SR.open(pool); t = time.time(); ok = sr.carry_index(h)\n"
+            "    print(time.time() - t if ok else -1)")
+    out = subprocess.run([sys.executable, "-c", code, pool], env=dict(env, PYTHONPATH=ROOT),
+                         stdout=subprocess.PIPE, check=True).stdout
+    took = float(out.split()[-1])
+    assert took >= 0, "the index was not carried"
+    return took
 
 
 def main():
@@ -180,12 +218,13 @@ def main():
                     "new host and print cProfile's view of its SR.attach, first and warm "
                     "SR.ls and a Plugin.Query (not timed figures: the profiler slows Python)")
     ap.add_argument("--skip", default="", help="comma list of steps not to run: walk (the "
-                    "zfs list -r), crash (the new host after a crash: a full read, hours at "
-                    "100k in TCG)")
+                    "zfs list -r), crash (a new host after a crash: the pool's journal), "
+                    "fullread (a new host after a crash without a journal: every dataset "
+                    "read, half an hour at 100k in TCG)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    if skip - {"walk", "crash"}:
-        ap.error("--skip takes walk, crash")
+    if skip - {"walk", "crash", "fullread"}:
+        ap.error("--skip takes walk, crash, fullread")
     import libzfs_core as lzc
     from plugins import zfs
     from plugins.volume import names
@@ -253,25 +292,47 @@ def main():
         assert len(vols) == args.n, (len(vols), args.n)
         progress(fig, args, "new host, clean move: SR.detach %.1f s, SR.attach %.1f s, first "
                  "SR.ls %.1f s" % (fig["detach"], fig["attach_carried"], fig["ls_first_carried"]))
-        # and after a crash: the pool's generation moved on without a copy
-        script("SR.detach", env_b, sr=pool)
         # `zpool import -N` alone, the part of every new host's SR.attach
         # that is ZFS's own (the same pool, the same caches as the move above)
+        script("SR.detach", env_b, sr=pool)
         fig["zpool_import"], _ = timed(["zpool", "import", "-N", "-d", search, pool])
         progress(fig, args, "zpool import -N alone: %.1f s" % fig["zpool_import"])
+        script("SR.attach", env_b, configuration=conf)
         last = env_b
+        count = args.n
         if "crash" not in skip:
-            zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 2 * 10 ** 6),
-                    names.sr_root(pool))
+            # host B works on, then dies (no SR.detach): what it changed is in
+            # the pool's journal, so host C reads those datasets again and
+            # takes the rest from the copy A's SR.detach left in the pool
+            ops(env_b, pool)
+            kept, _ = script("Volume.create", env_b, sr=pool, name="after the move",
+                             description="", size=1 << 20, sharable=False)
+            count += 1
             subprocess.run(["zpool", "export", pool], check=True)
             _, fig["attach_crashed"] = script("SR.attach", env_c, configuration=conf)
             vols, fig["ls_first_crashed"] = script("SR.ls", env_c, sr=pool)
-            assert len(vols) == args.n, (len(vols), args.n)
-            progress(fig, args, "new host after a crash: SR.attach %.1f s + first SR.ls %.1f s"
-                     % (fig["attach_crashed"], fig["ls_first_crashed"]))
+            assert len(vols) == count and kept["key"] in set(v["key"] for v in vols)
+            fig["crashed_built"] = built(env_c, conf)
+            progress(fig, args, "new host after a crash: SR.attach %.1f s + first SR.ls %.1f s "
+                     "(%s)" % (fig["attach_crashed"], fig["ls_first_crashed"],
+                               fig["crashed_built"]))
             last = env_c
-        else:
-            script("SR.attach", env_b, configuration=conf)
+        if "fullread" not in skip:
+            # the same without a journal (a pool from before it, or one whose
+            # copy could not be carried): every dataset is read
+            zfs.zfs("inherit", zfs.uprop("journal"), names.sr_root(pool))
+            zfs.zfs("set", "%s=%d" % (zfs.uprop("generation"), 2 * 10 ** 6),
+                    names.sr_root(pool))
+            subprocess.run(["zpool", "export", pool], check=True)
+            env_d = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-d"))
+            _, fig["attach_fullread"] = script("SR.attach", env_d, configuration=conf)
+            vols, fig["ls_first_fullread"] = script("SR.ls", env_d, sr=pool)
+            assert len(vols) == count, (len(vols), count)
+            fig["fullread_built"] = built(env_d, conf)
+            progress(fig, args, "new host after a crash, no journal: SR.attach %.1f s + first "
+                     "SR.ls %.1f s (%s)" % (fig["attach_fullread"], fig["ls_first_fullread"],
+                                            fig["fullread_built"]))
+            last = env_d
         if args.profile:
             env_p = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host-p"))
             profile_move(last, env_p, conf, pool, state)
@@ -297,8 +358,12 @@ def main():
               % (fig["attach_carried"], fig["ls_first_carried"]))
         print("    of which zpool import -N, timed alone: %.2f s" % fig["zpool_import"])
         if "attach_crashed" in fig:
-            print("  new host, after a crash: SR.attach %.2f s + first SR.ls %.2f s"
-                  % (fig["attach_crashed"], fig["ls_first_crashed"]))
+            print("  new host, after a crash: SR.attach %.2f s + first SR.ls %.2f s (%s)"
+                  % (fig["attach_crashed"], fig["ls_first_crashed"], fig["crashed_built"]))
+        if "attach_fullread" in fig:
+            print("  new host, after a crash without a journal: SR.attach %.2f s + first "
+                  "SR.ls %.2f s (%s)" % (fig["attach_fullread"], fig["ls_first_fullread"],
+                                         fig["fullread_built"]))
         if "padded" in fig:
             print("  index padded to %d rows (%.1f MB of JSON): first SR.ls %.2f s (renders the"
                   " new rows)" % (fig["padded"], fig["ls_padded_bytes"] / 1e6,
@@ -310,6 +375,14 @@ def main():
             print("    moved to a new host: SR.detach %.2f s, SR.attach %.2f s + first SR.ls "
                   "%.2f s" % (fig["padded_detach"], fig["padded_attach"],
                               fig["padded_ls_first"]))
+            print("    one copy of it carried into the pool (a mutation with a full journal "
+                  "pays it): %.2f s" % fig["padded_carry"])
+            for k in ("create", "snapshot", "clone", "destroy"):
+                print("    Volume.%-8s at %d rows: %.2f s" % (k, fig["padded"],
+                                                           fig["padded_ops"][k]))
+            print("    that host dies, a new host: SR.attach %.2f s + first SR.ls %.2f s (%s)"
+                  % (fig["padded_attach_crashed"], fig["padded_ls_first_crashed"],
+                     fig["padded_crashed_built"]))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(fig, f, indent=1)

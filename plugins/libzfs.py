@@ -11,7 +11,8 @@ against 10-30 ms for the same reading from a process that has libzfs
 loaded (and 0.2-0.3 s to load it once).  Only opaque pointers, ints and C
 strings cross ctypes here, and every function used (libzfs_init, zfs_open,
 zfs_dataset_exists, zfs_get_user_props, zfs_name_to_prop,
-zfs_prop_get/set/inherit, libzfs_error_action/description, nvlist_*) has
+zfs_prop_get/set/set_list/inherit, libzfs_error_action/description,
+nvlist_*) has
 had the same signature from OpenZFS 2.0 (libzfs.so.4; XCP-ng 8.3 has 2.1)
 to 2.3 (libzfs.so.6).  A libzfs handle is not thread-safe: one lock serialises
 every call.
@@ -88,6 +89,7 @@ def _load():
                           ("zfs_close", None, [P]),
                           ("zfs_get_user_props", P, [P]),
                           ("zfs_prop_set", I, [P, S, S]),
+                          ("zfs_prop_set_list", I, [P, P]),
                           ("zfs_prop_inherit", I, [P, S, I]),
                           ("zfs_name_to_prop", I, [S]),
                           ("zfs_dataset_exists", I, [P, S, I]),
@@ -103,6 +105,12 @@ def _load():
     nv.nvlist_next_nvpair.argtypes = [P, P]
     nv.nvpair_name.restype = S
     nv.nvpair_name.argtypes = [P]
+    nv.nvlist_alloc.restype = I
+    nv.nvlist_alloc.argtypes = [ctypes.POINTER(P), ctypes.c_uint, I]
+    nv.nvlist_add_string.restype = I
+    nv.nvlist_add_string.argtypes = [P, S, S]
+    nv.nvlist_free.restype = None
+    nv.nvlist_free.argtypes = [P]
     handle = lib.libzfs_init()
     if not handle:
         _state["unusable"] = "libzfs_init failed (no /dev/zfs?)"
@@ -224,6 +232,29 @@ def set_prop(name, prop, value):
         with _Open(st, name) as zhp:
             if st["lib"].zfs_prop_set(zhp, prop.encode("utf-8"), value.encode("utf-8")) != 0:
                 raise _error(st)
+
+
+NV_UNIQUE_NAME = 1
+
+
+def set_props(name, props):
+    """Set every {prop: value} in one ioctl (zfs_prop_set_list: one sync
+    task, so all or none of them, and one transaction group's wait)."""
+    with _lock:
+        st = _load()
+        nv = st["nv"]
+        nvl = ctypes.c_void_p()
+        if nv.nvlist_alloc(ctypes.byref(nvl), NV_UNIQUE_NAME, 0) != 0:
+            raise LibZfsError("cannot set properties of '%s': out of memory" % name)
+        try:
+            for k in sorted(props):
+                if nv.nvlist_add_string(nvl, k.encode("utf-8"), props[k].encode("utf-8")) != 0:
+                    raise LibZfsError("cannot set properties of '%s': out of memory" % name)
+            with _Open(st, name) as zhp:
+                if st["lib"].zfs_prop_set_list(zhp, nvl) != 0:
+                    raise _error(st)
+        finally:
+            nv.nvlist_free(nvl)
 
 
 def inherit_prop(name, prop):

@@ -196,9 +196,11 @@ def prop_args(props):
 
 # -- reading --------------------------------------------------------------------
 
-def get(targets, props, recursive=False, types=None, local_only_prefix=True):
+def get(targets, props, recursive=False, types=None, local_only_prefix=True, missing_ok=False):
     """{name: {prop: value}} from one `zfs get -H -p`.  User properties are kept
-    only where set locally (they are always inherited)."""
+    only where set locally (they are always inherited).  missing_ok: targets
+    that do not exist are left out, not an error (a failure that answered
+    nothing at all, as without the pool, still raises)."""
     argv = [ZFS, "get", "-H", "-p", "-o", "name,property,value,source"]
     if recursive:
         argv.append("-r")
@@ -206,7 +208,7 @@ def get(targets, props, recursive=False, types=None, local_only_prefix=True):
         argv += ["-t", types]
     argv += [",".join(props)] + list(targets)
     out = {}
-    for r in rows(run(argv)):
+    for r in rows(_listing(argv, missing_ok)):
         if len(r) != 4:
             continue
         name, prop, value, source = r
@@ -273,6 +275,14 @@ def set_prop(name, prop, value):
         run(argv)
 
 
+def set_props(name, props):
+    """zfs set p1=v1 p2=v2 ... name: all of {prop: value} at once (one
+    sync task in ZFS: none is set without the others)."""
+    argv = [ZFS, "set"] + ["%s=%s" % (k, props[k]) for k in sorted(props)] + [name]
+    if _in_process(argv, "set_props", name, props) is _COMMAND:
+        run(argv)
+
+
 def inherit_prop(name, prop):
     """zfs inherit prop name."""
     argv = [ZFS, "inherit", prop, name]
@@ -281,29 +291,31 @@ def inherit_prop(name, prop):
 
 
 def get_existing(targets, props):
-    """get() of those targets that exist ({} for none): one `zfs get`, whose
-    complaints about the missing ones are not an error.  A failure that
-    answered nothing at all (no pool) still raises."""
-    if not targets:
-        return {}
-    argv = [ZFS, "get", "-H", "-p", "-o", "name,property,value,source", ",".join(props)]
-    argv += list(targets)
+    """get() of native props of those targets that exist ({} for none)."""
+    return get(targets, props, missing_ok=True) if targets else {}
+
+
+def _listing(argv, missing_ok):
+    """The output of a `zfs get`/`zfs list` of named datasets; with
+    missing_ok its complaints about names that do not exist are not an error
+    (any other complaint is)."""
+    if not missing_ok:
+        return run(argv)
     rc, out, err = _run(argv)
     if rc != 0 and any(line and "dataset does not exist" not in line
                        for line in err.splitlines()):
         raise _error(argv, rc, err)
-    got = {}
-    for r in rows(out):
-        if len(r) == 4 and not (r[2] == "-" and r[3] == "-"):
-            got.setdefault(r[0], {})[r[1]] = r[2]
-    return got
+    return out
 
 
-def list_names(root, props=("name", "origin"), types="volume,snapshot", depth=None):
-    """Rows of the simple-mode listing (name, guid, createtxg, origin are cheap)."""
+def list_names(roots, props=("name", "origin"), types="volume,snapshot", depth=None,
+               missing_ok=False):
+    """Rows of the simple-mode listing (name, guid, createtxg, origin are
+    cheap) under roots (a name, or a list of them: missing_ok as get's)."""
     argv = [ZFS, "list", "-H", "-p", "-o", ",".join(props), "-t", types]
     argv += ["-d", str(depth)] if depth is not None else ["-r"]
-    return rows(run(argv + [root]))
+    return rows(_listing(argv + ([roots] if isinstance(roots, str) else list(roots)),
+                         missing_ok))
 
 
 def exists(name):

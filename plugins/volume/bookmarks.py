@@ -80,6 +80,20 @@ def entries(pool, targets=None):
             return []
         rows = zfs.rows(zfs.run([zfs.ZFS, "list", "-H", "-p", "-o", "name,createtxg",
                                  "-t", "bookmark"] + want, check=False))
+    return _entries(pool, rows)
+
+
+def entries_of(pool, datasets):
+    """Entries of the data-destroyed snapshots of datasets (those that exist)."""
+    rows = []
+    for i in range(0, len(datasets), _GET_BATCH):
+        rows += zfs.list_names(datasets[i:i + _GET_BATCH], ("name", "createtxg"),
+                               types="bookmark", depth=1, missing_ok=True)
+    return _entries(pool, rows)
+
+
+def _entries(pool, rows):
+    """Entries of the bookmarks among rows [name, createtxg]."""
     found = {}  # parent dataset -> [(zname, createtxg)]
     for r in rows:
         if len(r) == 2 and split(r[0], pool) is not None:
@@ -104,9 +118,16 @@ def listed(ds):
     return [r[0] for r in rows if split(r[0], pool) is not None]
 
 
-def datasets(pool):
-    """Datasets of the SR holding data-destroyed snapshots (not garbage)."""
-    rows = zfs.list_names(names.sr_root(pool), ("name",), types="bookmark")
+def datasets(pool, scope=None):
+    """Datasets of the SR holding data-destroyed snapshots (not garbage); of
+    those in scope (a list of datasets, missing ones skipped) if given."""
+    if scope is None:
+        rows = zfs.list_names(names.sr_root(pool), ("name",), types="bookmark")
+    else:
+        rows = []
+        for i in range(0, len(scope), _GET_BATCH):
+            rows += zfs.list_names(scope[i:i + _GET_BATCH], ("name",), types="bookmark",
+                                   depth=1, missing_ok=True)
     return set(split(r[0], pool)[0] for r in rows
                if split(r[0], pool) is not None)
 

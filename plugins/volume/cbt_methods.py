@@ -70,7 +70,7 @@ def enable_cbt(sr, key):
         if e["kind"] != "volume":
             raise BackendError("Volume_is_a_snapshot",
                                "CBT is enabled on live volumes, not on snapshot %s" % key)
-        with handle.mutate() as txn:
+        with handle.mutate(e["zname"]) as txn:
             _call(cbt.enable, e["zname"], state_dir(handle))
             txn.refresh += _snapshot_entries(handle, e)
     return None
@@ -81,7 +81,7 @@ def disable_cbt(sr, key):
     with sr_mod.locked(sr) as handle:
         e = handle.find(key)
         bookmarks.check_has_data(e, "untracked (it only exists for CBT)")
-        with handle.mutate() as txn:
+        with handle.mutate(e["zname"]) as txn:
             if e["kind"] == "volume":
                 _call(cbt.disable, e["zname"], state_dir(handle))
                 txn.refresh += _snapshot_entries(handle, e)
@@ -107,7 +107,7 @@ def data_destroy(sr, key):
         ds = e["zname"].split("@", 1)[0]
         meta = {"name": e["name"], "description": e["description"], "keys": e["keys"],
                 "sharable": e["sharable"], "volsize": e["virtual_size"]}
-        with handle.mutate() as txn:
+        with handle.mutate(ds) as txn:
             # metadata first: it is ignored until the bookmark exists
             zfs.zfs("set", *(["%s=%s" % (bookmarks.prop(key, f), zfs.encode(meta[f]))
                               for f in bookmarks.FIELDS] + [ds]))

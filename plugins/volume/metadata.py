@@ -8,7 +8,7 @@ and unicode never break `zfs get -H` parsing):
     on POOL/zfs-ng (SR root)    org.zfs-ng:sr-uuid, :sr-name, :sr-description,
                                 :generation (int, bumped BEFORE every mutation),
                                 :created-pool (true: SR.destroy destroys the pool),
-                                :datapath, :nvme-node
+                                :datapath, :nvme-node, :journal (journal.py)
     on volumes and snapshots    org.zfs-ng:name, :description, :keys ({str: str}),
                                 :sharable (bool); zfs-ng-cbt:enabled (cbt.py)
     data-destroyed snapshots    bookmarks DS#KEY, metadata on DS (bookmarks.py)
@@ -22,7 +22,10 @@ cache of the above plus sizes.  It records the pool generation it reflects; a
 different generation on the pool (a mutation in progress, a crash mid-way, or
 another host) makes it stale and it is rebuilt from the pool under the SR lock,
 unless the pool carries a copy at its generation (SR.detach writes one before
-`zpool export`: export_doc/adopt_doc, sr.carry_index).  Sizes: a volume's
+`zpool export`: export_doc/adopt_doc, sr.carry_index), or a copy at an older
+generation with the pool's journal naming every dataset changed since
+(journal.py; copies are carried whenever the journal fills): then only those
+datasets are read again (read_datasets, Index.replace_under, sr.catch_up).  Sizes: a volume's
 usage changes only while its device is active, so activate_device marks it
 (`touched`) and SR.ls reads those again; `sweep` marks what a killed call may
 have left for SR.attach's sweeps, which otherwise walk the SR only when the
@@ -52,7 +55,7 @@ def cbt_state_dir(sr_uuid):
 
 VOLUME_PROPS = ["name", "description", "keys", "sharable"]
 ROOT_PROPS = ["sr-uuid", "sr-name", "sr-description", "generation", "created-pool",
-              "datapath", "nvme-node", "nbd-node", "nvme-auth", "remote-hosts"]
+              "datapath", "nvme-node", "nbd-node", "nvme-auth", "remote-hosts", "journal"]
 # what reconcile reads for every volume and snapshot, in one `zfs get -r`
 ZFS_PROPS = ["volsize", "referenced", "origin", "createtxg", "volblocksize"] + \
     [zfs.uprop(p) for p in VOLUME_PROPS] + [cbt.PROP_ENABLED]
@@ -142,6 +145,25 @@ def read_all(pool):
     got = _read(pool, None)
     rows = [[name, props.get("origin", "-")] for name, props in got.items()]
     return _entries(pool, got, None), rows
+
+
+def read_datasets(pool, datasets):
+    """read_all's (entries, rows) for part of the SR: the given datasets, with
+    their snapshots and data-destroyed snapshots, those that exist (a new
+    host's catch-up from the journal: sr.catch_up)."""
+    got = {}
+    for i in range(0, len(datasets), _ARGV_BATCH):
+        got.update(zfs.get(datasets[i:i + _ARGV_BATCH], ZFS_PROPS, recursive=True,
+                           types="volume,snapshot", missing_ok=True))
+    rows = [[name, props.get("origin", "-")] for name, props in got.items()]
+    out = [e for e in (entry_from_props(pool, z, p) for z, p in got.items()) if e is not None]
+    seen = set(e["key"] for e in out)
+    out += [e for e in bookmarks.entries_of(pool, datasets) if e["key"] not in seen]
+    return out, rows
+
+
+# names per zfs command line where a list of names may be long
+_ARGV_BATCH = 512
 
 
 def _read(pool, targets):
@@ -438,6 +460,15 @@ class Index(object):
             "SELECT %s FROM volumes WHERE zname=? OR (zname>=? AND zname<?)"
             % ",".join(COLUMNS), (dataset, lo, hi))]
 
+    def clone_datasets(self, datasets):
+        """The datasets of rows whose origin is a snapshot of one of datasets."""
+        out = set()
+        for ds in datasets:
+            out.update(r[0] for r in self.db.execute(
+                "SELECT zname FROM volumes WHERE origin>=? AND origin<?",
+                _prefix_range(ds + "@")))
+        return sorted(out)
+
     def clones_of(self, dataset):
         lo, hi = _prefix_range(dataset + "@")
         return [self._row(r) for r in self.db.execute(
@@ -571,6 +602,26 @@ class Index(object):
                                 (new, n + 1) + _prefix_range(old + "@"))
             self._upsert(upsert)
             self._set_generation(generation)
+
+    def replace_under(self, datasets, entries, generation):
+        """Every row under datasets (DS, DS@*, DS#*) replaced by entries, read
+        again from those datasets, at generation (sr.catch_up)."""
+        with self._write():
+            for ds in datasets:
+                self.db.execute("DELETE FROM volumes WHERE zname=?", (ds,))
+                for sep in ("@", "#"):
+                    self.db.execute("DELETE FROM volumes WHERE zname>=? AND zname<?",
+                                    _prefix_range(ds + sep))
+            self._upsert(entries)
+            self._set_generation(generation)
+
+    def set_built(self, how):
+        """Note how the rows were last made whole (SR.attach's log and tests)."""
+        self.db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('built', ?)", (how,))
+
+    def built(self):
+        r = self.db.execute("SELECT v FROM meta WHERE k='built'").fetchone()
+        return None if r is None else r[0]
 
     def replace_all(self, entries, generation, renderer=None):
         """Every row at once.  renderer (render key, render: vdi.renderer)

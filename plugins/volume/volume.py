@@ -141,7 +141,7 @@ def create(sr, name, description, size, sharable):
     props["volblocksize"] = str(DEFAULT_VOLBLOCKSIZE)
     with sr_mod.locked(sr) as handle:
         ds = names.volume_dataset(handle.pool, key)
-        with handle.mutate() as txn:
+        with handle.mutate(ds) as txn:
             zfs.zfs("create", "-s", "-V", str(size), *(zfs.prop_args(props) + [ds]))
             txn.entries.append({
                 "key": key, "zname": ds, "kind": "volume", "name": name,
@@ -158,12 +158,13 @@ def snapshot(sr, key):
         src = handle.find(key)
         bookmarks.check_has_data(src, "snapshotted")
         props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
-        with handle.mutate() as txn:
+        # ZFS cannot snapshot a snapshot: a hidden clone of it carries the new one
+        base = src["zname"] if src["kind"] == "volume" else \
+            "%s/%s" % (handle.root, names.hidden_name())
+        with handle.mutate(base) as txn:
             if src["kind"] == "volume":
                 snap = "%s@%s" % (src["zname"], new)
             else:
-                # ZFS cannot snapshot a snapshot: a hidden clone of it carries the new one
-                base = "%s/%s" % (handle.root, names.hidden_name())
                 zfs.zfs("clone", "-o", "readonly=on", src["zname"], base)
                 snap = "%s@%s" % (base, new)
             zfs.zfs("snapshot", *(props + [snap]))
@@ -181,7 +182,7 @@ def clone(sr, key):
         bookmarks.check_has_data(src, "cloned")
         ds = names.volume_dataset(handle.pool, new)
         props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
-        with handle.mutate() as txn:
+        with handle.mutate(src["zname"], ds) as txn:
             if src["kind"] == "snapshot":
                 zfs.zfs("clone", *(props + [src["zname"], ds]))
             else:
@@ -221,23 +222,23 @@ def destroy(sr, key):
             _check_idle(handle, e)
             if transient is not None:
                 _check_idle(handle, transient)
-            with handle.mutate() as txn:
-                if transient is not None:
-                    _destroy_volume(handle, transient, txn)
-                    txn.delete.append(transient["key"])
-                    txn.destroyed.append(transient["key"])
-                _destroy_volume(handle, e, txn)
-                txn.delete.append(key)
-                txn.destroyed.append(key)
+            retiring = [(v, "%s/%s" % (handle.root, names.hidden_name()))
+                        for v in ([transient] if transient is not None else []) + [e]]
+            with handle.mutate(*[z for v, hidden in retiring
+                                 for z in (v["zname"], hidden, v["origin"]) if z]) as txn:
+                for v, hidden in retiring:
+                    _destroy_volume(handle, v, txn, hidden)
+                    txn.delete.append(v["key"])
+                    txn.destroyed.append(v["key"])
         elif e["kind"] == "bookmark":
-            with handle.mutate() as txn:
+            with handle.mutate(e["zname"]) as txn:
                 cbt_methods.destroy_bookmark(e)
                 _collect_from(handle, e["zname"].split("#", 1)[0])
                 txn.delete.append(key)
                 txn.destroyed.append(key)
         else:
             _release_readonly(handle, e)
-            with handle.mutate() as txn:
+            with handle.mutate(e["zname"]) as txn:
                 _destroy_snapshot(handle, e, txn)
                 txn.delete.append(key)
                 txn.destroyed.append(key)
@@ -285,7 +286,9 @@ def _release_readonly(handle, e):
         raise BackendError("Volume_in_use", "snapshot %s is activated read-only" % e["key"])
 
 
-def _destroy_volume(handle, e, txn):
+def _destroy_volume(handle, e, txn, hidden):
+    """Destroy volume e, or if it has snapshots rename it to hidden (a
+    name the mutation's journal holds already)."""
     ds = e["zname"]
     try:
         if bookmarks.listed(ds):  # zfs destroy would take them along
@@ -297,7 +300,6 @@ def _destroy_volume(handle, e, txn):
         pass
     except zfs.HasChildren:
         # it has snapshots (volumes of their own): keep the data, hidden
-        hidden = "%s/%s" % (handle.root, names.hidden_name())
         zfs.zfs("rename", ds, hidden)
         txn.rename.append((ds, hidden))
         return
@@ -333,6 +335,7 @@ def _collect_from(handle, ds):
         kind, _key = names.classify(ds, handle.pool)
         if kind not in ("hidden", "volume") or "@" in ds:
             return
+        handle.journal([ds])        # up the chain: each in the journal before it changes
         try:
             snaps = []
             for r in zfs.list_names(ds, ("name", "clones"), types="snapshot", depth=1):
@@ -376,7 +379,8 @@ def revert(sr, snapshot, key):
         tmp = names.reverting_dataset(handle.pool, key)
         props = zfs.prop_args(_user_props(vol["name"], vol["description"], vol["sharable"],
                                           vol["keys"]))
-        with handle.mutate() as txn:
+        hidden = "%s/%s" % (handle.root, names.hidden_name())
+        with handle.mutate(ds, tmp, hidden, vol["origin"]) as txn:
             # crash after any step: SR.reconcile finishes or undoes it (r-KEY)
             zfs.zfs("clone", *(props + [snap["zname"], tmp]))
             try:
@@ -384,7 +388,6 @@ def revert(sr, snapshot, key):
                     raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
                 zfs.zfs("destroy", ds)
             except zfs.HasChildren:
-                hidden = "%s/%s" % (handle.root, names.hidden_name())
                 zfs.zfs("rename", ds, hidden)
                 txn.rename.append((ds, hidden))
             zfs.zfs("rename", tmp, ds)
@@ -406,7 +409,7 @@ def resize(sr, key, new_size):
                                "would destroy data" % (key, cur, size))
         if size == cur:
             return None
-        with handle.mutate() as txn:
+        with handle.mutate(e["zname"]) as txn:
             zfs.zfs("set", "volsize=%d" % size, e["zname"])
             e["virtual_size"] = size
             txn.entries.append(e)
@@ -420,7 +423,7 @@ def _set_field(sr, key, field, compute, prop_text):
         e = handle.find(key)
         value = compute(e)
         text = prop_text(value)
-        with handle.mutate() as txn:
+        with handle.mutate(e["zname"]) as txn:
             prop, target = bookmarks.field_prop(e, field)
             zfs.zfs("set", "%s=%s" % (prop, text), target)
             e[field] = value
@@ -566,8 +569,12 @@ def activate_device(sr, key, timeout=60.0):
     loc = _locate(handle, e)
     with lock.sr_lock(handle.pool):
         # before the device exists: SR.ls reads a volume's usage again, and a
-        # crash reset knows what to look at (sr.reset_stale_devices)
+        # crash reset knows what to look at (sr.reset_stale_devices), here and
+        # on a host that takes the pool after a crash (the pool's journal)
         handle.index().touch(key)
+        handle.reload()
+        handle.journal([e["zname"] if e["kind"] == "volume"
+                        else names.readonly_dataset(handle.pool, key)])
         if e["kind"] == "volume":
             # an idle volume (no device node) is set at once; a node may also
             # be one a deactivate just left, going away: then look first
@@ -586,7 +593,10 @@ def note_session(sr, key):
     """A datapath is about to make volume KEY's non-persistent session clone
     (np-KEY, plugins/datapath/zvol.py): mark the key like activate_device."""
     handle = SR.open(sr)
-    handle.index().touch(names.check_key(key))
+    with lock.sr_lock(handle.pool):
+        handle.index().touch(names.check_key(key))
+        handle.reload()
+        handle.journal([names.session_dataset(handle.pool, key)])
 
 
 def deactivate_device(sr, key):

@@ -123,6 +123,99 @@ def test_the_next_host_takes_the_index_the_pool_carries(file_vdevs, tmp_path):
         dp.destroy_pool(pool)
 
 
+def built(state_dir, sr_uuid):
+    """How host state_dir's index of the SR was last made whole (Index.built)."""
+    from plugins.volume import metadata
+    idx = metadata.Index.for_sr(sr_uuid, state_dir=state_dir)
+    try:
+        return idx.built() or ""
+    finally:
+        idx.close()
+
+
+def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
+        file_vdevs, tmp_path):
+    """Host A dies (no SR.detach: its last copy of the index in the pool is
+    older than the pool) after mutations of every kind, with copies carried
+    now and then on the way (a small journal, ZFSNG_JOURNAL_LIMIT); host B's
+    SR.attach takes the last copy and reads again only the datasets the
+    pool's journal names (sr.adopt_carried, sr.catch_up), and lists exactly
+    what A listed: a hidden leftover outside the journal stays (no walk over
+    every dataset); the volume A left activated is reset.  Without a journal
+    (inherited away) host C reads every dataset and lists the same."""
+    devs = file_vdevs(1, 512 << 20)
+    sr_uuid = str(uuid.uuid4())
+
+    def host(name, **more):
+        run = str(tmp_path / name / "run")
+        return dict({"ZFSNG_STATE_DIR": str(tmp_path / name / "state"), "ZFSNG_RUN_DIR": run,
+                     "ZFSNG_NODE_RUN_DIR": run}, **more)
+    a_env = host("a", ZFSNG_JOURNAL_LIMIT="400")
+    env = dict((h, dict(os.environ, **e)) for h, e in
+               (("a", a_env), ("b", host("b")), ("c", host("c"))))
+    conf = call_env(env["a"], "SR.create", uuid=sr_uuid, configuration={"device": devs[0]},
+                    name="crashed", description="")
+    pool = call_env(env["a"], "SR.attach", configuration=conf)
+    root = pool + "/zfs-ng"
+    try:
+        def a(method, **params):
+            return call_env(env["a"], method, sr=pool, **params)
+        v1, v2, v3 = [a("Volume.create", name=n, description="", size=16 << 20, sharable=False)
+                      for n in ("v1", "v2", "v3")]
+        s1 = a("Volume.snapshot", key=v1["key"])
+        c1 = a("Volume.clone", key=s1["key"])
+        s2 = a("Volume.snapshot", key=v2["key"])
+        a("Volume.destroy", key=v1["key"])          # kept hidden: s1 has a clone
+        a("Volume.resize", key=v2["key"], new_size=32 << 20)
+        a("Volume.set_name", key=c1["key"], new_name="renamed \u00e9")
+        a("Volume.set", key=v3["key"], k="owner", v="xo")
+        a("Volume.enable_cbt", key=v2["key"])
+        s3 = a("Volume.snapshot", key=v2["key"])
+        a("Volume.data_destroy", key=s3["key"])
+        a("Volume.revert", snapshot=s2["key"], key=v2["key"])
+        ss = a("Volume.snapshot", key=s1["key"])    # of a snapshot: on a hidden clone
+        a("Volume.destroy", key=v3["key"])
+        c2 = a("Volume.clone", key=ss["key"])
+        dp.call(RAW, "Datapath.attach", uri=dp.uri_of(c1, RAW), domain="3", env=a_env)
+        ds_c1 = "%s/%s" % (root, c1["key"])
+        assert dp.volmode_local(ds_c1) == "dev"
+        before = sorted(a("SR.ls"), key=lambda x: x["key"])
+        assert {x["key"] for x in before} == {s1["key"], c1["key"], v2["key"], s2["key"],
+                                              s3["key"], ss["key"], c2["key"]}
+        assert built(a_env["ZFSNG_STATE_DIR"], sr_uuid)
+        trap = "%s/h-planted" % root                 # garbage only a full sweep removes
+        subprocess.run(["zfs", "create", "-V", "1M", trap], check=True)
+        subprocess.run(["udevadm", "settle", "--timeout=30"])
+        export(pool)                                 # the crash: no SR.detach
+
+        assert call_env(env["b"], "SR.attach", configuration=conf) == pool
+        how = built(str(tmp_path / "b" / "state"), sr_uuid)
+        print("host B's index:", how)
+        assert how.startswith("carried at ") and "datasets read again" in how, how
+        read_again = int(how.split(", ")[1].split()[0])
+        total = len(subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "volume", "-r",
+                                    root], stdout=subprocess.PIPE, universal_newlines=True,
+                                   check=True).stdout.split())
+        assert 0 < read_again < total, (read_again, total)
+        assert dp.zfs_exists(trap), "B walked every dataset"
+        assert dp.volmode_local(ds_c1) is None, "the device A left active was not reset"
+        assert sorted(call_env(env["b"], "SR.ls", sr=pool), key=lambda x: x["key"]) == before
+        call_env(env["b"], "Volume.destroy", sr=pool, key=c2["key"])    # B goes on from there
+        before = [x for x in before if x["key"] != c2["key"]]
+
+        subprocess.run(["zfs", "inherit", "org.zfs-ng:journal", root], check=True)
+        export(pool)                                 # B dies too, with no journal
+        call_env(env["c"], "SR.attach", configuration=conf)
+        how = built(str(tmp_path / "c" / "state"), sr_uuid)
+        assert how.startswith("rebuilt at "), how
+        assert not dp.zfs_exists(trap)
+        assert sorted(call_env(env["c"], "SR.ls", sr=pool), key=lambda x: x["key"]) == before
+    finally:
+        if pool not in pools():
+            subprocess.run(["zpool", "import", "-N", "-d", os.path.dirname(devs[0]), pool])
+        dp.destroy_pool(pool)
+
+
 def test_a_clean_move_resets_the_marked_devices_without_a_walk(file_vdevs, tmp_path):
     """A volume activated, a snapshot's read-only clone and a non-persistent
     session left by host A (no deactivate came: what SR.detach would carry if

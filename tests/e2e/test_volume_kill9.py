@@ -8,7 +8,11 @@ after a kill also finishes the killed one's work, and the machine's load
 changes: a duration measured once, up front, made a CI run kill 19 of 20).  After every call ZFS is compared with what the call may have
 done: no key appears but from a create/snapshot/clone (at most one, the one it
 returned if it completed), none disappears but the one a destroy named.  At
-the end SR.attach (the crash reset), then: SR.ls == ZFS, every volume that
+the end the host dies: the pool goes to a new host (no SR.detach, no local
+index; copies of the index were carried into the pool every few mutations on
+the way, a small ZFSNG_JOURNAL_LIMIT, so kills hit those too), whose SR.attach
+catches up from the pool's copy and journal (or reads every dataset where
+they cannot be used) and resets what the dead host left; then: SR.ls == ZFS, every volume that
 completed still there with its size and data (first MiB hashed through its
 device), no leftovers (revert clones, read-only clones, CBT temporary or
 anchor snapshots, holds, hidden datasets nothing depends on), CBT state
@@ -147,8 +151,11 @@ def pick(rng, t, base):
     return "Volume." + op, dict(key=rng.choice(vols))
 
 
-def test_kill_9_at_random_points_of_plugin_calls(sr):
+def test_kill_9_at_random_points_of_plugin_calls(sr, sr_vdev, tmp_path, monkeypatch):
     pool = sr
+    # copies of the index carried into the pool every few mutations (a small
+    # journal), so kills land in them too, and the new host below starts from one
+    monkeypatch.setenv("ZFSNG_JOURNAL_LIMIT", "500")
     rng = random.Random(SEED)
     print("\nseed %d (ZFSNG_KILL9_SEED), %d calls" % (SEED, CALLS))
     # volumes with known data, and every operation once to measure its duration
@@ -262,8 +269,23 @@ def test_kill_9_at_random_points_of_plugin_calls(sr):
     if CALLS >= 50:
         assert sum(1 for e in killed if e[5]) >= CALLS // 20, "too few kills inside a mutation"
 
-    # the crash reset, then everything must agree
-    call("SR.attach", configuration={"pool": pool})
+    # the host dies: another one takes the pool (no SR.detach, no local
+    # index, nothing in /run): its SR.attach catches up from the pool's
+    # carried index and journal, or reads everything where those cannot be
+    # used, and resets what the dead host left; then everything must agree
+    subprocess.run(["udevadm", "settle", "--timeout=30"])
+    for _ in range(20):
+        if subprocess.run(["zpool", "export", pool]).returncode == 0:
+            break
+        time.sleep(0.5)
+    for var in ("ZFSNG_STATE_DIR", "ZFSNG_RUN_DIR", "ZFSNG_NODE_RUN_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "new-host" / var))
+    call("SR.attach", configuration={"pool": pool, "device": sr_vdev})
+    from plugins.volume import metadata, sr as sr_mod
+    idx = metadata.Index.for_sr(sr_mod.read_root_props(pool)["sr-uuid"],
+                                state_dir=str(tmp_path / "new-host" / "ZFSNG_STATE_DIR"))
+    print("the new host's index:", idx.built())
+    idx.close()
     listed = ls(pool)
     t = truth(pool)
     assert dict((k, "volume" if v["read_write"] else "snapshot") for k, v in listed.items()) \
