@@ -135,6 +135,11 @@ def profile_move(env_from, env_to, conf, pool, out_dir):
     profiled("Plugin.Query", env_to, out_dir)
 
 
+def carried_max_deltas():
+    from plugins.volume import carried
+    return carried.MAX_DELTAS
+
+
 def built(env, conf):
     """How host env's index of the SR was last made whole (Index.built)."""
     from plugins.volume import metadata
@@ -170,32 +175,39 @@ def pad_index(fig, env, conf, pool, extra):
     # a clean move of that index: the new host's own share of SR.attach and
     # its first SR.ls at N + extra rows (the pool imports N datasets)
     env_q = dict(env, ZFSNG_STATE_DIR=env["ZFSNG_STATE_DIR"] + "-moved")
-    fig["padded_carry"] = carry_once(env, pool)
+    fig["padded_carry"] = carry_once(env, pool, whole=True)
     _, fig["padded_detach"] = script("SR.detach", env, sr=pool)
     _, fig["padded_attach"] = script("SR.attach", env_q, configuration=conf)
     out, fig["padded_ls_first"] = script("SR.ls", env_q, sr=pool)
     assert len(out) == fig["padded"], (len(out), fig["padded"])
-    # that host works on, then dies (no SR.detach): a new host catches up
-    # from the copy the detach left and the pool's journal
+    # that host works on (a delta carried, as a full journal would), then
+    # dies (no SR.detach): a new host takes the copy the detach left, the
+    # delta, and reads again what the journal names since
     fig["padded_ops"] = ops(env_q, pool)
-    kept, _ = script("Volume.create", env_q, sr=pool, name="after the move", description="",
-                     size=1 << 20, sharable=False)
+    kept = [script("Volume.create", env_q, sr=pool, name="after the move", description="",
+                   size=1 << 20, sharable=False)[0]]
+    fig["padded_delta"] = carry_once(env_q, pool, whole=False)
+    kept += [script("Volume.create", env_q, sr=pool, name="after the delta", description="",
+                    size=1 << 20, sharable=False)[0]]
     subprocess.run(["zpool", "export", pool], check=True)
     env_r = dict(env, ZFSNG_STATE_DIR=env["ZFSNG_STATE_DIR"] + "-crashed")
     _, fig["padded_attach_crashed"] = script("SR.attach", env_r, configuration=conf)
     out, fig["padded_ls_first_crashed"] = script("SR.ls", env_r, sr=pool)
-    assert len(out) == fig["padded"] + 1 and kept["key"] in set(v["key"] for v in out)
+    assert len(out) == fig["padded"] + 2 and set(v["key"] for v in kept) <= \
+        set(v["key"] for v in out)
     fig["padded_crashed_built"] = built(env_r, conf)
 
 
-def carry_once(env, pool):
-    """Seconds of one copy of host env's index into the pool (sr.carry_index,
-    what a mutation pays when the journal is full), under the SR lock."""
-    code = ("import sys, time; from plugins.volume import lock, sr; "
+def carry_once(env, pool, whole):
+    """Seconds of one copy of host env's index into the pool under the SR lock
+    (carried.carry_index): whole, what SR.detach pays (and a mutation once
+    deltas pile up), or a delta, what a mutation with a full journal pays."""
+    code = ("import sys, time; from plugins.volume import carried, lock, sr; "
             "pool = sys.argv[1]\n"
             "with lock.sr_lock(pool):\n"
-            "    h = sr.SR.open(pool); t = time.time(); ok = sr.carry_index(h)\n"
-            "    print(time.time() - t if ok else -1)")
+            "    h = sr.SR.open(pool); t = time.time()\n"
+            "    ok = carried.carry_index(h, whole=%r)\n"
+            "    print(time.time() - t if ok else -1)" % whole)
     out = subprocess.run([sys.executable, "-c", code, pool], env=dict(env, PYTHONPATH=ROOT),
                          stdout=subprocess.PIPE, check=True).stdout
     took = float(out.split()[-1])
@@ -375,8 +387,9 @@ def main():
             print("    moved to a new host: SR.detach %.2f s, SR.attach %.2f s + first SR.ls "
                   "%.2f s" % (fig["padded_detach"], fig["padded_attach"],
                               fig["padded_ls_first"]))
-            print("    one copy of it carried into the pool (a mutation with a full journal "
-                  "pays it): %.2f s" % fig["padded_carry"])
+            print("    carried into the pool: a whole copy %.2f s (SR.detach, a mutation "
+                  "after %d deltas), a delta %.2f s (a mutation with a full journal)"
+                  % (fig["padded_carry"], carried_max_deltas(), fig["padded_delta"]))
             for k in ("create", "snapshot", "clone", "destroy"):
                 print("    Volume.%-8s at %d rows: %.2f s" % (k, fig["padded"],
                                                            fig["padded_ops"][k]))

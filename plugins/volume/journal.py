@@ -4,7 +4,7 @@ carries, so a host that takes the pool after a crash re-reads those alone.
 On the SR root, user property org.zfs-ng:journal (JSON text, as every root
 property) is {"base": G, "at": H, "names": [NAME, ...]}:
 
-- the copy of the index the pool carries (sr.carry_index: POOL/zfs-ng/index)
+- the copy of the index the pool carries (carried.carry_index: POOL/zfs-ng/index)
   is of generation G, and
 - every dataset whose rows (a volume, its snapshots and data-destroyed
   snapshots, a clone's origin) or devices may have changed since is named, as
@@ -17,7 +17,7 @@ A name is added before the change it covers (with a mutation's generation
 bump, in the same `zfs set`: sr.SR.mutate), so a host that dies mid-way
 leaves a superset, never a subset.  A new host whose carried copy is at G
 takes it and reads only the named datasets and the clones of their snapshots
-(sr.adopt_carried); with any other copy, or none, it reads every dataset.
+(carried.adopt_carried); with any other copy, or none, it reads every dataset.
 base None (a new SR, a copy that could not be written): no copy to start from.
 
 The text is bounded (LIMIT: ZFS refuses user property values of 8192 bytes
@@ -30,14 +30,13 @@ names anything to read or reset.
 
 import json
 import os
-import re
+
+from plugins.volume import names as names_mod
 
 # below ZAP_MAXVALUELEN (8192, the terminating NUL included) with room to
 # spare; ZFSNG_JOURNAL_LIMIT makes it smaller (the VM tests carry copies
 # often that way: a kill mid-way through one, a catch-up from a later one)
 LIMIT = min(6000, int(os.environ.get("ZFSNG_JOURNAL_LIMIT", "6000")))
-
-_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z")
 
 
 def parse(value, generation):
@@ -50,7 +49,7 @@ def parse(value, generation):
     base, at, got = value.get("base"), value.get("at"), value.get("names")
     if type(base) is not int or base < 0 or type(at) is not int or at != generation or \
             base > at or not isinstance(got, list) or \
-            not all(isinstance(n, str) and _NAME.match(n) for n in got):
+            not all(names_mod.is_component(n) for n in got):
         return None, frozenset()
     return base, frozenset(got)
 
@@ -71,10 +70,7 @@ def name_of(root, zname):
     """The journal name of ZFS name zname (a dataset, DS@SNAP or DS#BOOKMARK)
     under the SR root: its dataset's component, or None if zname is not
     directly under root."""
-    if not zname.startswith(root + "/"):
-        return None
-    rest = zname[len(root) + 1:].split("@", 1)[0].split("#", 1)[0]
-    return rest if _NAME.match(rest) else None
+    return names_mod.component(root, zname.split("@", 1)[0].split("#", 1)[0])
 
 
 def datasets(root, names):

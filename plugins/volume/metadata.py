@@ -22,10 +22,10 @@ cache of the above plus sizes.  It records the pool generation it reflects; a
 different generation on the pool (a mutation in progress, a crash mid-way, or
 another host) makes it stale and it is rebuilt from the pool under the SR lock,
 unless the pool carries a copy at its generation (SR.detach writes one before
-`zpool export`: export_doc/adopt_doc, sr.carry_index), or a copy at an older
+`zpool export`: export_doc/adopt_doc, carried.carry_index), or a copy at an older
 generation with the pool's journal naming every dataset changed since
 (journal.py; copies are carried whenever the journal fills): then only those
-datasets are read again (read_datasets, Index.replace_under, sr.catch_up).  Sizes: a volume's
+datasets are read again (read_datasets, Index.replace_under, carried.catch_up).  Sizes: a volume's
 usage changes only while its device is active, so activate_device marks it
 (`touched`) and SR.ls reads those again; `sweep` marks what a killed call may
 have left for SR.attach's sweeps, which otherwise walk the SR only when the
@@ -150,7 +150,7 @@ def read_all(pool):
 def read_datasets(pool, datasets):
     """read_all's (entries, rows) for part of the SR: the given datasets, with
     their snapshots and data-destroyed snapshots, those that exist (a new
-    host's catch-up from the journal: sr.catch_up)."""
+    host's catch-up from the journal: carried.catch_up)."""
     got = {}
     for i in range(0, len(datasets), _ARGV_BATCH):
         got.update(zfs.get(datasets[i:i + _ARGV_BATCH], ZFS_PROPS, recursive=True,
@@ -521,16 +521,75 @@ class Index(object):
         else:
             self.db.execute("DELETE FROM sweep WHERE id=?", (mark,))
 
-    # the copy that travels in the pool (sr.carry_index / sr.adopt_carried) -------
+    # the copy that travels in the pool (carried.py) ----------------------------------
     CARRIED_FORMAT = 1
 
     def export_doc(self, sr_uuid):
         """Everything but the destroyed keys (this host's memory), as JSON-able."""
         return {"format": self.CARRIED_FORMAT, "sr-uuid": sr_uuid,
                 "generation": self.generation(),
-                "volumes": [[e[c] for c in COLUMNS] for e in self.all()],
+                "volumes": self.export_rows(),
                 "touched": self.touched(), "sweep": self.sweeps_wanted(),
                 "devices-tracked": self.devices_tracked()}
+
+    def export_rows(self, datasets=None):
+        """The rows (all, or those under datasets: DS, DS@*, DS#*) as the
+        carried files hold them: as stored, but keys as the object
+        _sound_rows checks.  No per-row dict: at 100k rows _row's dicts were
+        most of a copy's cost (1.1-2.3 s natively)."""
+        query = "SELECT %s FROM volumes" % ",".join(COLUMNS)
+        if datasets is None:
+            rows = [list(r) for r in self.db.execute(query + " ORDER BY createtxg, key")]
+        else:
+            rows = []
+            for ds in datasets:
+                rows += [list(r) for r in self.db.execute(query + " WHERE zname=?", (ds,))]
+                for sep in ("@", "#"):
+                    rows += [list(r) for r in self.db.execute(
+                        query + " WHERE zname>=? AND zname<?", _prefix_range(ds + sep))]
+        for r in rows:
+            r[_KEYS] = {} if r[_KEYS] == "{}" else json.loads(r[_KEYS])
+        return rows
+
+    @staticmethod
+    def _carried_values(rows):
+        """Carried rows (sound: _sound_rows) as _values writes them, a column
+        at a time."""
+        if not rows:
+            return []
+        cols = [list(c) for c in zip(*rows)]
+        cols[_KEYS] = [json.dumps(k, sort_keys=True) if k else "{}" for k in cols[_KEYS]]
+        cols[_SHARABLE] = [1 if v else 0 for v in cols[_SHARABLE]]
+        cols[_CBT] = [1 if v else 0 for v in cols[_CBT]]
+        return [list(r) for r in zip(*cols)]
+
+    def adopt_delta(self, doc, pool, sr_uuid, base, generation):
+        """Apply a carried delta from generation base (the index's) to
+        generation (carried.py): the rows under its datasets replaced by its
+        rows.  False (nothing changed) unless it is of this SR, between those
+        generations, its datasets directly under the SR root and its rows
+        sound and under them."""
+        root = names.sr_root(pool)
+        try:
+            if doc.get("format") != self.CARRIED_FORMAT or doc.get("sr-uuid") != sr_uuid \
+                    or doc.get("base") != base or doc.get("generation") != generation \
+                    or self.generation() != base:
+                return False
+            targets, rows = doc["datasets"], doc["volumes"]
+            if not isinstance(targets, list) or not isinstance(rows, list) or \
+                    not all(names.component(root, t) for t in targets) \
+                    or not _sound_rows(rows, pool):
+                return False
+            whys = [str(w) for w in doc["sweep"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return False
+        under = set(targets)
+        if any(r[1].split("@", 1)[0].split("#", 1)[0] not in under for r in rows):
+            return False
+        self.replace_under(targets, self._carried_values(rows), generation)
+        for why in whys:
+            self.want_sweep(why)
+        return True
 
     def adopt_doc(self, doc, pool, sr_uuid, generation, renderer=None):
         """Take a carried copy if it is of this SR at this generation and every
@@ -548,13 +607,7 @@ class Index(object):
             whys = [str(w) for w in doc["sweep"]]
         except (AttributeError, KeyError, TypeError, ValueError):
             return False
-        if rows:   # as _values writes them, a column at a time
-            cols = [list(c) for c in zip(*rows)]
-            cols[_KEYS] = [json.dumps(k, sort_keys=True) if k else "{}" for k in cols[_KEYS]]
-            cols[_SHARABLE] = [1 if v else 0 for v in cols[_SHARABLE]]
-            cols[_CBT] = [1 if v else 0 for v in cols[_CBT]]
-            rows = [list(r) for r in zip(*cols)]
-        self._replace_rows(rows, generation, renderer)
+        self._replace_rows(self._carried_values(rows), generation, renderer)
         for k in touched:
             self.touch(k)
         for why in whys:
@@ -603,16 +656,17 @@ class Index(object):
             self._upsert(upsert)
             self._set_generation(generation)
 
-    def replace_under(self, datasets, entries, generation):
-        """Every row under datasets (DS, DS@*, DS#*) replaced by entries, read
-        again from those datasets, at generation (sr.catch_up)."""
+    def replace_under(self, datasets, rows, generation):
+        """Every row under datasets (DS, DS@*, DS#*) replaced by rows (as
+        _values makes them), at generation (carried.catch_up: read again
+        from those datasets; adopt_delta: a carried delta's)."""
         with self._write():
             for ds in datasets:
                 self.db.execute("DELETE FROM volumes WHERE zname=?", (ds,))
                 for sep in ("@", "#"):
                     self.db.execute("DELETE FROM volumes WHERE zname>=? AND zname<?",
                                     _prefix_range(ds + sep))
-            self._upsert(entries)
+            self.db.executemany(_insert(COLUMNS), rows)
             self._set_generation(generation)
 
     def set_built(self, how):

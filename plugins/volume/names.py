@@ -129,6 +129,23 @@ def sr_root(pool):
     return "%s/%s" % (pool, SR_DATASET)
 
 
+# one dataset name component as we make them (KEY, h-..., r-KEY, ...; what
+# the pool's journal and the carried deltas name, checked before use)
+_COMPONENT = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}\Z")
+
+
+def is_component(text):
+    return isinstance(text, str) and _COMPONENT.match(text) is not None
+
+
+def component(root, name):
+    """The last part of dataset `name` if it is directly under `root`, else None."""
+    if not isinstance(name, str) or not name.startswith(root + "/"):
+        return None
+    rest = name[len(root) + 1:]
+    return rest if _COMPONENT.match(rest) else None
+
+
 def volume_dataset(pool, key):
     return "%s/%s/%s" % (pool, SR_DATASET, key)
 

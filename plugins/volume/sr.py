@@ -17,7 +17,6 @@ devices no datapath records (reset_stale_devices, from plugins/records.py).
 
 import contextlib
 import errno
-import json
 import os
 import stat as stat_mod
 import subprocess
@@ -25,6 +24,7 @@ import subprocess
 from plugins import nodes, records, smapi, zfs
 from plugins.smapi import BackendError, InvalidParameters
 from plugins.volume import bookmarks
+from plugins.volume import carried
 from plugins.volume import cbt
 from plugins.volume import journal
 from plugins.volume import lock
@@ -146,13 +146,13 @@ class SR(object):
         instead of walking the SR again."""
         self.index().want_sweep("index rebuilt at generation %d" % self.generation)
         entries, rows = metadata.read_all(self.pool)
-        if self._finish_reverts(set(r[0] for r in rows)):
+        if self.finish_reverts(set(r[0] for r in rows)):
             entries, rows = metadata.read_all(self.pool)    # renamed: read again
         self.index().replace_all(entries, self.generation, vdi.renderer(self))
         self.index().set_built("rebuilt at %d" % self.generation)
         return rows
 
-    def _finish_reverts(self, present):
+    def finish_reverts(self, present):
         """r-KEY left by an interrupted revert: destroyed if KEY is still
         there, else renamed to KEY.  True if there was any."""
         done = False
@@ -194,7 +194,7 @@ class SR(object):
         (journal.py), and with bump move the generation on in the same `zfs
         set`.  A journal that would overflow, or that has no carried copy to
         start from, starts again from a copy of the index carried now
-        (carry_index): a new host then reads every dataset if no copy could be
+        (carried.py): a new host then reads every dataset if no copy could be
         made.  Caller holds the SR lock with self.props read under it."""
         base, have = journal.parse(self.props.get("journal"), self.generation)
         add = frozenset(n for n in (journal.name_of(self.root, z) for z in znames) if n)
@@ -203,7 +203,7 @@ class SR(object):
             # a copy of the index as it is: only while it is at the pool's
             # generation (not inside a mutation, after its bump); else no
             # journal until the next mutation carries one
-            base, have = (self.generation, frozenset()) if carry_index(self) else (None, frozenset())
+            base, have = (self.generation, frozenset()) if carried.carry_index(self) else (None, frozenset())
         value = journal.build(base, have | add, at)
         props = {}
         if value != self.props.get("journal"):
@@ -522,7 +522,7 @@ def attach(configuration):
         rebuilt = False
         rows = None
         if idx.generation() != handle.generation:
-            taken = adopt_carried(handle)
+            taken = carried.adopt_carried(handle)
             if taken is None:
                 rows = handle.reconcile()
                 rebuilt = True
@@ -749,146 +749,13 @@ def detach(sr):
             smapi.log.info("%s: SR.detach leaves the pool imported: %d other host(s) "
                            "attached (%s)", pool, len(hosts), ", ".join(hosts))
         elif props is not None and props.get("created-pool"):
-            carry_index(SR(pool, props))
-            _unmount_carried(pool)
+            carried.carry_index(SR(pool, props), whole=True)
+            carried.unmount(pool)
             zfs.zpool("export", pool)
         _forget_attached(pool)
         if props is not None:
             _forget_listing(props.get("sr-uuid"))
     return None
-
-
-# -- the index that travels with the pool ---------------------------------------------
-#
-# SR.detach leaves a copy of the index in the pool (POOL/zfs-ng/index, a
-# filesystem mounted only while it is read or written) before `zpool export`,
-# so the next host's SR.attach takes it instead of reading every dataset.  It
-# is used only at the pool's generation (metadata.Index.adopt_doc): any later
-# mutation, on any host, makes it stale.
-
-def index_dataset(pool):
-    return "%s/index" % names.sr_root(pool)
-
-
-CARRIED_FILE = "index.json.gz"
-
-
-def _mount_point(pool):
-    return os.path.join(lock.RUN_DIR, "carried-%s" % pool)
-
-
-def _unmount_carried(pool):
-    """Unmount what a killed call left mounted (it would block the export)."""
-    if os.path.ismount(_mount_point(pool)):
-        zfs.run(["umount", _mount_point(pool)], check=False)
-
-
-@contextlib.contextmanager
-def _mounted(pool):
-    where = _mount_point(pool)
-    if not os.path.isdir(where):
-        os.makedirs(where, 0o700)
-    _unmount_carried(pool)
-    zfs.run(["mount", "-t", "zfs", index_dataset(pool), where])
-    try:
-        yield where
-    finally:
-        zfs.run(["umount", where], check=False)
-
-
-def carry_index(handle):
-    """Write the index into the pool, and start the pool's journal again from
-    it (caller holds the SR lock).  False if it could not: that only costs the
-    next host a full read."""
-    idx = handle.index()
-    if idx.generation() != handle.generation:
-        return False
-    try:
-        if not zfs.exists(index_dataset(handle.pool)):
-            zfs.zfs("create", "-o", "mountpoint=legacy", "-o", "compression=off",
-                    index_dataset(handle.pool))
-        import gzip   # only the export and import of an SR need it
-        # level 1: a copy is written inside a mutation now and then (SR.journal)
-        data = gzip.compress(json.dumps(idx.export_doc(handle.uuid)).encode("utf-8"), 1)
-        with _mounted(handle.pool) as d:
-            tmp = os.path.join(d, CARRIED_FILE + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, os.path.join(d, CARRIED_FILE))
-        # the copy is at the pool's generation: nothing changed since
-        value = journal.build(handle.generation, (), handle.generation)
-        zfs.set_prop(handle.root, zfs.uprop("journal"), zfs.encode(value))
-        handle.props["journal"] = value
-    except (zfs.ZfsError, OSError) as e:
-        smapi.log.error("%s: index not carried in the pool: %s", handle.pool, e)
-        return False
-    return True
-
-
-def adopt_carried(handle):
-    """Take the index the pool carries: as it is at the pool's generation, or
-    at the journal's base with the journal's datasets read again (catch_up).
-    None if it cannot be used (the caller reads every dataset); else the
-    datasets read again, with [name, origin] of what they hold: the scope of
-    SR.attach's sweeps ([], [] when nothing was read)."""
-    if not zfs.exists(index_dataset(handle.pool)):
-        return None
-    import gzip
-    try:
-        with _mounted(handle.pool) as d:
-            with open(os.path.join(d, CARRIED_FILE), "rb") as f:
-                doc = json.loads(gzip.decompress(f.read()).decode("utf-8"))
-    except (zfs.ZfsError, OSError, ValueError, EOFError) as e:
-        smapi.log.info("%s: no carried index: %s", handle.pool, e)
-        return None
-    if not isinstance(doc, dict):
-        return None
-    # the journal names what changed since its base (devices activated
-    # since a copy at the pool's generation too); a copy at the pool's
-    # generation without a journal from it is whole as it is (SR.detach's)
-    base, changed = journal.parse(handle.props.get("journal"), handle.generation)
-    if base is None or doc.get("generation") != base:
-        base, changed = handle.generation, frozenset()
-    if not handle.index().adopt_doc(doc, handle.pool, handle.uuid, base, vdi.renderer(handle)):
-        smapi.log.info("%s: carried index at generation %s not used (pool at %d)",
-                       handle.pool, doc.get("generation"), handle.generation)
-        return None
-    at = base
-    if at == handle.generation and not changed:
-        handle.index().set_built("carried at %d" % at)
-        smapi.log.info("%s: carried index at generation %d adopted", handle.pool, at)
-        return [], []
-    return catch_up(handle, at, journal.datasets(handle.root, changed))
-
-
-def catch_up(handle, at, datasets):
-    """Bring an index adopted at the journal's base to the pool's generation:
-    read again the journal's datasets (with their snapshots and data-destroyed
-    snapshots) and the clones of their snapshots (a rename moves a clone's
-    origin), finish any interrupted revert among them, and replace every row
-    under those datasets.  Returns (datasets read, [name, origin] rows)."""
-    idx = handle.index()
-    targets = set(datasets) | set(idx.clone_datasets(datasets))
-    entries, rows = metadata.read_datasets(handle.pool, sorted(targets))
-    reverting = [names.classify(r[0], handle.pool) for r in rows]
-    reverting = [key for kind, key in reverting if kind == "reverting"]
-    if reverting:   # the revert's volume is read too, to know whether it is still there
-        targets |= set(names.volume_dataset(handle.pool, key) for key in reverting)
-        entries, rows = metadata.read_datasets(handle.pool, sorted(targets))
-        if handle._finish_reverts(set(r[0] for r in rows)):
-            entries, rows = metadata.read_datasets(handle.pool, sorted(targets))
-    idx.replace_under(sorted(targets), entries, handle.generation)
-    for zname in targets:       # devices and usage that may have changed: looked at again
-        kind, key = names.classify(zname, handle.pool)
-        if key is not None and kind != "snapshot":
-            idx.touch(key)
-    idx.set_built("carried at %d, %d datasets read again at %d"
-                  % (at, len(targets), handle.generation))
-    smapi.log.info("%s: carried index caught up: %d datasets read again (pool at %d)",
-                   handle.pool, len(targets), handle.generation)
-    return sorted(targets), rows
 
 
 def remote_hosts(props):

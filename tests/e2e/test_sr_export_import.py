@@ -65,8 +65,8 @@ def test_export_import_keeps_everything(file_vdevs, tmp_path):
 
 
 def test_the_next_host_takes_the_index_the_pool_carries(file_vdevs, tmp_path):
-    """SR.detach leaves the index in the pool (sr.carry_index) and the next
-    host's SR.attach takes it (sr.adopt_carried) instead of reading every
+    """SR.detach leaves the index in the pool (carried.carry_index) and the next
+    host's SR.attach takes it (carried.adopt_carried) instead of reading every
     dataset: a hidden leftover planted before the move is still there after
     the attach, which a sweep would have destroyed.  The copy is used only at
     the pool's generation: host A, whose own index is older, takes B's newer
@@ -137,9 +137,11 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         file_vdevs, tmp_path):
     """Host A dies (no SR.detach: its last copy of the index in the pool is
     older than the pool) after mutations of every kind, with copies carried
-    now and then on the way (a small journal, ZFSNG_JOURNAL_LIMIT); host B's
-    SR.attach takes the last copy and reads again only the datasets the
-    pool's journal names (sr.adopt_carried, sr.catch_up), and lists exactly
+    on the way (a small journal, ZFSNG_JOURNAL_LIMIT: deltas; few deltas
+    before a whole copy again, ZFSNG_JOURNAL_DELTAS); host B's SR.attach
+    takes the whole copy and the deltas after it, and reads again only the
+    datasets the pool's journal names (carried.adopt_carried,
+    carried.catch_up), and lists exactly
     what A listed: a hidden leftover outside the journal stays (no walk over
     every dataset); the volume A left activated is reset.  Without a journal
     (inherited away) host C reads every dataset and lists the same."""
@@ -150,7 +152,7 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         run = str(tmp_path / name / "run")
         return dict({"ZFSNG_STATE_DIR": str(tmp_path / name / "state"), "ZFSNG_RUN_DIR": run,
                      "ZFSNG_NODE_RUN_DIR": run}, **more)
-    a_env = host("a", ZFSNG_JOURNAL_LIMIT="400")
+    a_env = host("a", ZFSNG_JOURNAL_LIMIT="250", ZFSNG_JOURNAL_DELTAS="2")
     env = dict((h, dict(os.environ, **e)) for h, e in
                (("a", a_env), ("b", host("b")), ("c", host("c"))))
     conf = call_env(env["a"], "SR.create", uuid=sr_uuid, configuration={"device": devs[0]},

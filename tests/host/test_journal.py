@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from plugins import zfs
-from plugins.volume import journal, metadata, names, sr
+from plugins.volume import carried, journal, metadata, names, sr
 
 POOL = "zfsng-test"
 ROOT = POOL + "/zfs-ng"
@@ -117,7 +117,7 @@ class Pool(object):
             self.carried.append(handle.generation)
             handle.props["journal"] = journal.build(handle.generation, (), handle.generation)
             return True
-        monkeypatch.setattr(sr, "carry_index", carry)
+        monkeypatch.setattr(carried, "carry_index", carry)
 
 
 def _handle(tmp_path, generation, value=None, index_at=None):
@@ -213,9 +213,80 @@ def test_rows_under_the_journals_datasets_are_replaced_and_no_other(tmp_path):
     # the volume was destroyed with its snapshot kept (renamed to h-1), its clone re-read
     moved = [_row(KEY2, "%s/h-1@%s" % (ROOT, KEY2), "snapshot"),
              _row(KEY4, "%s/%s" % (ROOT, KEY4), origin="%s/h-1@%s" % (ROOT, KEY2))]
-    idx.replace_under([a, "%s/h-1" % ROOT, "%s/%s" % (ROOT, KEY4)], moved, 9)
+    idx.replace_under([a, "%s/h-1" % ROOT, "%s/%s" % (ROOT, KEY4)],
+                      [idx._values(e) for e in moved], 9)
     assert idx.generation() == 9
     got = dict((e["key"], (e["zname"], e["origin"], e["name"])) for e in idx.all())
     assert got == {KEY2: ("%s/h-1@%s" % (ROOT, KEY2), "", ""),
                    KEY[:-1] + "e": (near, "", "kept"),
                    KEY4: ("%s/%s" % (ROOT, KEY4), "%s/h-1@%s" % (ROOT, KEY2), "")}
+
+
+# -- carried.py: the deltas' names and chain, a delta's adoption -------------------------
+
+def test_delta_names():
+    assert carried.parse_delta_name(carried.delta_name(5, 9)) == (5, 9)
+    for bad in ("delta-9-5.json.gz", "delta-5-5.json.gz", "delta-5-9.json", "delta--1-9.json.gz",
+                "delta-5-9.json.gz.tmp", "index.json.gz", "delta-5-9-1.json.gz",
+                "delta-%d-%d.json.gz" % (10 ** 19, 10 ** 19 + 1), "delta-a-9.json.gz"):
+        assert carried.parse_delta_name(bad) is None, bad
+
+
+@pytest.mark.parametrize("start,links,stop,path", [
+    (5, [], 5, []),
+    (5, [(5, 8), (8, 12)], 12, [(5, 8), (8, 12)]),
+    (5, [(5, 8), (8, 12), (5, 12)], 12, [(5, 12)]),          # the furthest from each
+    (5, [(5, 7), (5, 9), (9, 12)], 12, [(5, 9), (9, 12)]),    # a kill's leftover skipped
+    (5, [(5, 8), (8, 12)], 10, None),                          # the journal is not at a link
+    (5, [(5, 8)], 4, None),
+    (5, [(4, 8), (8, 12)], 12, None),                          # no link from the whole copy
+    (5, [(5, 8), (8, 14), (8, 12)], 12, [(5, 8), (8, 12)]),    # not past the journal's base
+])
+def test_the_chain_from_the_whole_copy_to_the_journals_base(start, links, stop, path):
+    assert carried.chain(start, links, stop) == path
+
+
+@settings(max_examples=300, deadline=None)
+@given(links=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), max_size=20),
+       start=st.integers(0, 30), stop=st.integers(0, 30))
+def test_a_chain_is_contiguous_or_none(links, start, stop):
+    links = [(b, g) for b, g in links if b < g]
+    path = carried.chain(start, links, stop)
+    if path is not None:
+        at = start
+        for b, g in path:
+            assert b == at and (b, g) in links and g <= stop
+            at = g
+        assert at == stop
+
+
+def _index_with(tmp_path, rows, generation):
+    idx = metadata.Index(str(tmp_path / "d.sqlite"))
+    idx.replace_all(rows, generation)
+    return idx
+
+
+def test_a_delta_replaces_the_rows_under_its_datasets(tmp_path):
+    a, c = "%s/%s" % (ROOT, KEY), "%s/%s" % (ROOT, KEY3)
+    idx = _index_with(tmp_path, [_row(KEY, a), _row(KEY2, "%s@%s" % (a, KEY2), "snapshot"),
+                                 _row(KEY3, c, name="untouched")], 4)
+    src = metadata.Index(str(tmp_path / "src.sqlite"))      # the host that wrote it, at 9
+    src.replace_all([_row(KEY, a, name="renamed"), _row(KEY4, "%s/%s" % (ROOT, KEY4)),
+                     _row(KEY3, c, name="untouched")], 9)
+    targets = [a, "%s/%s" % (ROOT, KEY4)]
+    delta = json.loads(json.dumps({
+        "format": metadata.Index.CARRIED_FORMAT, "sr-uuid": KEY4, "base": 4, "generation": 9,
+        "datasets": targets, "volumes": src.export_rows(targets), "sweep": ["why"]}))
+    for bad in (dict(delta, base=3), dict(delta, generation=8), dict(delta, **{"sr-uuid": KEY}),
+                dict(delta, format=2), dict(delta, datasets=[a]),       # a row outside them
+                dict(delta, datasets=targets + ["%s/x/y" % ROOT]),
+                dict(delta, datasets=targets + [POOL + "/other"]),
+                dict(delta, volumes=[["x"] * len(metadata.COLUMNS)]), dict(delta, sweep=None)):
+        assert not idx.adopt_delta(bad, POOL, KEY4, 4, 9), bad
+        assert idx.generation() == 4 and len(idx.all()) == 3
+    assert not idx.adopt_delta(delta, POOL, KEY4, 5, 9)     # the index is not at its base
+    assert idx.adopt_delta(delta, POOL, KEY4, 4, 9)
+    assert idx.generation() == 9 and idx.sweeps_wanted() == ["why"]
+    got = dict((e["key"], (e["zname"], e["name"])) for e in idx.all())
+    assert got == {KEY: (a, "renamed"), KEY4: ("%s/%s" % (ROOT, KEY4), ""),
+                   KEY3: (c, "untouched")}

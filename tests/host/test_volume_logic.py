@@ -275,7 +275,7 @@ def test_index_keeps_each_records_text_until_its_row_changes(tmp_path):
 
 
 def test_texts_made_with_the_rows_are_the_ones_sr_ls_would_make(tmp_path):
-    """replace_all/adopt_doc with a renderer (sr.reconcile, sr.adopt_carried:
+    """replace_all/adopt_doc with a renderer (sr.reconcile, carried.adopt_carried:
     a new host, a rebuild) keep each row's text as they write the rows: the
     first SR.ls after them renders nothing and lists, to the byte, what it
     lists when it renders the rows itself.  Texts come from the rows as _row
