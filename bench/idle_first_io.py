@@ -8,8 +8,11 @@ test VM (needs ZFS):
 
 The path measured is the one every datapath takes (plugins/datapath/devices.py
 acquire -> volume.activate_device: the SR root's properties and volmode=dev
-through libzfs in-process (plugins/libzfs.py), the index mark, then the wait
-for udev's /dev/zvol link), then open(O_DIRECT) + one 4 KiB pread, checked
+through libzfs in-process (plugins/libzfs.py), the index mark, the volume
+named in the pool's journal (one more property set on the SR root: the
+volumes are made before the last copy of the index, as on a node whose
+volumes are older than that), then the wait for udev's /dev/zvol link),
+then open(O_DIRECT) + one 4 KiB pread, checked
 against what was written.  Then the activation's parts by hand (one `zfs
 get`; volmode=dev set by the zfs command and through libzfs in turn; from
 the set until the zvol's minor is there and until udev's link is).  Times
@@ -156,7 +159,7 @@ def main():
     env = dict(os.environ, ZFSNG_STATE_DIR=os.path.join(state, "host"))
     os.environ["ZFSNG_STATE_DIR"] = env["ZFSNG_STATE_DIR"]
     from plugins.datapath import devices
-    _, pool = file_sr(state, env, 2 << 30)
+    conf, pool = file_sr(state, env, 2 << 30)
     try:
         vols, snaps = [], []
         for i in range(args.volumes):
@@ -174,6 +177,12 @@ def main():
             s, _ = script("Volume.snapshot", env, sr=pool, key=v["key"])
             vols.append((v["key"], mark))
             snaps.append((s["key"], mark))
+        # made before the last copy of the index the pool carries (SR.detach
+        # writes one): each first activation below names its volume in the
+        # pool's journal (volume.activate_device), as on a node whose volumes
+        # are older than its last copy
+        script("SR.detach", env, sr=pool)
+        script("SR.attach", env, configuration=conf)
         _, query = script("Plugin.Query", env)
         rows_v = [first_io(devices, pool, k, m) for k, m in vols]
         rows_s = [first_io(devices, pool, k, m) for k, m in snaps]

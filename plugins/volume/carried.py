@@ -114,9 +114,16 @@ def _write(where, name, doc):
 
 
 def _read(where, name):
+    """A carried file's JSON; ValueError for anything not sound as gzip'ed
+    JSON text (a torn or foreign file)."""
     import gzip
+    import zlib
     with open(os.path.join(where, name), "rb") as f:
-        return json.loads(gzip.decompress(f.read()).decode("utf-8"))
+        data = f.read()
+    try:
+        return json.loads(gzip.decompress(data).decode("utf-8"))
+    except (EOFError, OSError, zlib.error) as e:    # OSError: gzip's BadGzipFile
+        raise ValueError("%s: %s" % (name, e))
 
 
 def _deltas(where):
@@ -200,7 +207,7 @@ def adopt_carried(handle):
                     smapi.log.info("%s: carried delta %s not sound", handle.pool, deltas[link])
                     return None
                 _touch(handle, delta["datasets"])
-    except (zfs.ZfsError, OSError, ValueError, EOFError) as e:
+    except (zfs.ZfsError, OSError, ValueError) as e:
         smapi.log.info("%s: no carried index: %s", handle.pool, e)
         return None
     how = "carried at %d%s" % (start, " and %d deltas to %d" % (len(path), base) if path else "")

@@ -137,7 +137,7 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         file_vdevs, tmp_path):
     """Host A dies (no SR.detach: its last copy of the index in the pool is
     older than the pool) after mutations of every kind, with copies carried
-    on the way (a small journal, ZFSNG_JOURNAL_LIMIT: deltas; few deltas
+    on the way (a small journal, ZFSNG_JOURNAL_LIMIT: deltas; one delta
     before a whole copy again, ZFSNG_JOURNAL_DELTAS); host B's SR.attach
     takes the whole copy and the deltas after it, and reads again only the
     datasets the pool's journal names (carried.adopt_carried,
@@ -152,7 +152,7 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         run = str(tmp_path / name / "run")
         return dict({"ZFSNG_STATE_DIR": str(tmp_path / name / "state"), "ZFSNG_RUN_DIR": run,
                      "ZFSNG_NODE_RUN_DIR": run}, **more)
-    a_env = host("a", ZFSNG_JOURNAL_LIMIT="250", ZFSNG_JOURNAL_DELTAS="2")
+    a_env = host("a", ZFSNG_JOURNAL_LIMIT="250", ZFSNG_JOURNAL_DELTAS="1")
     env = dict((h, dict(os.environ, **e)) for h, e in
                (("a", a_env), ("b", host("b")), ("c", host("c"))))
     conf = call_env(env["a"], "SR.create", uuid=sr_uuid, configuration={"device": devs[0]},
@@ -194,6 +194,9 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         how = built(str(tmp_path / "b" / "state"), sr_uuid)
         print("host B's index:", how)
         assert how.startswith("carried at ") and "datasets read again" in how, how
+        # the first copy was SR.create's first mutation's (generation 0); a
+        # delta, then a whole copy again (ZFSNG_JOURNAL_DELTAS=1) came after
+        assert int(how.split()[2]) > 0, how
         read_again = int(how.split(", ")[1].split()[0])
         total = len(subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "volume", "-r",
                                     root], stdout=subprocess.PIPE, universal_newlines=True,

@@ -290,3 +290,13 @@ def test_a_delta_replaces_the_rows_under_its_datasets(tmp_path):
     got = dict((e["key"], (e["zname"], e["name"])) for e in idx.all())
     assert got == {KEY: (a, "renamed"), KEY4: ("%s/%s" % (ROOT, KEY4), ""),
                    KEY3: (c, "untouched")}
+
+
+@pytest.mark.parametrize("data", [b"", b"\x1f\x8b\x08\x00garbage", b"not gzip at all",
+                                  __import__("gzip").compress(b"{not json")[:-3],
+                                  __import__("gzip").compress(b"{not json"),
+                                  __import__("gzip").compress(b"\xff\xfe")])
+def test_a_torn_or_foreign_carried_file_is_a_value_error(tmp_path, data):
+    (tmp_path / "delta-1-2.json.gz").write_bytes(data)
+    with pytest.raises(ValueError):
+        carried._read(str(tmp_path), "delta-1-2.json.gz")
