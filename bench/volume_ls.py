@@ -55,6 +55,16 @@ Plugin.Query + 2.21 s (46.5 MB through a pipe alone: 2.3-3.3 s in the guest).
 Interleaved in one guest against the code before (probe, one round each):
 SR.attach + first SR.ls at 100k rows 323.6 + 57.3 s before, 147.1 + 18.9 s
 after.
+
+With the pool's journal and the carried deltas (2026-12-05, twelfth session;
+two test guests beside it), `-n 10000 --zvols 500 --disks --skip walk
+--index-rows 100000` (1075 s): a new host after a crash (the host before it
+mutated, then died) SR.attach 23.1 s (`zpool import -N` alone 19.1 s) +
+first SR.ls 1.6 s, 5 datasets read again; the same pool without a journal
+(every dataset read, as before) 106.9 + 0.8 s.  At 100k rows: a whole copy
+carried 11.2 s, a delta 1.1 s; that host dies, a new host SR.attach 72.7 s
++ first SR.ls 6.5 s (one delta, 1 dataset read again), against a clean
+move's 74.7 + 10.0 s.
 """
 
 import argparse
