@@ -4,6 +4,7 @@ again after a crash, it comes back without the devices the crash left."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -196,7 +197,7 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         assert how.startswith("carried at ") and "datasets read again" in how, how
         # the first copy was SR.create's first mutation's (generation 0); a
         # delta, then a whole copy again (ZFSNG_JOURNAL_DELTAS=1) came after
-        assert int(how.split()[2]) > 0, how
+        assert int(re.match(r"carried at (\d+)", how).group(1)) > 0, how
         read_again = int(how.split(", ")[1].split()[0])
         total = len(subprocess.run(["zfs", "list", "-H", "-o", "name", "-t", "volume", "-r",
                                     root], stdout=subprocess.PIPE, universal_newlines=True,
