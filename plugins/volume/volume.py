@@ -563,16 +563,16 @@ def activate_device(sr, key, timeout=60.0):
     clone (ro-KEY, volmode=dev) that deactivate_device destroys.  The caller
     (a datapath) counts its own users: one deactivate undoes any number of
     activates."""
-    handle = SR.open(sr)
-    e = handle.lookup(key)
-    bookmarks.check_has_data(e, "attached")
-    loc = _locate(handle, e)
-    with lock.sr_lock(handle.pool):
+    # one reading of the SR root's properties, under the lock: the journal
+    # below must be the pool's current one
+    with sr_mod.locked(sr) as handle:
+        e = handle.find(key)
+        bookmarks.check_has_data(e, "attached")
+        loc = _locate(handle, e)
         # before the device exists: SR.ls reads a volume's usage again, and a
         # crash reset knows what to look at (sr.reset_stale_devices), here and
         # on a host that takes the pool after a crash (the pool's journal)
         handle.index().touch(key)
-        handle.reload()
         handle.journal([e["zname"] if e["kind"] == "volume"
                         else names.readonly_dataset(handle.pool, key)])
         if e["kind"] == "volume":
@@ -592,10 +592,9 @@ def activate_device(sr, key, timeout=60.0):
 def note_session(sr, key):
     """A datapath is about to make volume KEY's non-persistent session clone
     (np-KEY, plugins/datapath/zvol.py): mark the key like activate_device."""
-    handle = SR.open(sr)
-    with lock.sr_lock(handle.pool):
-        handle.index().touch(names.check_key(key))
-        handle.reload()
+    names.check_key(key)
+    with sr_mod.locked(sr) as handle:
+        handle.index().touch(key)
         handle.journal([names.session_dataset(handle.pool, key)])
 
 
