@@ -145,6 +145,27 @@ def profile_move(env_from, env_to, conf, pool, out_dir):
     profiled("Plugin.Query", env_to, out_dir)
 
 
+def stopped_mutation(env, conf, pool, count):
+    """(seconds, how the index was made whole) of the SR.ls after a mutation
+    stopped between its generation bump and its index update (a kill, a
+    timeout), left as such a mutation leaves it: one volume named in the
+    pool's journal with the generation moved on, in one `zfs set`."""
+    from plugins import zfs
+    from plugins.volume import journal, names
+    root = names.sr_root(pool)
+    got = zfs.get([root], [zfs.uprop("generation"), zfs.uprop("journal")])[root]
+    gen = int(zfs.decode(got[zfs.uprop("generation")]))
+    base, named = journal.parse(zfs.decode(got.get(zfs.uprop("journal"), "null")), gen)
+    assert base is not None, "no journal to catch up from"
+    one = zfs.list_names(root, ("name",), types="volume", depth=1)[0][0]
+    value = journal.build(base, named | {journal.name_of(root, one)}, gen + 1)
+    zfs.set_props(root, {zfs.uprop("journal"): zfs.encode(value),
+                         zfs.uprop("generation"): str(gen + 1)})
+    vols, took = script("SR.ls", env, sr=pool)
+    assert len(vols) == count, (len(vols), count)
+    return took, built(env, conf)
+
+
 def carried_max_deltas():
     from plugins.volume import carried
     return carried.MAX_DELTAS
@@ -302,6 +323,10 @@ def main():
                  % (fig["warm_rounds"], fig["ls_warm_over_median"]))
         fig["ops_large"] = ops(env, pool)
         progress(fig, args, "ops at %d: %s" % (args.n, fig["ops_large"]))
+        fig["ls_after_stop"], fig["after_stop_built"] = stopped_mutation(env, conf, pool,
+                                                                         args.n)
+        progress(fig, args, "SR.ls after a mutation stopped mid-way: %.1f s (%s)"
+                 % (fig["ls_after_stop"], fig["after_stop_built"]))
         # the rebuild left a sweep owed (a changed pool looks like a crash):
         # the next SR.attach pays it, here on the same host
         script("SR.detach", env, sr=pool)
@@ -374,6 +399,8 @@ def main():
         for k in ("create", "snapshot", "clone", "destroy"):
             print("  Volume.%-8s at 3: %.2f s   at %d: %.2f s" % (
                 k, fig["ops_small"][k], args.n, fig["ops_large"][k]))
+        print("  SR.ls after a mutation stopped between its bump and its index update: %.2f s "
+              "(%s)" % (fig["ls_after_stop"], fig["after_stop_built"]))
         print("  same host, SR.attach that pays the sweep the rebuild owes: %.2f s"
               % fig["attach_sweeping"])
         print("  new host, clean move: SR.attach %.2f s + first SR.ls %.2f s"

@@ -20,12 +20,13 @@ property at all.
 Locally: one sqlite file per SR under /var/lib/zfs-ng/ (ZFSNG_STATE_DIR), a
 cache of the above plus sizes.  It records the pool generation it reflects; a
 different generation on the pool (a mutation in progress, a crash mid-way, or
-another host) makes it stale and it is rebuilt from the pool under the SR lock,
-unless the pool carries a copy at its generation (SR.detach writes one before
-`zpool export`: export_doc/adopt_doc, carried.carry_index), or a copy at an older
-generation with the pool's journal naming every dataset changed since
-(journal.py; copies are carried whenever the journal fills): then only those
-datasets are read again (read_datasets, Index.replace_under, carried.catch_up).  Sizes: a volume's
+another host) makes it stale.  The pool's journal (journal.py) names every
+dataset changed since its base: an index at or past that base reads those
+alone again (sr.SR.catch_up_local -> carried.catch_up: read_datasets,
+Index.replace_under); a host without such an index takes the copy the pool
+carries (carried.py: a whole copy and deltas, export_doc/adopt_doc/
+adopt_delta) and then those datasets; failing both, the index is rebuilt
+from every dataset under the SR lock (sr.SR.reconcile).  Sizes: a volume's
 usage changes only while its device is active, so activate_device marks it
 (`touched`) and SR.ls reads those again; `sweep` marks what a killed call may
 have left for SR.attach's sweeps, which otherwise walk the SR only when the

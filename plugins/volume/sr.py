@@ -134,8 +134,30 @@ class SR(object):
         with lock.sr_lock(self.pool):
             self.reload()
             if idx.generation() != self.generation:
-                self.reconcile()
+                self.refresh()
         return idx
+
+    def refresh(self):
+        """The index brought to the pool's generation (caller holds the lock):
+        from the journal where it can (catch_up_local), else read whole
+        (reconcile).  Either way the next SR.attach sweeps (a mutation may
+        have been cut short)."""
+        if self.catch_up_local() is None:
+            self.reconcile()
+        else:
+            self.index().want_sweep("index caught up at generation %d" % self.generation)
+
+    def catch_up_local(self):
+        """Where the pool's journal leads from a generation the index is at or
+        past (a mutation on this host stopped between its bump and its index
+        update, or another one on this pool since), only the journal's
+        datasets are read again (carried.catch_up): returns what catch_up
+        does, or None where the journal does not lead from the index."""
+        base, changed = journal.parse(self.props.get("journal"), self.generation)
+        at = self.index().generation()
+        if base is None or at is None or not base <= at < self.generation:
+            return None
+        return carried.catch_up(self, "index at %d" % at, journal.datasets(self.root, changed))
 
     def reconcile(self):
         """Rebuild the index from ZFS (caller holds the lock).  Finishes or undoes
@@ -178,7 +200,7 @@ class SR(object):
         opened the handle under it (see `locked`)."""
         idx = self.index()
         if idx.generation() != self.generation:
-            self.reconcile()
+            self.refresh()
         gen = self.generation + 1
         self.journal(znames, bump=True)
         txn = Txn()
@@ -243,7 +265,7 @@ def locked(sr):
     with lock.sr_lock(sr):
         handle = SR.open(sr)
         if handle.index().generation() != handle.generation:
-            handle.reconcile()
+            handle.refresh()
         yield handle
 
 
@@ -522,7 +544,9 @@ def attach(configuration):
         rebuilt = False
         rows = None
         if idx.generation() != handle.generation:
-            taken = carried.adopt_carried(handle)
+            taken = handle.catch_up_local()
+            if taken is None:
+                taken = carried.adopt_carried(handle)
             if taken is None:
                 rows = handle.reconcile()
                 rebuilt = True

@@ -13,7 +13,7 @@ import uuid
 import dp_helpers as dp
 from conftest import wait_for_path
 from nvmeof_target.registry import Registry
-from volume_calls import PLUGIN_DIR, call, check_volume
+from volume_calls import PLUGIN_DIR, call, check_volume, zget
 
 RAW = "zfsng-raw"
 
@@ -220,6 +220,48 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         if pool not in pools():
             subprocess.run(["zpool", "import", "-N", "-d", os.path.dirname(devs[0]), pool])
         dp.destroy_pool(pool)
+
+
+def test_an_index_behind_the_pool_reads_only_the_journals_datasets(sr, sr_vdev):
+    """A mutation that stopped between its generation bump (with its datasets
+    in the pool's journal) and its index update leaves the index one
+    generation behind: the next call reads again only the datasets the
+    journal names (sr.SR.catch_up_local), not every dataset.  Made here by
+    hand as such a mutation would leave it: volumes A and B made before a
+    copy of the index was carried (SR.detach: the journal starts empty),
+    then a snapshot taken of A with the journal naming A and the generation
+    moved on in one `zfs set`; a snapshot of B made behind the plugin's
+    back, which the journal does not name, is not seen: nothing but the
+    journal's datasets was read.  A generation moved without the journal
+    (by hand) reads everything."""
+    from plugins.volume import journal, metadata
+    pool = sr
+    root = pool + "/zfs-ng"
+    a, b = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
+                 sharable=False) for n in ("a", "b")]
+    call("SR.detach", sr=pool)
+    call("SR.attach", configuration={"pool": pool, "device": sr_vdev})
+    before = {v["key"] for v in call("SR.ls", sr=pool)}
+    gen = int(zget(root, "org.zfs-ng:generation"))
+    base, names = journal.parse(json.loads(zget(root, "org.zfs-ng:journal")), gen)
+    assert (base, names) == (gen, frozenset())
+    snap_a, snap_b = str(uuid.uuid4()), str(uuid.uuid4())
+    value = json.dumps(journal.build(base, names | {a["key"]}, gen + 1), sort_keys=True)
+    subprocess.run(["zfs", "set", "org.zfs-ng:journal=" + value,
+                    "org.zfs-ng:generation=%d" % (gen + 1), root], check=True)
+    for key, snap in ((a["key"], snap_a), (b["key"], snap_b)):
+        subprocess.run(["zfs", "snapshot", "-o", 'org.zfs-ng:name="s"',
+                        "%s/%s@%s" % (root, key, snap)], check=True)
+    listed = {v["key"] for v in call("SR.ls", sr=pool)}
+    assert listed == before | {snap_a}, "not only the journal's datasets were read"
+    idx = metadata.Index.for_sr(zget(root, "org.zfs-ng:sr-uuid").strip('"'))
+    try:
+        assert idx.built().startswith("index at %d, " % gen), idx.built()
+    finally:
+        idx.close()
+    # the generation moved by hand, the journal left behind: everything is read
+    subprocess.run(["zfs", "set", "org.zfs-ng:generation=%d" % (gen + 2), root], check=True)
+    assert {v["key"] for v in call("SR.ls", sr=pool)} == before | {snap_a, snap_b}
 
 
 def test_a_clean_move_resets_the_marked_devices_without_a_walk(file_vdevs, tmp_path):

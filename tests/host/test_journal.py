@@ -300,3 +300,28 @@ def test_a_torn_or_foreign_carried_file_is_a_value_error(tmp_path, data):
     (tmp_path / "delta-1-2.json.gz").write_bytes(data)
     with pytest.raises(ValueError):
         carried._read(str(tmp_path), "delta-1-2.json.gz")
+
+
+@pytest.mark.parametrize("base,index_at,pool_at,caught_up", [
+    (5, 7, 9, True),        # a mutation stopped after its bump: the journal leads from 5
+    (7, 7, 9, True),
+    (8, 7, 9, False),       # the journal starts after the index: a copy from elsewhere
+    (5, 9, 9, False),       # nothing to catch up
+    (5, 10, 9, False),      # an index ahead of the pool: not this pool's history
+    (None, 7, 9, False),    # no journal
+])
+def test_an_index_behind_the_pool_catches_up_from_the_journal_where_it_leads_from_it(
+        tmp_path, monkeypatch, base, index_at, pool_at, caught_up):
+    """SR.catch_up_local: only the journal's datasets are read again
+    (carried.catch_up, which the VM tests run against ZFS) where the journal
+    leads from a generation the index is at or past; else None (the caller
+    takes the carried copy or reads every dataset)."""
+    calls = []
+    monkeypatch.setattr(carried, "catch_up", lambda h, how, ds: calls.append((how, ds)) or
+                        (ds, []))
+    value = journal.build(base, {KEY}, pool_at) if base is not None else None
+    h = _handle(tmp_path, pool_at, value, index_at=index_at)
+    got = h.catch_up_local()
+    assert (got is not None) == caught_up and len(calls) == (1 if caught_up else 0)
+    if caught_up:
+        assert calls == [("index at %d" % index_at, ["%s/%s" % (ROOT, KEY)])]
