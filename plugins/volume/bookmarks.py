@@ -85,11 +85,16 @@ def entries(pool, targets=None):
 
 def entries_of(pool, datasets):
     """Entries of the data-destroyed snapshots of datasets (those that exist)."""
+    return _entries(pool, _listed_in(datasets, ("name", "createtxg")))
+
+
+def _listed_in(datasets, props):
+    """Rows (props) of the bookmarks of datasets, those that exist."""
     rows = []
     for i in range(0, len(datasets), _GET_BATCH):
-        rows += zfs.list_names(datasets[i:i + _GET_BATCH], ("name", "createtxg"),
-                               types="bookmark", depth=1, missing_ok=True)
-    return _entries(pool, rows)
+        rows += zfs.list_names(datasets[i:i + _GET_BATCH], props, types="bookmark", depth=1,
+                               missing_ok=True)
+    return rows
 
 
 def _entries(pool, rows):
@@ -124,10 +129,7 @@ def datasets(pool, scope=None):
     if scope is None:
         rows = zfs.list_names(names.sr_root(pool), ("name",), types="bookmark")
     else:
-        rows = []
-        for i in range(0, len(scope), _GET_BATCH):
-            rows += zfs.list_names(scope[i:i + _GET_BATCH], ("name",), types="bookmark",
-                                   depth=1, missing_ok=True)
+        rows = _listed_in(scope, ("name",))
     return set(split(r[0], pool)[0] for r in rows
                if split(r[0], pool) is not None)
 

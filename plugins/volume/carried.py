@@ -161,8 +161,7 @@ def carry_index(handle, whole=False):
                 for name in deltas.values():
                     os.unlink(os.path.join(d, name))
             elif base != handle.generation:
-                targets = journal.datasets(handle.root, changed)
-                targets = sorted(set(targets) | set(idx.clone_datasets(targets)))
+                targets = idx.with_clones(journal.datasets(handle.root, changed))
                 _write(d, delta_name(base, handle.generation), {
                     "format": idx.CARRIED_FORMAT, "sr-uuid": handle.uuid, "base": base,
                     "generation": handle.generation, "datasets": targets,
@@ -235,7 +234,7 @@ def catch_up(handle, how, datasets):
     origin), finish any interrupted revert among them, and replace every row
     under those datasets.  Returns (datasets read, [name, origin] rows)."""
     idx = handle.index()
-    targets = set(datasets) | set(idx.clone_datasets(datasets))
+    targets = set(idx.with_clones(datasets))
     entries, rows = metadata.read_datasets(handle.pool, sorted(targets))
     reverting = [names.classify(r[0], handle.pool) for r in rows]
     reverting = [key for kind, key in reverting if kind == "reverting"]

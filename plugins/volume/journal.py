@@ -70,7 +70,7 @@ def name_of(root, zname):
     """The journal name of ZFS name zname (a dataset, DS@SNAP or DS#BOOKMARK)
     under the SR root: its dataset's component, or None if zname is not
     directly under root."""
-    return names_mod.component(root, zname.split("@", 1)[0].split("#", 1)[0])
+    return names_mod.component(root, names_mod.dataset_of(zname))
 
 
 def datasets(root, names):

@@ -193,6 +193,15 @@ def _prefix_range(prefix):
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+# The rows under a dataset DS: DS itself, its snapshots DS@* and its
+# data-destroyed snapshots DS#* (each range served by the zname index).
+_UNDER = " WHERE zname=? OR (zname>=? AND zname<?) OR (zname>=? AND zname<?)"
+
+
+def _under(ds):
+    return (ds,) + _prefix_range(ds + "@") + _prefix_range(ds + "#")
+
+
 # The types a carried row's columns may have (as JSON decodes them).
 _INT = frozenset((int, bool))
 _STR = frozenset((str,))
@@ -461,14 +470,11 @@ class Index(object):
             "SELECT %s FROM volumes WHERE zname=? OR (zname>=? AND zname<?)"
             % ",".join(COLUMNS), (dataset, lo, hi))]
 
-    def clone_datasets(self, datasets):
-        """The datasets of rows whose origin is a snapshot of one of datasets."""
-        out = set()
-        for ds in datasets:
-            out.update(r[0] for r in self.db.execute(
-                "SELECT zname FROM volumes WHERE origin>=? AND origin<?",
-                _prefix_range(ds + "@")))
-        return sorted(out)
+    def with_clones(self, datasets):
+        """datasets and those of the clones of their snapshots (clones_of),
+        sorted: what a rename of one of them changes (a clone's origin)."""
+        return sorted(set(datasets) | set(c["zname"] for ds in datasets
+                                          for c in self.clones_of(ds)))
 
     def clones_of(self, dataset):
         lo, hi = _prefix_range(dataset + "@")
@@ -544,10 +550,7 @@ class Index(object):
         else:
             rows = []
             for ds in datasets:
-                rows += [list(r) for r in self.db.execute(query + " WHERE zname=?", (ds,))]
-                for sep in ("@", "#"):
-                    rows += [list(r) for r in self.db.execute(
-                        query + " WHERE zname>=? AND zname<?", _prefix_range(ds + sep))]
+                rows += [list(r) for r in self.db.execute(query + _UNDER, _under(ds))]
         for r in rows:
             r[_KEYS] = {} if r[_KEYS] == "{}" else json.loads(r[_KEYS])
         return rows
@@ -585,7 +588,7 @@ class Index(object):
         except (AttributeError, KeyError, TypeError, ValueError):
             return False
         under = set(targets)
-        if any(r[1].split("@", 1)[0].split("#", 1)[0] not in under for r in rows):
+        if any(names.dataset_of(r[1]) not in under for r in rows):
             return False
         self.replace_under(targets, self._carried_values(rows), generation)
         for why in whys:
@@ -663,10 +666,7 @@ class Index(object):
         from those datasets; adopt_delta: a carried delta's)."""
         with self._write():
             for ds in datasets:
-                self.db.execute("DELETE FROM volumes WHERE zname=?", (ds,))
-                for sep in ("@", "#"):
-                    self.db.execute("DELETE FROM volumes WHERE zname>=? AND zname<?",
-                                    _prefix_range(ds + sep))
+                self.db.execute("DELETE FROM volumes" + _UNDER, _under(ds))
             self.db.executemany(_insert(COLUMNS), rows)
             self._set_generation(generation)
 

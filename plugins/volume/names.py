@@ -138,6 +138,11 @@ def is_component(text):
     return isinstance(text, str) and _COMPONENT.match(text) is not None
 
 
+def dataset_of(zname):
+    """The dataset of ZFS name zname: DS of DS, DS@SNAP and DS#BOOKMARK."""
+    return zname.split("@", 1)[0].split("#", 1)[0]
+
+
 def component(root, name):
     """The last part of dataset `name` if it is directly under `root`, else None."""
     if not isinstance(name, str) or not name.startswith(root + "/"):

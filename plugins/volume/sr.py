@@ -225,7 +225,8 @@ class SR(object):
             # a copy of the index as it is: only while it is at the pool's
             # generation (not inside a mutation, after its bump); else no
             # journal until the next mutation carries one
-            base, have = (self.generation, frozenset()) if carried.carry_index(self) else (None, frozenset())
+            base = self.generation if carried.carry_index(self) else None
+            have = frozenset()
         value = journal.build(base, have | add, at)
         props = {}
         if value != self.props.get("journal"):

@@ -1,6 +1,6 @@
 """The pool's journal (plugins/volume/journal.py) and what SR.journal makes of
 it, and the index's part of a new host's catch-up (Index.replace_under,
-clone_datasets).  What ZFS does with the property, and a new host's catch-up
+with_clones).  What ZFS does with the property, and a new host's catch-up
 after a crash or a kill, are tested in the VM
 (tests/e2e/test_sr_export_import.py, test_volume_kill9.py)."""
 
@@ -208,8 +208,8 @@ def test_rows_under_the_journals_datasets_are_replaced_and_no_other(tmp_path):
             _row(KEY[:-1] + "e", near, name="kept"),
             _row(KEY4, "%s/%s" % (ROOT, KEY4), origin="%s@%s" % (a, KEY2))]
     idx.replace_all(rows, 4)
-    assert idx.clone_datasets([a]) == ["%s/%s" % (ROOT, KEY4)]
-    assert idx.clone_datasets([near, "%s/h-x" % ROOT]) == []
+    assert idx.with_clones([a]) == sorted([a, "%s/%s" % (ROOT, KEY4)])
+    assert idx.with_clones([near, "%s/h-x" % ROOT]) == sorted([near, "%s/h-x" % ROOT])
     # the volume was destroyed with its snapshot kept (renamed to h-1), its clone re-read
     moved = [_row(KEY2, "%s/h-1@%s" % (ROOT, KEY2), "snapshot"),
              _row(KEY4, "%s/%s" % (ROOT, KEY4), origin="%s/h-1@%s" % (ROOT, KEY2))]
