@@ -13,7 +13,7 @@ import uuid
 import dp_helpers as dp
 from conftest import wait_for_path
 from nvmeof_target.registry import Registry
-from volume_calls import PLUGIN_DIR, call, check_volume, zget
+from volume_calls import PLUGIN_DIR, call, check_volume, index_built, zget
 
 RAW = "zfsng-raw"
 
@@ -124,16 +124,6 @@ def test_the_next_host_takes_the_index_the_pool_carries(file_vdevs, tmp_path):
         dp.destroy_pool(pool)
 
 
-def built(state_dir, sr_uuid):
-    """How host state_dir's index of the SR was last made whole (Index.built)."""
-    from plugins.volume import metadata
-    idx = metadata.Index.for_sr(sr_uuid, state_dir=state_dir)
-    try:
-        return idx.built() or ""
-    finally:
-        idx.close()
-
-
 def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         file_vdevs, tmp_path):
     """Host A dies (no SR.detach: its last copy of the index in the pool is
@@ -185,14 +175,14 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         before = sorted(a("SR.ls"), key=lambda x: x["key"])
         assert {x["key"] for x in before} == {s1["key"], c1["key"], v2["key"], s2["key"],
                                               s3["key"], ss["key"], c2["key"]}
-        assert built(a_env["ZFSNG_STATE_DIR"], sr_uuid)
+        assert index_built(sr_uuid, a_env["ZFSNG_STATE_DIR"])
         trap = "%s/h-planted" % root                 # garbage only a full sweep removes
         subprocess.run(["zfs", "create", "-V", "1M", trap], check=True)
         subprocess.run(["udevadm", "settle", "--timeout=30"])
         export(pool)                                 # the crash: no SR.detach
 
         assert call_env(env["b"], "SR.attach", configuration=conf) == pool
-        how = built(str(tmp_path / "b" / "state"), sr_uuid)
+        how = index_built(sr_uuid, str(tmp_path / "b" / "state"))
         print("host B's index:", how)
         assert how.startswith("carried at ") and "datasets read again" in how, how
         # the first copy was SR.create's first mutation's (generation 0); a
@@ -212,7 +202,7 @@ def test_a_host_taking_the_pool_after_a_crash_reads_only_the_journals_datasets(
         subprocess.run(["zfs", "inherit", "org.zfs-ng:journal", root], check=True)
         export(pool)                                 # B dies too, with no journal
         call_env(env["c"], "SR.attach", configuration=conf)
-        how = built(str(tmp_path / "c" / "state"), sr_uuid)
+        how = index_built(sr_uuid, str(tmp_path / "c" / "state"))
         assert how.startswith("rebuilt at "), how
         assert not dp.zfs_exists(trap)
         assert sorted(call_env(env["c"], "SR.ls", sr=pool), key=lambda x: x["key"]) == before
@@ -234,7 +224,7 @@ def test_an_index_behind_the_pool_reads_only_the_journals_datasets(sr, sr_vdev):
     back, which the journal does not name, is not seen: nothing but the
     journal's datasets was read.  A generation moved without the journal
     (by hand) reads everything."""
-    from plugins.volume import journal, metadata
+    from plugins.volume import journal
     pool = sr
     root = pool + "/zfs-ng"
     a, b = [call("Volume.create", sr=pool, name=n, description="", size=16 << 20,
@@ -254,11 +244,8 @@ def test_an_index_behind_the_pool_reads_only_the_journals_datasets(sr, sr_vdev):
                         "%s/%s@%s" % (root, key, snap)], check=True)
     listed = {v["key"] for v in call("SR.ls", sr=pool)}
     assert listed == before | {snap_a}, "not only the journal's datasets were read"
-    idx = metadata.Index.for_sr(zget(root, "org.zfs-ng:sr-uuid").strip('"'))
-    try:
-        assert idx.built().startswith("index at %d, " % gen), idx.built()
-    finally:
-        idx.close()
+    how = index_built(zget(root, "org.zfs-ng:sr-uuid").strip('"'))
+    assert how.startswith("index at %d, " % gen), how
     # the generation moved by hand, the journal left behind: everything is read
     subprocess.run(["zfs", "set", "org.zfs-ng:generation=%d" % (gen + 2), root], check=True)
     assert {v["key"] for v in call("SR.ls", sr=pool)} == before | {snap_a, snap_b}

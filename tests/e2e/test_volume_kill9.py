@@ -28,7 +28,7 @@ import signal
 import subprocess
 import time
 
-from volume_calls import call, start, wait_zfs_idle, zfs_names, zget
+from volume_calls import call, index_built, start, wait_zfs_idle, zfs_names, zget
 
 MiB = 1 << 20
 CALLS = int(os.environ.get("ZFSNG_KILL9_CALLS", "20"))
@@ -281,11 +281,9 @@ def test_kill_9_at_random_points_of_plugin_calls(sr, sr_vdev, tmp_path, monkeypa
     for var in ("ZFSNG_STATE_DIR", "ZFSNG_RUN_DIR", "ZFSNG_NODE_RUN_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "new-host" / var))
     call("SR.attach", configuration={"pool": pool, "device": sr_vdev})
-    from plugins.volume import metadata, sr as sr_mod
-    idx = metadata.Index.for_sr(sr_mod.read_root_props(pool)["sr-uuid"],
-                                state_dir=str(tmp_path / "new-host" / "ZFSNG_STATE_DIR"))
-    print("the new host's index:", idx.built())
-    idx.close()
+    from plugins.volume import sr as sr_mod
+    print("the new host's index:", index_built(sr_mod.read_root_props(pool)["sr-uuid"],
+                                               str(tmp_path / "new-host" / "ZFSNG_STATE_DIR")))
     listed = ls(pool)
     t = truth(pool)
     assert dict((k, "volume" if v["read_write"] else "snapshot") for k, v in listed.items()) \

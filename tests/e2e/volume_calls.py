@@ -91,3 +91,15 @@ def wait_zfs_idle(timeout=60):
         if p.returncode != 0:
             return
         time.sleep(0.2)
+
+
+def index_built(sr_uuid, state_dir=None):
+    """How a host's index of the SR was last made whole (Index.built: "rebuilt
+    at G", "carried at F ..., N datasets read again at G", "index at G, ...");
+    state_dir: that host's ZFSNG_STATE_DIR (default: this machine's)."""
+    from plugins.volume import metadata
+    idx = metadata.Index.for_sr(sr_uuid, state_dir=state_dir)
+    try:
+        return idx.built() or ""
+    finally:
+        idx.close()
