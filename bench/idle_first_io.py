@@ -57,6 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench._vm import file_sr, plugin_call as script  # noqa: E402
+from blockio import zvol as zvol_dev  # noqa: E402
 
 USER = "bench"
 
@@ -65,7 +66,7 @@ def read4k(path, expect):
     """open(O_DIRECT) + one aligned 4 KiB pread at 0; seconds."""
     buf = mmap.mmap(-1, 4096)
     t = time.time()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    fd = zvol_dev.open_path(path, os.O_RDONLY | os.O_DIRECT)    # the servers' open
     try:
         n = os.preadv(fd, [buf], 0)
     finally:
@@ -76,9 +77,12 @@ def read4k(path, expect):
     return took
 
 
-def first_io(devices, pool, key, expect):
+def first_io(devices, pool, key, expect, link):
+    """link: activate_device waits for udev's /dev/zvol link (what tapdisk
+    needs); else only for the minor (the target's and NBD server's way: they
+    open the minor by name until the link is there, blockio/zvol.py)."""
     t = time.time()
-    loc = devices.acquire(pool, key, USER)
+    loc = devices.acquire(pool, key, USER, link=link)
     t_act = time.time() - t
     t_read = read4k(loc["device"], expect)
     t_warm = read4k(loc["device"], expect)   # the device exists now
@@ -86,32 +90,6 @@ def first_io(devices, pool, key, expect):
     devices.release(pool, key, USER)
     return {"activate": t_act, "read": t_read, "first_io": t_act + t_read,
             "warm_read": t_warm, "deactivate": time.time() - t}
-
-
-BLKZNAME = (2 << 30) | (256 << 16) | (0x12 << 8) | 125   # _IOR(0x12, 125, char[256])
-
-
-def _zd_named(ds, before):
-    """/dev/zdN of zvol ds among the zd devices not in `before`, asked by
-    name (the ioctl zvol_id makes for udev), or None."""
-    import fcntl
-    for n in set(os.listdir("/sys/block")) - before:
-        if not n.startswith("zd"):
-            continue
-        try:
-            fd = os.open("/dev/" + n, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            buf = bytearray(256)
-            fcntl.ioctl(fd, BLKZNAME, buf, True)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        if bytes(buf).split(b"\0")[0].decode() == ds:
-            return "/dev/" + n
-    return None
 
 
 def parts(pool, key, use_lib):
@@ -128,8 +106,7 @@ def parts(pool, key, use_lib):
     subprocess.run(["zfs", "get", "-H", "-o", "value", "volmode", ds], check=True,
                    stdout=subprocess.DEVNULL)
     t_get = time.time() - t
-    before = set(os.listdir("/sys/block"))
-    t = time.time()
+    t = t0 = time.time()
     if use_lib:
         zfs.set_prop(ds, "volmode", "dev")
     else:
@@ -140,7 +117,7 @@ def parts(pool, key, use_lib):
     while t_minor is None or t_link is None:
         if time.time() - t > 60:
             sys.exit("%s did not appear" % dev)
-        if t_minor is None and _zd_named(ds, before):
+        if t_minor is None and zvol_dev.find(ds, since=t0 - 0.05):
             t_minor = time.time() - t
         if t_link is None and os.path.exists(dev):
             t_link = time.time() - t
@@ -191,17 +168,25 @@ def main():
         script("SR.detach", env, sr=pool)
         script("SR.attach", env, configuration=conf)
         _, query = script("Plugin.Query", env)
-        rows_v = [first_io(devices, pool, k, m) for k, m in vols]
-        rows_s = [first_io(devices, pool, k, m) for k, m in snaps]
+        # alternately waiting for udev's link and for the minor only
+        rows_v = [dict(first_io(devices, pool, k, m, i % 2 == 0), link=i % 2 == 0)
+                  for i, (k, m) in enumerate(vols)]
+        rows_s = [dict(first_io(devices, pool, k, m, i % 2 == 0), link=i % 2 == 0)
+                  for i, (k, m) in enumerate(snaps)]
         rows_p = [parts(pool, k, i % 2 == 1) for i, (k, _) in enumerate(vols)]
         fig = {"volumes": rows_v, "snapshots": rows_s, "parts": rows_p, "plugin_query": query}
         print("first 4 KiB read of an idle device, %d each, median (min..max), ms:"
               % args.volumes)
         for what, rows in (("volume", rows_v), ("snapshot", rows_s)):
-            for field in ("activate", "read", "first_io", "warm_read", "deactivate"):
-                med, lo, hi = summary(rows, field)
-                print("  %-8s %-10s %8.1f (%.1f..%.1f)" % (what, field, med * 1e3, lo * 1e3,
-                                                           hi * 1e3))
+            for link in (True, False):
+                sub = [r for r in rows if r["link"] == link]
+                if not sub:
+                    continue
+                for field in ("activate", "read", "first_io", "warm_read", "deactivate"):
+                    med, lo, hi = summary(sub, field)
+                    print("  %-8s %-5s %-10s %8.1f (%.1f..%.1f)"
+                          % (what, "link" if link else "minor", field, med * 1e3, lo * 1e3,
+                             hi * 1e3))
         for field in ("zfs_get", "zfs_set", "libzfs_set", "minor", "udev_link"):
             med, lo, hi = summary([r for r in rows_p if field in r], field)
             print("  parts    %-10s %8.1f (%.1f..%.1f)" % (field, med * 1e3, lo * 1e3, hi * 1e3))

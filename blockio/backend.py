@@ -16,6 +16,8 @@ import os
 import stat
 import struct
 
+from . import zvol
+
 # linux/fs.h
 BLKSSZGET = 0x1268
 BLKPBSZGET = 0x127B
@@ -42,7 +44,8 @@ class Backend:
     def __init__(self, path, readonly=False):
         self.path = path
         self.readonly = readonly
-        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        # a /dev/zvol link udev has not made yet: the zvol's minor, by name
+        self.fd = zvol.open_path(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         self._dfd = None           # O_DIRECT read descriptor, opened on first use
         try:
             st = os.fstat(self.fd)

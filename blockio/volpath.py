@@ -2,7 +2,8 @@
 nbd serve --export`, nbd_server.config) accept as a volume's path, and what a
 Connect opens.
 
-A volume is a block device (a zvol: /dev/zvol/POOL/NAME links to /dev/zdN), or
+A volume is a block device (a zvol: /dev/zvol/POOL/NAME links to /dev/zdN; a
+zvol whose link udev has not made yet is taken by its minor: blockio/zvol.py), or
 a regular image file under one of the directories the target was told about
 (`zfs-ng target serve --file-dir DIR`, `zfs-ng nbd serve --file-dir DIR`, or
 ZFSNG_TARGET_FILE_DIRS, os.pathsep separated, for both; none by default, so a
@@ -13,6 +14,8 @@ anything under /proc or /sys (/proc/self/environ is a "regular file")."""
 
 import os
 import stat
+
+from . import zvol
 
 FILE_DIRS_ENV = "ZFSNG_TARGET_FILE_DIRS"
 NEVER = ("/proc", "/sys")
@@ -54,7 +57,12 @@ def check_path(path, dirs):
     try:
         st = os.stat(path)
     except OSError as e:
-        raise ValueError("refusing %s: %s" % (path, e.strerror or e))
+        # a /dev/zvol link udev has not made yet: the zvol's minor, by name
+        node = zvol.find(zvol.dataset_of(path)) if zvol.dataset_of(path) else None
+        try:
+            st = os.stat(node or path)
+        except OSError:
+            raise ValueError("refusing %s: %s" % (path, e.strerror or e))
     if stat.S_ISBLK(st.st_mode):
         return
     if stat.S_ISREG(st.st_mode):

@@ -22,6 +22,7 @@ import os
 import subprocess
 import time
 
+from blockio import zvol as zvol_dev
 from plugins.smapi import BackendError
 
 PREFIX = "org.zfs-ng:"
@@ -141,15 +142,21 @@ def device_path(dataset):
     return "/dev/zvol/" + dataset
 
 
-def wait_for_device(path, timeout):
+def wait_for_device(path, timeout, link=True):
     """Wait for a zvol's device node (udev makes the /dev/zvol link a moment
     after ZFS adds the zvol's minor); Device_timeout.  Polled, a few ms apart
     at first: `udevadm settle` is a process of its own (a tenth of a second
     in a slow guest) and waits for every queued event, not only this one, so
-    it is run only once the node is late."""
+    it is run only once the node is late.  link=False: the zvol's minor made
+    since the wait began, found by its name (blockio/zvol.py), is enough too,
+    for a caller that hands the path only to openers that find the minor the
+    same way when the link is not there yet (the target, the NBD server)."""
     start = time.time()
     delay = 0.002
+    dataset = None if link else zvol_dev.dataset_of(path)
     while not os.path.exists(path):
+        if dataset is not None and zvol_dev.find(dataset, since=start - 0.05) is not None:
+            return
         waited = time.time() - start
         if waited > timeout:
             raise BackendError("Device_timeout", "%s did not appear within %d s"

@@ -20,14 +20,16 @@ def _volumes():
     return volume
 
 
-def acquire(pool, key, user):
-    """activate_device, recording user; returns volumes.locate()'s dict."""
+def acquire(pool, key, user, link=True):
+    """activate_device, recording user; returns volumes.locate()'s dict.
+    link=False: the device path goes only to our servers (the target, the
+    NBD server), which open a zvol's minor before udev links it."""
     with records.device_lock(pool, key) as st:
         users = st.shared.setdefault("users", [])
         if user not in users:
             users.append(user)  # before activating: a failed activation is released
         try:
-            return _volumes().activate_device(pool, key)
+            return _volumes().activate_device(pool, key, link=link)
         except BaseException:
             if users == [user]:
                 st.shared.clear()

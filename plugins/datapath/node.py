@@ -56,7 +56,7 @@ def grant(subnqn, hostnqn):
         pool = st.shared.get("pool") or _sr().attached_pool(sr_uuid)
         st.shared["pool"] = pool
         hosts = st.shared.setdefault("hosts", [])
-        loc = devices.acquire(pool, key, NODE_USER)
+        loc = devices.acquire(pool, key, NODE_USER, link=False)   # for the target
         try:
             required = _auth_required(pool)
             with _client() as c:

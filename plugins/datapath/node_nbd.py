@@ -168,7 +168,7 @@ def nbd_grant(sr_uuid, key, client, mode=RW):
             sh["pool"] = sr.attached_pool(sr_uuid)
         pool = sh["pool"]
         clients = sh.setdefault("clients", {})
-        loc = devices.acquire(pool, key, NBD_USER)
+        loc = devices.acquire(pool, key, NBD_USER, link=False)   # for the NBD server
         readonly = bool(loc["readonly"]) or mode == RO
         try:
             _write_grant(client, {"client": client, "export": export, "device": loc["device"],

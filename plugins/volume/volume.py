@@ -557,9 +557,12 @@ def _locate(handle, e):
     }
 
 
-def activate_device(sr, key, timeout=60.0):
+def activate_device(sr, key, timeout=60.0, link=True):
     """Make the volume's block device exist and return locate() with it.
-    Idempotent.  Volumes: volmode=dev on the zvol.  Snapshots: a read-only
+    Idempotent.  link=False: return once the zvol's minor is there, before
+    udev's /dev/zvol link (zfs.wait_for_device), for a device path handed only
+    to our own servers, which open the minor by name until the link is made
+    (blockio/zvol.py); tapdisk and any other opener need link=True.  Volumes: volmode=dev on the zvol.  Snapshots: a read-only
     clone (ro-KEY, volmode=dev) that deactivate_device destroys.  The caller
     (a datapath) counts its own users: one deactivate undoes any number of
     activates."""
@@ -584,7 +587,7 @@ def activate_device(sr, key, timeout=60.0):
             ro = names.readonly_dataset(handle.pool, key)
             if not zfs.exists(ro):
                 zfs.zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", e["zname"], ro)
-    zfs.wait_for_device(loc["device"], timeout)
+    zfs.wait_for_device(loc["device"], timeout, link=link)
     loc["active"] = True
     return loc
 

@@ -100,7 +100,7 @@ def node_dir(tmp_path, monkeypatch):
     imgs.mkdir()
     users = {}
 
-    def acquire(pool, key, user):
+    def acquire(pool, key, user, link=True):
         p = imgs / key
         if not p.exists():
             p.write_bytes(b"\0" * 4 * MiB)
