@@ -10,7 +10,8 @@ Layout, one concern per module (cf. Linux drivers/nvme/target/):
   controller.py controller registers, features, AEN state
   admin.py      admin commands; identify.py, logpages.py, discovery.py data
   io.py         Read/Write(FUA)/Flush/Write Zeroes/DSM on blockio.backend.Backend
-  aio.py        reads, writes, flushes in flight by Linux AIO (O_DIRECT, eventfd in the loop)
+  aio.py        reads, writes, flushes in flight by Linux AIO (O_DIRECT, eventfd in the
+                loop), from and into fixed slots: no copy of the data on the way
   filespan.py   large reads sent by sendfile from the page cache
   registry.py   the persistent volume table (sqlite3; an idle volume = one row)
   target.py     live subsystems, controllers, volume changes

@@ -19,11 +19,23 @@ Contract:
   BIG): the caller does it synchronously.  With every slot of its size busy,
   the I/O waits here and starts when one frees up (no synchronous fallback
   that would mix buffered and direct I/O on one volume).
+- read_now(fd, offset, length): a synchronous O_DIRECT read into a slot,
+  lent the same way (a lone read at QD1: queue.Queue.lone_read), or None.
+- reserve(length) lends a free slot to receive a write's data into, as a
+  writable memoryview of length bytes (or None: no AIO, too long, no slot
+  free now); submit_write given that very view starts the write from its slot
+  with no copy (even with other I/O waiting for slots); unreserve(view) gives
+  back a slot no write took (a no-op for one that did).
 - submit_fsync(fd, token) queues an fsync (a Flush: the zvol commits what
   completed before), completed by write_done like a write.
 - flush() hands what was queued this loop turn to the kernel (one io_submit).
 - done(token, data) per read: the bytes, or None when AIO and a synchronous
-  O_DIRECT retry both failed (the caller's synchronous read gives the error);
+  O_DIRECT retry both failed (the caller's synchronous read gives the error).
+  The bytes are a memoryview of the I/O's slot, not a copy (a 128 KiB copy
+  costs more than the rest of the command under TCG): the slot is lent to
+  the caller until reclaim(outs), which the loop calls once its sends are
+  done; a view still in one of the `outs` lists then (a host not reading:
+  TCP back-pressure) is copied out there, and the slot is free again.
   write_done(token, err) per write: 0, the errno of the failed write, or -1
   when AIO went away for good while it waited for a slot (not done: the
   caller writes it synchronously).
@@ -102,6 +114,8 @@ class Aio(object):
         self.nbig = nbig
         self.ok = None            # None: not set up yet (first use), then True/False
         self.queued = []          # slot indexes to submit
+        self.lent = []            # read slots whose bytes were handed out as views
+        self.reserved = {}        # id(view) -> (slot, view): slots lent to receive writes
         self.waiting = collections.deque()   # (kind, fd, offset, length, data, token, dsync)
         n = nslots + nbig
         self.tokens = [None] * n
@@ -110,12 +124,17 @@ class Aio(object):
         self.redone = 0           # retried synchronously
         self.submits = self.wakeups = 0     # io_submit calls, eventfd wakeups
         self.waited = 0           # I/O that waited for a free slot
+        self.received = 0         # writes started from the slot their data came into
+        self.copied = 0           # lent read slots copied at reclaim (not sent yet)
+        self.sync_reads = 0       # read_now(): a lone read at QD1
 
     def stats(self):
         return {"aio": bool(self.ok), "aio_reads": self.reads, "aio_writes": self.writes,
                 "aio_fsyncs": self.fsyncs,
                 "aio_redone": self.redone, "aio_submits": self.submits,
-                "aio_wakeups": self.wakeups, "aio_waited": self.waited}
+                "aio_wakeups": self.wakeups, "aio_waited": self.waited,
+                "aio_received_writes": self.received, "aio_copied_reads": self.copied,
+                "aio_sync_reads": self.sync_reads}
 
     def _setup(self):
         self.ok = False
@@ -146,6 +165,7 @@ class Aio(object):
         self.mm = mmap.mmap(-1, self.nslots * SLOT + self.nbig * BIG)
         self._mm_ref = ctypes.c_char.from_buffer(self.mm)
         self.base = ctypes.addressof(self._mm_ref)
+        self.view = memoryview(self.mm)
         # slot i: bytes [off[i], off[i] + cap[i]) of mm
         self.off = [i * SLOT for i in range(self.nslots)] + [
             self.nslots * SLOT + i * BIG for i in range(self.nbig)]
@@ -187,11 +207,60 @@ class Aio(object):
         like a write; a kernel without AIO fsync gets a synchronous one."""
         return self._submit(IOCB_CMD_FSYNC, fd, 0, 0, None, token, False)
 
+    def read_now(self, fd, offset, length):
+        """A synchronous O_DIRECT read into a free slot, lent like an AIO
+        read's (until reclaim): a memoryview of the bytes, or None (no AIO
+        here, too long, no slot free, the kernel refused or fell short: the
+        caller goes the usual way, which retries and reports errors)."""
+        if not self.ok or length > BIG:
+            return None
+        free = self.free if length <= SLOT else self.free_big
+        if not free:
+            return None
+        i = free.pop()
+        off = self.off[i]
+        if self._lib.pread(fd, self.base + off, length, offset) != length:
+            free.append(i)
+            return None
+        self.reads += 1
+        self.sync_reads += 1
+        self.lent.append(i)
+        return self.view[off:off + length]
+
+    def reserve(self, length):
+        """A free slot to receive a write's data into (see the contract)."""
+        if self.ok is None:
+            self._setup()
+        if not self.ok or length > BIG or self.waiting:
+            return None
+        free = self.free if length <= SLOT else self.free_big
+        if not free:
+            return None
+        i = free.pop()
+        off = self.off[i]
+        view = self.view[off:off + length]
+        self.reserved[id(view)] = (i, view)
+        return view
+
+    def unreserve(self, view):
+        """Give back a reserved slot that no write took (else a no-op)."""
+        ent = self.reserved.pop(id(view), None)
+        if ent is not None:
+            i = ent[0]
+            (self.free if i < self.nslots else self.free_big).append(i)
+            self._start_waiting()
+
     def _submit(self, op, fd, offset, length, data, token, dsync):
         if self.ok is None:
             self._setup()
         if not self.ok or length > BIG:
             return False
+        if self.reserved and data is not None:
+            ent = self.reserved.pop(id(data), None)
+            if ent is not None:          # received into its slot already: no copy
+                self.received += 1
+                self._start(ent[0], op, fd, offset, length, None, token, dsync)
+                return True
         free = self.free if length <= SLOT else self.free_big
         if not free or self.waiting:
             self.waited += 1
@@ -288,9 +357,13 @@ class Aio(object):
         self.io[i] = None
         try:
             if op == IOCB_CMD_PREAD:
-                off = self.off[i]
-                data = self.mm[off:off + self.lengths[i]] if ok else None
-                (self.free if i < self.nslots else self.free_big).append(i)
+                if ok:
+                    off = self.off[i]
+                    self.lent.append(i)         # until reclaim()
+                    data = self.view[off:off + self.lengths[i]]
+                else:
+                    (self.free if i < self.nslots else self.free_big).append(i)
+                    data = None
                 self.done(token, data)
             else:
                 (self.free if i < self.nslots else self.free_big).append(i)
@@ -323,6 +396,27 @@ class Aio(object):
                 else:          # error or short transfer: once more, synchronously
                     self._retry(i)
         self._start_waiting()
+
+    def reclaim(self, outs):
+        """The loop's sends are done: the read slots lent since the last call
+        are free again.  Any view of them still in one of the `outs` lists
+        (output the socket did not take yet) is replaced by a copy first;
+        I/O that waited for those slots starts."""
+        if not self.lent:
+            return
+        mm = self.mm
+        for out in outs:
+            for k, b in enumerate(out):
+                if type(b) is memoryview and b.obj is mm:
+                    out[k] = bytes(b)
+                    self.copied += 1
+        free, free_big, nslots = self.free, self.free_big, self.nslots
+        for i in self.lent:
+            (free if i < nslots else free_big).append(i)
+        self.lent = []
+        self._start_waiting()
+        if self.queued:
+            self.flush()
 
     def _reap(self):
         """[(slot, res)] of the completed I/O, without blocking."""
@@ -390,9 +484,17 @@ class Aio(object):
             self.efd = None
         if getattr(self, "_mm_ref", None) is not None:
             self._mm_ref = None
+        if getattr(self, "view", None) is not None:
+            self.view.release()
+            self.view = None
         if getattr(self, "mm", None) is not None:
-            self.mm.close()
+            try:
+                self.mm.close()
+            except BufferError:     # a lent view still somewhere: freed with it
+                pass
             self.mm = None
+        self.lent = []
+        self.reserved = {}
         self.queued = []
         self.tokens = [None] * len(self.tokens)
         self.inflight = 0

@@ -5,7 +5,11 @@ Reads and writes go by the loop's AIO (aio.py) on the volume's O_DIRECT
 descriptor when it has one, several in flight like the kernel target's bios:
 no page cache, so a write completes once it is in the zvol (a later Flush,
 an fsync of the volume, makes it durable; FUA: RWF_DSYNC, durable when it
-completes) and the writeback is never left for later.  Without AIO or
+completes) and the writeback is never left for later.  Data is not copied on
+the way: a read's bytes go to the host from its AIO slot, a whole write's
+H2CData is received into the slot it is written from (write_buffer); a small
+read from a host that sends one command at a time (Queue.lone_read) is a
+synchronous O_DIRECT read into a slot, without AIO's round trip.  Without AIO or
 O_DIRECT (old kernel, seccomp, a filesystem that refuses it) everything is
 synchronous and buffered: pread/pwrite, reads >= SPAN_MIN by sendfile from
 the page cache (filespan.py), FUA by fdatasync.  A volume is served one way or
@@ -26,6 +30,7 @@ FUA = 1 << 30           # cdw12
 DEAC = 1 << 25          # cdw12, Write Zeroes: deallocate
 DSM_AD = 1 << 2         # cdw11
 SPAN_MIN = 16384         # smaller reads: one pread + the batched sendmsg is cheaper
+SYNC_MAX = 16384         # a lone read up to this size may be synchronous (QD1)
 _RANGE = struct.Struct("<IIQ")      # cattr, nlb (1-based), slba
 DSM_MAX_DATA = 256 * _RANGE.size     # NR is 8 bits, 0's based
 
@@ -114,8 +119,19 @@ def _read_async(queue, sub, cmd):
     be = sub.backend
     if (offset | length) & (be.logical_block_size - 1):
         return False             # O_DIRECT alignment
-    if be.direct_fd() < 0 or not queue.aio.submit(be, offset, length,
-                                                   (queue, cmd.cid, sub, offset, length)):
+    fd = be.direct_fd()
+    if fd < 0:
+        return False
+    aio = queue.aio
+    if length <= SYNC_MAX and queue.lone_read():
+        data = aio.read_now(fd, offset, length)      # QD1: no round trip through AIO
+        if data is not None:
+            queue.complete_read(cmd.cid, data)
+            stats = sub.stats
+            stats["reads"] += 1
+            stats["read_bytes"] += length
+            return True
+    if not aio.submit(be, offset, length, (queue, cmd.cid, sub, offset, length)):
         return False
     stats = sub.stats
     stats["reads"] += 1
@@ -150,6 +166,26 @@ def _write_async(queue, sub, cmd, data):
     stats["writes"] += 1
     stats["write_bytes"] += length
     return True
+
+
+def write_buffer(queue, cmd):
+    """An AIO slot (Aio.reserve) for write cmd's data to be received into, so
+    that _write_async starts it from there with no copy; None where it would
+    not go by AIO (checked as execute and _write_async check it)."""
+    ctrl = queue.ctrl
+    if ctrl is None or not ctrl.ready or cmd.opcode != WRITE or cmd.nsid != 1:
+        return None
+    sub = ctrl.subsys
+    if sub.readonly:
+        return None
+    try:
+        offset, length = _rw_args(sub, cmd)
+    except st.NvmeError:
+        return None
+    be = sub.backend
+    if length > BIG or (offset | length) & (be.logical_block_size - 1) or be.direct_fd() < 0:
+        return None
+    return queue.aio.reserve(length)
 
 
 def write_done(token, err):

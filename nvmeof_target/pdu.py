@@ -160,7 +160,10 @@ class Parser(object):
 
     Nothing is allocated for a PDU's data before its header is checked:
     h2c_check(header, dlen), if given, vets an H2CData header (the queue
-    knows which transfers it granted) and raises PduError to refuse it."""
+    knows which transfers it granted) and raises PduError to refuse it; it
+    may return a writable buffer of dlen bytes for the data to be received
+    into (the queue's AIO slot: no copy later), used when there is no data
+    digest."""
 
     def __init__(self, max_cmd_data=8192, max_h2c_data=1 << 20, h2c_check=None):
         self.hdgst = False
@@ -255,10 +258,11 @@ class Parser(object):
             return
         dd = 4 if flags & F_DDGST else 0
         dlen = plen - pdo - dd
+        buf = None
         if ptype == H2C_DATA and self.h2c_check is not None:
-            self.h2c_check(header, dlen)
+            buf = self.h2c_check(header, dlen)
         self._pdu = Pdu(ptype, flags, hlen, pdo, plen, header)
-        self._dbuf = bytearray(dlen + dd)
+        self._dbuf = buf if buf is not None and not dd else bytearray(dlen + dd)
         self._dpos = 0
         self._skip = pdo - hlen - hd
 

@@ -19,7 +19,7 @@ H2CData header before its data is allocated."""
 import collections
 import logging
 
-from . import core, pdu
+from . import core, io, pdu
 from . import status as st
 from .command import DEFERRED, Command, Result
 from .identify import INLINE_DATA, MAX_TRANSFER
@@ -31,6 +31,7 @@ MAXH2CDATA = MAX_TRANSFER        # one H2CData per write (multiple of 4, >= 4096
 ADMIN_INLINE = 8192              # NVME_TCP_ADMIN_CCSZ: Connect data on every queue
 TRANSIENT_TRANSPORT_ERROR = 0x022
 PARSE_BATCH = 64                 # PDUs parsed ahead of the one being executed
+LONE = 32                        # reads in a row alone before reads go synchronous
 
 
 class Queue(object):
@@ -64,8 +65,10 @@ class Queue(object):
         self.sqflow_disabled = False
         self.hdgst = self.ddgst = False
         self._ic = False
-        # ttag -> [cmd, buffer or None, received, digest ok, offset parsed up to]
+        # ttag -> [cmd, buffer or None, received, digest ok, offset parsed up to,
+        #          AIO slot lent for the data or None]
         self._r2ts = {}
+        self.lone_reads = 0           # reads in a row that came alone (lone_read)
         self._next_ttag = 0
 
     @property
@@ -124,6 +127,23 @@ class Queue(object):
         self.budget.used -= self.stash_bytes
         self._stash, self.stash_bytes, self.paused = None, 0, False
         return stash
+
+    def lone_read(self):
+        """May the read being dispatched be done synchronously, right now?
+        Only for a host that sends one command at a time (QD1: then the
+        io_submit, the eventfd wakeup and a second poll are all saved): this
+        read came alone (nothing parsed behind it, no I/O in flight in the
+        loop), and so did the LONE reads before it.  A host with more than one
+        command outstanding shows it: its commands come together, or while
+        others are in flight (a synchronous read held the loop while it sent
+        more), and then the next LONE reads go by AIO whatever they look like,
+        so a deep queue whose commands trickle in is not served one at a time."""
+        aio = self.aio
+        if self._ready or aio.inflight or aio.queued or aio.waiting:
+            self.lone_reads = 0
+            return False
+        self.lone_reads += 1
+        return self.lone_reads > LONE
 
     def wants_input(self):
         """False: do not read this connection (closing, or over its budget)."""
@@ -190,7 +210,8 @@ class Queue(object):
             while ttag in self._r2ts:
                 ttag = (ttag + 1) & 0xFFFF
             self._next_ttag = (ttag + 1) & 0xFFFF
-            self._r2ts[ttag] = [cmd, None, 0, True, 0]
+            # cmd, data so far, bytes got, digests ok, next offset, AIO slot lent
+            self._r2ts[ttag] = [cmd, None, 0, True, 0, None]
             self.send(pdu.r2t(cmd.cid, ttag, 0, n, self.hdgst))
 
     def _h2c_header(self, header, dlen):
@@ -208,13 +229,18 @@ class Queue(object):
         if datal != dlen or datao + datal > cmd.sgl_len:
             raise pdu.PduError(pdu.FES_OUT_OF_RANGE, 16, header, "H2CData length %d" % datal)
         ent[4] = datao + datal
+        if datao == 0 and dlen == cmd.sgl_len and not self.ddgst and self.aio is not None:
+            # the whole write in this PDU: received straight into an AIO slot
+            ent[5] = io.write_buffer(self, cmd)
+            return ent[5]
+        return None
 
     def _h2c_data(self, p):
         cccid, ttag, datao, datal = pdu.parse_data_hdr(p)
         ent = self._r2ts.get(ttag)
         if ent is None:
             raise pdu.PduError(pdu.FES_INVALID_HEADER, 10, p.header, "H2CData for unknown ttag")
-        cmd, buf, got, ok, _ = ent
+        cmd, buf, got, ok = ent[:4]
         if cccid != cmd.cid:
             raise pdu.PduError(pdu.FES_INVALID_HEADER, 8, p.header, "H2CData cccid mismatch")
         if datao != got:
@@ -240,6 +266,8 @@ class Queue(object):
                 return self.complete(cmd.cid, Result(TRANSIENT_TRANSPORT_ERROR))
             self._execute(cmd, buf)
         finally:
+            if ent[5] is not None:       # the slot, unless the write took it
+                self.aio.unreserve(ent[5])
             self.in_bytes -= cmd.sgl_len
             self.budget.used -= cmd.sgl_len
             self._grant_r2ts()
@@ -339,6 +367,9 @@ class Queue(object):
             self.budget.used -= self.out_bytes + self.in_bytes
             self.out_bytes = self.in_bytes = 0
             self.out = []
+            for ent in self._r2ts.values():
+                if ent[5] is not None and self.aio is not None:
+                    self.aio.unreserve(ent[5])      # data that never completed
             self._r2ts.clear()
             self._r2t_wait.clear()
             self._ready.clear()

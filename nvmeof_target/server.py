@@ -378,13 +378,20 @@ class Server(object):
             pass
 
     def _flush_dirty(self):
-        if self.aio.queued:
-            self.aio.flush()
+        aio = self.aio
+        if aio.queued:
+            aio.flush()
+        flushed = []
         while self.dirty:
             batch, self.dirty = self.dirty, set()
             for conn in batch:
                 if not conn.closed:
                     conn.flush()
+                    flushed.append(conn)
+        if aio.lent:
+            # read data went out as views of the AIO slots (no copy): what a
+            # host did not take yet is copied, then the slots are free again
+            aio.reclaim([c.queue.out for c in flushed if not c.closed])
 
     def serve_forever(self, tick=None, shutdown=True):
         """Run until stop(); tick() (if given) runs once a second."""

@@ -16,15 +16,21 @@ import pytest
 from blockio.backend import Backend
 from nvmeof_target import aio
 from nvmeof_target.control import Client
-from nvme_peer import NQN, collect, command, fill, io_queue, sparse
+from nvmeof_target import pdu
+from nvmeof_target.command import build_sqe
+from nvme_peer import (NQN, Host, SocketTransport, collect, command, controller, fill, io_queue,
+                       sparse)
 
 
 def _run(sel, reader, want, timeout=10):
+    """The server loop's part: completions, then reclaim() (server.py
+    _flush_dirty) once what they gave is taken."""
     deadline = time.time() + timeout
     while len(reader.got) < want:
         assert time.time() < deadline, "AIO completions never came"
         for key, mask in sel.select(1):
             key.data.on_event(mask)
+        reader.aio.reclaim([])
 
 
 class Reader(object):
@@ -34,7 +40,8 @@ class Reader(object):
         self.aio = aio.AioReads(self.sel, self.done, nslots)
 
     def done(self, token, data):
-        self.got[token] = data
+        # a read's bytes are the slot's, lent until reclaim(): keep a copy
+        self.got[token] = bytes(data) if isinstance(data, memoryview) else data
 
 
 @pytest.fixture
@@ -98,6 +105,40 @@ def test_what_the_kernel_refuses_is_retried_synchronously_then_handed_back(volum
     assert st["aio_redone"] == 2 and st["aio_waited"] == 1
     r.aio.close()
     assert not r.aio.submit(be.direct_fd(), 0, 512, "after close")
+
+
+def test_read_slots_are_lent_until_reclaim_and_what_is_not_sent_is_copied(volume):
+    """done() gets a view of the slot (no copy); the slot is not reused before
+    reclaim(outs); a view still in an output list then is replaced by a copy
+    of its bytes, so the slot's next read cannot change what a host gets."""
+    be, data = volume
+    views = {}
+    sel = selectors.DefaultSelector()
+    a = aio.AioReads(sel, lambda token, d: views.__setitem__(token, d), nslots=2)
+    assert a.submit(be.direct_fd(), 0, 4096, "a") and a.submit(be.direct_fd(), 4096, 4096, "b")
+    assert a.submit(be.direct_fd(), 8192, 4096, "c")        # no slot: waits
+    a.flush()
+    deadline = time.time() + 10
+    while len(views) < 2:
+        assert time.time() < deadline
+        for key, mask in sel.select(1):
+            key.data.on_event(mask)
+    assert type(views["a"]) is memoryview and views["a"].obj is a.mm
+    assert sorted(a.lent) == [0, 1] and not a.free and len(a.waiting) == 1   # c still waits
+    unsent = [b"header", memoryview(views["a"])[100:], b"resp"]   # a partly sent
+    a.reclaim([unsent])
+    assert type(unsent[1]) is bytes and unsent[1] == data[100:4096]
+    assert unsent[0] == b"header" and unsent[2] == b"resp"
+    assert not a.lent and not a.waiting                     # c started in a freed slot
+    while "c" not in views:
+        assert time.time() < deadline
+        for key, mask in sel.select(1):
+            key.data.on_event(mask)
+    assert views["c"] == data[8192:12288]
+    assert unsent[1] == data[100:4096]                      # the copy kept a's bytes
+    a.reclaim([])
+    assert len(a.free) == 2
+    a.close()
 
 
 class Writer(Reader):
@@ -190,6 +231,124 @@ def test_target_serves_small_reads_by_aio_after_buffered_writes(target, tmp_path
         assert res[c] == (0, bytes(data[off:off + n])), c
     stats = Client(target.sock).stats()
     assert stats["aio"] and stats["aio_reads"] >= len(reads)
+    io.t.close()
+    admin.t.close()
+
+
+def test_big_writes_are_received_into_their_slot_and_read_back(target, tmp_path):
+    """A 128 KiB write's H2CData lands in an AIO slot and goes to the volume
+    from there (no copy); 128 KiB reads go to the host from their slots."""
+    path = sparse(tmp_path)
+    fill(path, 32 << 20)
+    admin, io = io_queue(target, path)
+    c = Client(target.sock)
+    before = c.stats()["aio_received_writes"]
+    blocks = {}
+    for k in range(12):                      # apart: each block is what was written
+        slba = 512 + k * 2048 + (k % 3) * 8
+        blocks[slba] = os.urandom(128 << 10)
+        io.write(slba, blocks[slba])
+    with open(path, "rb") as f:
+        disk = f.read()
+    for slba, want in blocks.items():
+        assert disk[slba * 512:slba * 512 + len(want)] == want
+        assert io.read(slba, 256) == want
+    assert c.stats()["aio_received_writes"] - before == 12
+    io.t.close()
+    admin.t.close()
+
+
+def test_reads_a_host_does_not_take_are_copied_before_their_slot_is_reused(target, tmp_path):
+    """96 pipelined 128 KiB reads (12 MiB: more than the socket takes while
+    the host reads nothing) through the 32 big slots: what waits in the
+    output is copied out of its slot before the slot's next read, so every
+    reply is the bytes asked for."""
+    path = sparse(tmp_path)
+    data = fill(path, 32 << 20)
+    admin, io = io_queue(target, path)
+    rnd = random.Random(12)
+    reads = {}
+    for cid in range(1, 97):
+        slba = rnd.randrange(0, (32 << 20) // 512 - 256)
+        reads[cid] = slba
+    io.t.sock.sendall(b"".join(command(0x02, cid, slba, 128 << 10)
+                               for cid, slba in reads.items()))
+    time.sleep(1.0)                       # the host reads nothing meanwhile
+    res = collect(io, set(reads))
+    for cid, slba in reads.items():
+        assert res[cid] == (0, data[slba * 512:slba * 512 + (128 << 10)]), cid
+    st = Client(target.sock).stats()
+    assert st["aio_copied_reads"] > 0 and st["aio_reads"] >= 96
+    io.t.close()
+    admin.t.close()
+
+
+def test_a_write_cut_off_in_its_data_gives_its_slot_back(target, tmp_path):
+    """40 hosts (more than the 32 big slots) each start a 128 KiB write and
+    go away halfway through its data: the slots they were lent come back, so
+    a later host's big writes still go straight from theirs."""
+    path = sparse(tmp_path)
+    fill(path, 32 << 20)
+    admin, io = io_queue(target, path)
+    io.t.close()
+    admin.t.close()
+    for i in range(40):
+        admin, cntlid = controller(target.port, NQN)
+        h = Host(SocketTransport(("127.0.0.1", target.port)))
+        h.icreq()
+        h.connect(NQN, qid=1, cntlid=cntlid, sqsize=31, kato=0)
+        sqe = build_sqe(opcode=0x01, cid=7, nsid=1, cdw10=i * 256, cdw12=255,
+                        sgl_len=128 << 10, sgl_id=pdu.SGL_TRANSPORT)
+        h.t.send(pdu.capsule_cmd(sqe, b""))
+        ptype, _, header, _ = h.next_pdu()
+        assert ptype == pdu.R2T
+        ttag = pdu.DATA_HDR.unpack(header)[6]
+        h.t.send(pdu.h2c_data(7, ttag, os.urandom(128 << 10))[:24 + (64 << 10)])
+        time.sleep(0.02)
+        h.t.close()
+        admin.t.close()
+    time.sleep(0.3)
+    c = Client(target.sock)
+    before = c.stats()["aio_received_writes"]
+    admin, cntlid = controller(target.port, NQN)
+    io = Host(SocketTransport(("127.0.0.1", target.port)))
+    io.icreq()
+    io.connect(NQN, qid=1, cntlid=cntlid, sqsize=31, kato=0)
+    new = os.urandom(128 << 10)
+    for k in range(34):                    # more than 32: slots must come back each time
+        io.write(4096 + k * 256, new)
+    assert io.read(4096 + 33 * 256, 256) == new
+    assert c.stats()["aio_received_writes"] - before == 34
+    io.t.close()
+    admin.t.close()
+
+
+def test_reads_go_synchronous_only_for_a_host_at_qd1(target, tmp_path):
+    """queue.Queue.lone_read: a host sending one read at a time gets them
+    read synchronously once LONE came alone; the first batch of pipelined
+    reads turns that off again (all of that batch by AIO), and the data is
+    right either way."""
+    from nvmeof_target.queue import LONE
+    path = sparse(tmp_path)
+    data = fill(path, 32 << 20)
+    admin, io = io_queue(target, path)
+    c = Client(target.sock)
+    rnd = random.Random(13)
+    before = c.stats()
+    n = LONE + 40
+    for _ in range(n):
+        slba = rnd.randrange(0, (32 << 20) // 512 - 8)
+        assert io.read(slba, 8) == data[slba * 512:slba * 512 + 4096]
+    mid = c.stats()
+    assert mid["aio_sync_reads"] - before["aio_sync_reads"] == n - LONE
+    reads = {cid: rnd.randrange(0, (32 << 20) // 512 - 8) for cid in range(1000, 1064)}
+    io.t.sock.sendall(b"".join(command(0x02, cid, slba, 4096) for cid, slba in reads.items()))
+    res = collect(io, set(reads))
+    for cid, slba in reads.items():
+        assert res[cid] == (0, data[slba * 512:slba * 512 + 4096])
+    after = c.stats()
+    assert after["aio_sync_reads"] == mid["aio_sync_reads"]
+    assert after["aio_reads"] - mid["aio_reads"] == 64
     io.t.close()
     admin.t.close()
 
