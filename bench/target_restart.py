@@ -5,9 +5,17 @@ in <= 2 s"): N subsystems in the registry, the target started, and the time
 until a host has connected (admin + I/O queue) and read 4 KiB from one of
 them, compared with the same at --small registered volumes in the same run.
 Runs on the host (a file as the volume's backend; the other N-1 volumes'
-files do not exist, as idle zvols have no device node):
+files do not exist, as idle zvols have no device node), or in the test VM:
 
     .venv/bin/python bench/target_restart.py [-n 100000] [--small 100] [--rounds 3]
+    python3 tests/vm/vm.py run -- python3 bench/target_restart.py --installed
+
+--installed: each round also starts the target from the packages as the RPM
+installs them (packaging/README.md: the package directories copied to a
+local directory and byte-compiled by this python's compileall, as %post
+does), alternating with the checkout.  In the test VM the checkout is a 9p
+share, where every import's lookups cross to the host: a cost dom0, whose
+packages are on its own disk, never pays.
 
 Prints figures (--json FILE too); asserts nothing about time."""
 
@@ -49,14 +57,29 @@ def registry(d, n):
     return state, time.time() - t
 
 
-def first_io(d, state):
-    """Seconds from starting the target to: its control socket answering, and
-    4 KiB read from volume 0 over a fresh admin + I/O queue."""
+PACKAGES = ("plugins", "nvmeof_target", "nbd_server", "blockio", "sr_tools")
+
+
+def install(where):
+    """The packages as the RPM lays them out: .py copied, then compileall."""
+    for pkg in PACKAGES:
+        shutil.copytree(os.path.join(ROOT, pkg), os.path.join(where, pkg),
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q"] +
+                   [os.path.join(where, pkg) for pkg in PACKAGES], check=True,
+                   stdout=subprocess.DEVNULL)
+    return where
+
+
+def first_io(d, state, code=ROOT):
+    """Seconds from starting the target (its packages from code) to: its
+    control socket answering, and 4 KiB read from volume 0 over a fresh
+    admin + I/O queue."""
     port, sock = free_port(), os.path.join(d, "t.sock")
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "sr_tools", "target", "serve", "--listen",
                              "127.0.0.1:%d" % port, "--state", state, "--socket", sock,
-                             "--file-dir", d], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                             "--file-dir", d], cwd=code, env=dict(os.environ, PYTHONPATH=code),
                             stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -90,21 +113,36 @@ def main():
     ap.add_argument("-n", type=int, default=100000)
     ap.add_argument("--small", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--installed", action="store_true",
+                    help="also from the packages installed as the RPM does, alternately")
     ap.add_argument("--json")
     args = ap.parse_args()
     out = {}
-    for n in (args.small, args.n):
-        d = tempfile.mkdtemp(prefix="zfsng-restart-")
-        try:
-            state, t_reg = registry(d, n)
-            runs = [first_io(d, state) for _ in range(args.rounds)]
-            out[n] = {"register": t_reg, "ready": [r[0] for r in runs],
-                      "first_io": [r[1] for r in runs]}
-            print("%7d volumes: registered in %.1f s; target up %s s, first 4K read %s s"
-                  % (n, t_reg, " ".join("%.2f" % r[0] for r in runs),
-                     " ".join("%.2f" % r[1] for r in runs)))
-        finally:
-            shutil.rmtree(d)
+    code_dir = tempfile.mkdtemp(prefix="zfsng-installed-")
+    try:
+        layouts = [("checkout", ROOT)]
+        if args.installed:
+            layouts.append(("installed", install(code_dir)))
+        for n in (args.small, args.n):
+            d = tempfile.mkdtemp(prefix="zfsng-restart-")
+            try:
+                state, t_reg = registry(d, n)
+                runs = {name: [] for name, _ in layouts}
+                for i in range(args.rounds):
+                    for name, code in (layouts if i % 2 == 0 else layouts[::-1]):
+                        runs[name].append(first_io(d, state, code))
+                for name, _ in layouts:
+                    rs = runs[name]
+                    out.setdefault(name, {})[n] = {
+                        "register": t_reg, "ready": [r[0] for r in rs],
+                        "first_io": [r[1] for r in rs]}
+                    print("%-9s %7d volumes: registered in %.1f s; target up %s s, first 4K "
+                          "read %s s" % (name, n, t_reg, " ".join("%.2f" % r[0] for r in rs),
+                                         " ".join("%.2f" % r[1] for r in rs)))
+            finally:
+                shutil.rmtree(d)
+    finally:
+        shutil.rmtree(code_dir)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
