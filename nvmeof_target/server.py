@@ -417,7 +417,9 @@ class Server(object):
                         self._accept(key.fileobj)
                 else:
                     self._dispatch(obj, mask)
-                self._flush_dirty()
+            # once per batch of events: one io_submit for the I/O of every
+            # connection that had input, then each connection's replies
+            self._flush_dirty()
             if now() >= next_tick:
                 next_tick = now() + 1.0
                 self.target.expire()

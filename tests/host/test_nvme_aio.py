@@ -353,6 +353,43 @@ def test_reads_go_synchronous_only_for_a_host_at_qd1(target, tmp_path):
     admin.t.close()
 
 
+def test_one_io_submit_for_the_reads_of_every_connection_in_a_batch(target, tmp_path):
+    """Reads that arrive on 6 connections while the target is stopped come
+    back from one select() batch: their I/O goes to the kernel in one
+    io_submit (server.py flushes once per batch, not per connection)."""
+    import signal
+    path = sparse(tmp_path)
+    data = fill(path, 16 << 20)
+    admin, io = io_queue(target, path)
+    pairs = [(admin, io)]
+    for _ in range(5):
+        a, cntlid = controller(target.port, NQN)
+        h = Host(SocketTransport(("127.0.0.1", target.port)))
+        h.icreq()
+        h.connect(NQN, qid=1, cntlid=cntlid, sqsize=31, kato=0)
+        pairs.append((a, h))
+    c = Client(target.sock)
+    before = c.stats()["aio_submits"]
+    rnd = random.Random(14)
+    reads = [{cid: rnd.randrange(0, (16 << 20) // 512 - 8) for cid in range(1, 5)}
+             for _ in pairs]
+    os.kill(target.proc.pid, signal.SIGSTOP)
+    try:
+        for (_, h), rs in zip(pairs, reads):
+            h.t.sock.sendall(b"".join(command(0x02, cid, slba, 4096) for cid, slba in rs.items()))
+        time.sleep(0.2)
+    finally:
+        os.kill(target.proc.pid, signal.SIGCONT)
+    for (_, h), rs in zip(pairs, reads):
+        res = collect(h, set(rs))
+        for cid, slba in rs.items():
+            assert res[cid] == (0, data[slba * 512:slba * 512 + 4096])
+    assert c.stats()["aio_submits"] - before == 1
+    for a, h in pairs:
+        h.t.close()
+        a.t.close()
+
+
 def test_connection_dropped_with_reads_in_flight(target, tmp_path):
     path = sparse(tmp_path)
     data = fill(path, 16 << 20)
