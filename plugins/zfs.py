@@ -290,6 +290,16 @@ def set_props(name, props):
         run(argv)
 
 
+def clone(snapshot, target, props):
+    """zfs clone -o k=v ... snapshot target."""
+    argv = [ZFS, "clone"]
+    for k in sorted(props):
+        argv += ["-o", "%s=%s" % (k, props[k])]
+    argv += [snapshot, target]
+    if _in_process(argv, "clone", snapshot, target, props) is _COMMAND:
+        run(argv)
+
+
 def inherit_prop(name, prop):
     """zfs inherit prop name."""
     argv = [ZFS, "inherit", prop, name]

@@ -50,7 +50,7 @@ def np_begin(pool, key, dataset):
         np_end({"clone": clone, "snapshot": _origin(clone)})
     zfs.zfs("snapshot", snap)
     try:
-        zfs.zfs("clone", "-o", "volmode=dev", snap, clone)
+        zfs.clone(snap, clone, {"volmode": "dev"})
     except zfs.ZfsError:
         destroy(snap)
         raise

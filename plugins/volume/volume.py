@@ -165,7 +165,7 @@ def snapshot(sr, key):
             if src["kind"] == "volume":
                 snap = "%s@%s" % (src["zname"], new)
             else:
-                zfs.zfs("clone", "-o", "readonly=on", src["zname"], base)
+                zfs.clone(src["zname"], base, {"readonly": "on"})
                 snap = "%s@%s" % (base, new)
             zfs.zfs("snapshot", *(props + [snap]))
             if src["kind"] == "volume" and src.get("cbt_enabled"):
@@ -181,14 +181,14 @@ def clone(sr, key):
         src = handle.find(key)
         bookmarks.check_has_data(src, "cloned")
         ds = names.volume_dataset(handle.pool, new)
-        props = zfs.prop_args(_user_props(src["name"], src["description"], src["sharable"]))
+        props = _user_props(src["name"], src["description"], src["sharable"])
         with handle.mutate(src["zname"], ds) as txn:
             if src["kind"] == "snapshot":
-                zfs.zfs("clone", *(props + [src["zname"], ds]))
+                zfs.clone(src["zname"], ds, props)
             else:
                 origin = "%s@%s" % (src["zname"], names.hidden_name())
                 zfs.zfs("snapshot", origin)
-                zfs.zfs("clone", *(props + [origin, ds]))
+                zfs.clone(origin, ds, props)
                 # goes away by itself with the clone (collect_garbage if we crash here)
                 zfs.zfs("destroy", "-d", origin)
             txn.refresh.append(ds)
@@ -377,12 +377,11 @@ def revert(sr, snapshot, key):
         _check_idle(handle, vol)
         ds = vol["zname"]
         tmp = names.reverting_dataset(handle.pool, key)
-        props = zfs.prop_args(_user_props(vol["name"], vol["description"], vol["sharable"],
-                                          vol["keys"]))
+        props = _user_props(vol["name"], vol["description"], vol["sharable"], vol["keys"])
         hidden = "%s/%s" % (handle.root, names.hidden_name())
         with handle.mutate(ds, tmp, hidden, vol["origin"]) as txn:
             # crash after any step: SR.reconcile finishes or undoes it (r-KEY)
-            zfs.zfs("clone", *(props + [snap["zname"], tmp]))
+            zfs.clone(snap["zname"], tmp, props)
             try:
                 if bookmarks.listed(ds):  # keep data-destroyed snapshots
                     raise zfs.HasChildren("%s has data-destroyed snapshots" % ds)
@@ -586,7 +585,7 @@ def activate_device(sr, key, timeout=60.0, link=True):
         else:
             ro = names.readonly_dataset(handle.pool, key)
             if not zfs.exists(ro):
-                zfs.zfs("clone", "-o", "readonly=on", "-o", "volmode=dev", e["zname"], ro)
+                zfs.clone(e["zname"], ro, {"readonly": "on", "volmode": "dev"})
     zfs.wait_for_device(loc["device"], timeout, link=link)
     loc["active"] = True
     return loc

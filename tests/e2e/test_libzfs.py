@@ -142,3 +142,37 @@ def test_failures_are_the_commands_typed_errors(zpool, both):
     assert isinstance(lib, zfs.ZfsError) and isinstance(cmd, zfs.ZfsError), (lib, cmd)
     assert "volmode" in lib.message, lib.message
     assert run("zfs", "get", "-H", "-o", "value", "volmode", ds).stdout != "sideways\n"
+
+
+def test_a_clone_made_through_libzfs_is_the_commands(zpool, both, monkeypatch):
+    """zfs.clone (a snapshot's read-only device, Volume.clone, revert, a
+    non-persistent session): a clone made each way has the same origin and
+    properties (native and user, as the command reads them), its device
+    appears either way, and the failures are the command's typed errors."""
+    ds = zpool + "/v"
+    run("zfs", "create", "-s", "-V", "16M", ds)
+    run("zfs", "snapshot", ds + "@s")
+    props = {"readonly": "on", "volmode": "dev", P + "name": zfs.encode("c \u00e9 'q'")}
+    made = []
+    for use_lib, target in ((True, zpool + "/lib"), (False, zpool + "/cmd")):
+        monkeypatch.setenv("ZFSNG_LIBZFS", "1" if use_lib else "0")
+        libzfs._state.clear()
+        try:
+            zfs.clone(ds + "@s", target, props)
+        finally:
+            libzfs._state.clear()
+        made.append(target)
+    lib, cmd = both(zfs.clone, ds + "@s", zpool + "/lib", props)
+    assert type(lib) is type(cmd) is zfs.Exists, (lib, cmd)
+    lib, cmd = both(zfs.clone, ds + "@nope", zpool + "/x", props)
+    assert type(lib) is type(cmd) is zfs.NotFound, (lib, cmd)
+    seen = []
+    for target in made:
+        out = run("zfs", "get", "-H", "-o", "property,value,source",
+                  "origin,readonly,volmode," + P + "name", target).stdout
+        seen.append(sorted(line.split("\t") for line in out.splitlines()))
+        wait_for_path(zfs.device_path(target))
+    assert seen[0] == seen[1], seen
+    assert ["readonly", "on", "local"] in seen[0] and ["volmode", "dev", "local"] in seen[0]
+    assert ["origin", ds + "@s", "-"] in seen[0]
+    assert [P + "name", zfs.encode("c \u00e9 'q'"), "local"] in seen[0]
