@@ -41,6 +41,14 @@ guest with the code before it (9e3a442, the same bench), the machine quiet,
 6 volumes, round 2 of 2 (round 1 had another guest beside it): first I/O of
 an idle volume 208 ms before, 241 ms after; of a snapshot 296 -> 331 ms;
 parts: libzfs set 30 ms, the minor 23 ms and udev's link 130 ms after it.
+
+Thirteenth session: the servers (target, NBD server) open a zvol's minor by
+name before udev's link (blockio/zvol.py; activate_device(link=False)), and
+a snapshot's device clone is made through libzfs.  The guest alone, 8
+volumes, 4 each way (median, min..max), after 0444fe6: first I/O of an idle
+volume waiting for udev's link 249 ms (240..265), for the minor only 112 ms
+(93..283); of a snapshot 245 ms (204..283) and 148 ms (129..255), where the
+zfs command's clone gave 297 and 256 ms (the run before, 3357ea8).
 """
 
 import argparse
