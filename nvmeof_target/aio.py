@@ -212,15 +212,12 @@ class Aio(object):
         read's (until reclaim): a memoryview of the bytes, or None (no AIO
         here, too long, no slot free, the kernel refused or fell short: the
         caller goes the usual way, which retries and reports errors)."""
-        if not self.ok or length > BIG:
+        got = self._take_slot(length)
+        if got is None:
             return None
-        free = self.free if length <= SLOT else self.free_big
-        if not free:
-            return None
-        i = free.pop()
-        off = self.off[i]
+        i, off = got
         if self._lib.pread(fd, self.base + off, length, offset) != length:
-            free.append(i)
+            self._give_back(i)
             return None
         self.reads += 1
         self.sync_reads += 1
@@ -231,13 +228,10 @@ class Aio(object):
         """A free slot to receive a write's data into (see the contract)."""
         if self.ok is None:
             self._setup()
-        if not self.ok or length > BIG or self.waiting:
+        got = None if self.waiting else self._take_slot(length)
+        if got is None:
             return None
-        free = self.free if length <= SLOT else self.free_big
-        if not free:
-            return None
-        i = free.pop()
-        off = self.off[i]
+        i, off = got
         view = self.view[off:off + length]
         self.reserved[id(view)] = (i, view)
         return view
@@ -246,9 +240,22 @@ class Aio(object):
         """Give back a reserved slot that no write took (else a no-op)."""
         ent = self.reserved.pop(id(view), None)
         if ent is not None:
-            i = ent[0]
-            (self.free if i < self.nslots else self.free_big).append(i)
+            self._give_back(ent[0])
             self._start_waiting()
+
+    def _take_slot(self, length):
+        """A free slot for length bytes, taken: (index, offset in mm); None
+        with no AIO here, longer than BIG, or none free."""
+        if not self.ok or length > BIG:
+            return None
+        free = self.free if length <= SLOT else self.free_big
+        if not free:
+            return None
+        i = free.pop()
+        return i, self.off[i]
+
+    def _give_back(self, i):
+        (self.free if i < self.nslots else self.free_big).append(i)
 
     def _submit(self, op, fd, offset, length, data, token, dsync):
         if self.ok is None:
@@ -362,11 +369,11 @@ class Aio(object):
                     self.lent.append(i)         # until reclaim()
                     data = self.view[off:off + self.lengths[i]]
                 else:
-                    (self.free if i < self.nslots else self.free_big).append(i)
+                    self._give_back(i)
                     data = None
                 self.done(token, data)
             else:
-                (self.free if i < self.nslots else self.free_big).append(i)
+                self._give_back(i)
                 self.write_done(token, 0 if ok else (err or errno.EIO))
         except Exception:     # one bad completion must not lose the others
             log.exception("I/O completion failed")
@@ -410,9 +417,8 @@ class Aio(object):
                 if type(b) is memoryview and b.obj is mm:
                     out[k] = bytes(b)
                     self.copied += 1
-        free, free_big, nslots = self.free, self.free_big, self.nslots
         for i in self.lent:
-            (free if i < nslots else free_big).append(i)
+            self._give_back(i)
         self.lent = []
         self._start_waiting()
         if self.queued:
