@@ -210,7 +210,6 @@ class Queue(object):
             while ttag in self._r2ts:
                 ttag = (ttag + 1) & 0xFFFF
             self._next_ttag = (ttag + 1) & 0xFFFF
-            # cmd, data so far, bytes got, digests ok, next offset, AIO slot lent
             self._r2ts[ttag] = [cmd, None, 0, True, 0, None]
             self.send(pdu.r2t(cmd.cid, ttag, 0, n, self.hdgst))
 
