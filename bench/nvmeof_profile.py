@@ -13,6 +13,7 @@ import argparse
 import os
 import pstats
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -188,6 +189,7 @@ def main():
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         os.unlink(path)
+        shutil.rmtree(tmp, ignore_errors=True)     # the target's registry and socket
     if opts.profile:
         pstats.Stats(opts.profile).sort_stats("tottime").print_stats(25)
 
