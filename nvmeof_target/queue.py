@@ -69,6 +69,7 @@ class Queue(object):
         #          AIO slot lent for the data or None]
         self._r2ts = {}
         self.lone_reads = 0           # reads in a row that came alone (lone_read)
+        self.crowded = False          # set by the server: other connections have work now
         self._next_ttag = 0
 
     @property
@@ -133,13 +134,15 @@ class Queue(object):
         Only for a host that sends one command at a time (QD1: then the
         io_submit, the eventfd wakeup and a second poll are all saved): this
         read came alone (nothing parsed behind it, no I/O in flight in the
-        loop), and so did the LONE reads before it.  A host with more than one
+        loop, no other connection with input in this turn of the loop: a
+        synchronous read holds every connection of the loop), and so did the
+        LONE reads before it.  A host with more than one
         command outstanding shows it: its commands come together, or while
         others are in flight (a synchronous read held the loop while it sent
         more), and then the next LONE reads go by AIO whatever they look like,
         so a deep queue whose commands trickle in is not served one at a time."""
         aio = self.aio
-        if self._ready or aio.inflight or aio.queued or aio.waiting:
+        if self._ready or self.crowded or aio.inflight or aio.queued or aio.waiting:
             self.lone_reads = 0
             return False
         self.lone_reads += 1

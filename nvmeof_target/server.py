@@ -102,6 +102,7 @@ class Conn(object):
                 return self.close()
             if n == 0:
                 return self.close()
+            q.crowded = self.server.crowded
             q.data_received(rview[:n])
             if self.pending and q.established:
                 self.server.established(self)
@@ -213,6 +214,7 @@ class Server(object):
         self._accept_paused = None      # (resume at, current delay) while out of fds
         self._accept_delay = 0.0
         self._stop = False
+        self.crowded = False          # this batch of events is more than one
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -405,7 +407,11 @@ class Server(object):
                 else:
                     wake = min(wake, self._accept_paused)
             timeout = max(0.0, wake - now())
-            for key, mask in self.sel.select(timeout):
+            events = self.sel.select(timeout)
+            # other connections (or completions) have work too: no queue may
+            # hold the loop for a synchronous read now (Queue.lone_read)
+            self.crowded = len(events) > 1
+            for key, mask in events:
                 obj = key.data
                 if obj is self:
                     if key.fileobj is self._wake_r:

@@ -353,6 +353,48 @@ def test_reads_go_synchronous_only_for_a_host_at_qd1(target, tmp_path):
     admin.t.close()
 
 
+def test_no_synchronous_read_while_other_connections_have_work(target, tmp_path):
+    """Two hosts at QD1 each earn synchronous reads; reads that arrive on
+    both at once (the target stopped meanwhile: one batch of events) go by
+    AIO, since a synchronous read would hold the other connection, and each
+    queue then needs LONE more lone reads before reading synchronously."""
+    import signal
+    from nvmeof_target.queue import LONE
+    path = sparse(tmp_path)
+    data = fill(path, 16 << 20)
+    admin, io = io_queue(target, path)
+    a2, cntlid = controller(target.port, NQN)
+    io2 = Host(SocketTransport(("127.0.0.1", target.port)))
+    io2.icreq()
+    io2.connect(NQN, qid=1, cntlid=cntlid, sqsize=31, kato=0)
+    c = Client(target.sock)
+    rnd = random.Random(15)
+
+    def one(h):
+        slba = rnd.randrange(0, (16 << 20) // 512 - 8)
+        assert h.read(slba, 8) == data[slba * 512:slba * 512 + 4096]
+
+    for _ in range(LONE + 5):
+        one(io)
+        one(io2)
+    before = c.stats()["aio_sync_reads"]
+    assert before >= 2 * 5
+    os.kill(target.proc.pid, signal.SIGSTOP)
+    try:
+        for h, cid in ((io, 900), (io2, 901)):
+            h.t.sock.sendall(command(0x02, cid, 64, 4096))
+        time.sleep(0.2)
+    finally:
+        os.kill(target.proc.pid, signal.SIGCONT)
+    for h, cid in ((io, 900), (io2, 901)):
+        assert collect(h, {cid}) == {cid: (0, data[64 * 512:64 * 512 + 4096])}
+    for _ in range(LONE):
+        one(io)
+    assert c.stats()["aio_sync_reads"] == before
+    for h in (io, io2, admin, a2):
+        h.t.close()
+
+
 def test_one_io_submit_for_the_reads_of_every_connection_in_a_batch(target, tmp_path):
     """Reads that arrive on 6 connections while the target is stopped come
     back from one select() batch: their I/O goes to the kernel in one
