@@ -58,7 +58,8 @@ def check_path(path, dirs):
         st = os.stat(path)
     except OSError as e:
         # a /dev/zvol link udev has not made yet: the zvol's minor, by name
-        node = zvol.find(zvol.dataset_of(path)) if zvol.dataset_of(path) else None
+        dataset = zvol.dataset_of(path)
+        node = zvol.find(dataset) if dataset else None
         try:
             st = os.stat(node or path)
         except OSError:

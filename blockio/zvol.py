@@ -106,15 +106,12 @@ def open_path(path, flags, dev=DEV):
         dataset = dataset_of(path)
         if dataset is None:
             raise
-    # the candidates are looked at read-only (a read-write open of another
-    # volume would make udev probe it again when closed); the one that names
-    # our dataset is opened with flags and checked again on that descriptor
-    for node in _candidates(dev):
-        fd = _open_named(node, dataset, os.O_RDONLY)
-        if fd is None:
-            continue
-        os.close(fd)
-        fd = _open_named(node, dataset, flags)
-        if fd is not None:
-            return fd
+    # the candidates are looked at read-only (find: a read-write open of
+    # another volume would make udev probe it again when closed); the one
+    # that names our dataset is opened with flags and checked again on that
+    # descriptor
+    node = find(dataset, dev)
+    fd = _open_named(node, dataset, flags) if node is not None else None
+    if fd is not None:
+        return fd
     raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)

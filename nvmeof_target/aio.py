@@ -268,12 +268,12 @@ class Aio(object):
                 self.received += 1
                 self._start(ent[0], op, fd, offset, length, None, token, dsync)
                 return True
-        free = self.free if length <= SLOT else self.free_big
-        if not free or self.waiting:
+        got = None if self.waiting else self._take_slot(length)
+        if got is None:
             self.waited += 1
             self.waiting.append((op, fd, offset, length, data, token, dsync))
             return True
-        self._start(free.pop(), op, fd, offset, length, data, token, dsync)
+        self._start(got[0], op, fd, offset, length, data, token, dsync)
         return True
 
     def _start(self, i, op, fd, offset, length, data, token, dsync):
@@ -294,12 +294,11 @@ class Aio(object):
         """Slots freed: start the I/O that waited for them, in order."""
         w = self.waiting
         while w and self.ok:
-            length = w[0][3]
-            free = self.free if length <= SLOT else self.free_big
-            if not free:
+            got = self._take_slot(w[0][3])
+            if got is None:
                 return
             op, fd, offset, length, data, token, dsync = w.popleft()
-            self._start(free.pop(), op, fd, offset, length, data, token, dsync)
+            self._start(got[0], op, fd, offset, length, data, token, dsync)
 
     def flush(self):
         """Submit what was queued during this loop turn."""

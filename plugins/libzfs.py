@@ -1,7 +1,8 @@
 """libzfs in-process, for the few calls on the hot path of a device's
 activation: does a dataset exist, one dataset's user properties or one
 native property, a volume's or snapshot's sizes (Volume.stat), set or
-inherit one property, a snapshot's clone (a snapshot's read-only device).
+inherit one property, a clone (a snapshot's read-only device; zfs.clone's
+other callers, Volume.clone, revert, a session's clone, take it too).
 
 plugins/zfs.py is this module's only user: it calls here first and runs the
 zfs command when this module is not usable (no libzfs on the machine, or

@@ -11,10 +11,11 @@ without parsing text themselves; modules with an error type of their own
 not used: it cannot list or get/set properties, and one code path is easier
 to get right; the fork cost is paid once per call.  The exception is the
 few calls on a device's activation path (exists, one dataset's user
-properties or one native property read, one property set or inherited):
-they go through libzfs in-process (plugins/libzfs.py, whose only user is
-this module) where it loads, the command otherwise, with the same typed
-errors either way (_in_process).
+properties or one native property read, one property set or inherited, a
+clone: a snapshot's device, and Volume.clone and revert alike): they go
+through libzfs in-process (plugins/libzfs.py, whose only user is this
+module) where it loads, the command otherwise, with the same typed errors
+either way (_in_process).
 """
 
 import json
@@ -292,10 +293,7 @@ def set_props(name, props):
 
 def clone(snapshot, target, props):
     """zfs clone -o k=v ... snapshot target."""
-    argv = [ZFS, "clone"]
-    for k in sorted(props):
-        argv += ["-o", "%s=%s" % (k, props[k])]
-    argv += [snapshot, target]
+    argv = [ZFS, "clone"] + prop_args(props) + [snapshot, target]
     if _in_process(argv, "clone", snapshot, target, props) is _COMMAND:
         run(argv)
 

@@ -558,13 +558,13 @@ def _locate(handle, e):
 
 def activate_device(sr, key, timeout=60.0, link=True):
     """Make the volume's block device exist and return locate() with it.
-    Idempotent.  link=False: return once the zvol's minor is there, before
-    udev's /dev/zvol link (zfs.wait_for_device), for a device path handed only
-    to our own servers, which open the minor by name until the link is made
-    (blockio/zvol.py); tapdisk and any other opener need link=True.  Volumes: volmode=dev on the zvol.  Snapshots: a read-only
+    Idempotent.  Volumes: volmode=dev on the zvol.  Snapshots: a read-only
     clone (ro-KEY, volmode=dev) that deactivate_device destroys.  The caller
     (a datapath) counts its own users: one deactivate undoes any number of
-    activates."""
+    activates.  link=False: return once the zvol's minor is there, before
+    udev's /dev/zvol link (zfs.wait_for_device), for a device path handed only
+    to our own servers, which open the minor by name until the link is made
+    (blockio/zvol.py); tapdisk and any other opener need link=True."""
     # one reading of the SR root's properties, under the lock: the journal
     # below must be the pool's current one
     with sr_mod.locked(sr) as handle:
